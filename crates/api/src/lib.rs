@@ -1,0 +1,13 @@
+//! Meridian's API: the resource registry (what kinds exist, where they live, how they
+//! are validated), Kubernetes `Status` errors, label and field selectors, and our own
+//! kinds in `meridian.io/v1alpha1`. No I/O and no async here.
+
+pub mod error;
+pub mod meridian;
+pub mod quantity;
+pub mod resources;
+pub mod selectors;
+pub mod validation;
+
+pub use error::{ApiError, Cause, Reason};
+pub use resources::{Resource, Scope, TenantAccess};

@@ -1,0 +1,561 @@
+//! The resource registry: every kind the API serves, where it is stored and how an
+//! incoming object is normalised and validated.
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Event, Namespace, Node, Pod, Secret, Service};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::error::{ApiError, Cause};
+use crate::meridian::{self, Tenant};
+use crate::validation::{self as v, NameRule};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Namespaced,
+    Cluster,
+}
+
+/// What a tenant may do with a resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TenantAccess {
+    /// Invisible to tenants.
+    None,
+    /// get, list, watch over the whole fleet (Nodes).
+    ReadOnly,
+    /// Every verb, restricted to the tenant's own namespaces.
+    Own,
+}
+
+type Normalize = fn(Value, &mut Vec<Cause>) -> Result<Value, String>;
+
+/// One served resource.
+#[derive(Debug)]
+pub struct Resource {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub short_names: &'static [&'static str],
+    pub scope: Scope,
+    pub has_status: bool,
+    pub has_scale: bool,
+    pub tenant_access: TenantAccess,
+    pub name_rule: NameRule,
+    /// Field paths usable in field selectors besides metadata.name/namespace.
+    pub fields: &'static [&'static str],
+    normalize: Normalize,
+}
+
+fn typed<T: DeserializeOwned + Serialize>(
+    value: Value,
+    causes: &mut Vec<Cause>,
+    check: impl Fn(&T, &mut Vec<Cause>),
+) -> Result<Value, String> {
+    let t: T = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    check(&t, causes);
+    serde_json::to_value(&t).map_err(|e| e.to_string())
+}
+
+fn check_pod(p: &Pod, c: &mut Vec<Cause>) {
+    match &p.spec {
+        Some(spec) => v::check_pod_spec(spec, "spec", c),
+        None => c.push(Cause::required("spec")),
+    }
+}
+
+fn check_deployment(d: &Deployment, c: &mut Vec<Cause>) {
+    let Some(spec) = &d.spec else {
+        return c.push(Cause::required("spec"));
+    };
+    v::check_non_negative(spec.replicas, "spec.replicas", c);
+    v::check_non_negative(spec.revision_history_limit, "spec.revisionHistoryLimit", c);
+    v::check_selector_and_template(Some(&spec.selector), Some(&spec.template), c);
+    if let Some(t) = spec.strategy.as_ref().and_then(|s| s.type_.as_deref())
+        && !matches!(t, "RollingUpdate" | "Recreate")
+    {
+        c.push(Cause::invalid(
+            "spec.strategy.type",
+            t,
+            "supported values: \"Recreate\", \"RollingUpdate\"",
+        ));
+    }
+    check_always_restart(spec.template.spec.as_ref(), c);
+}
+
+fn check_always_restart(spec: Option<&k8s_openapi::api::core::v1::PodSpec>, c: &mut Vec<Cause>) {
+    if let Some(rp) = spec.and_then(|s| s.restart_policy.as_deref())
+        && rp != "Always"
+    {
+        c.push(Cause::invalid(
+            "spec.template.spec.restartPolicy",
+            rp,
+            "supported values: \"Always\"",
+        ));
+    }
+}
+
+fn check_replicaset(r: &ReplicaSet, c: &mut Vec<Cause>) {
+    let Some(spec) = &r.spec else {
+        return c.push(Cause::required("spec"));
+    };
+    v::check_non_negative(spec.replicas, "spec.replicas", c);
+    v::check_selector_and_template(Some(&spec.selector), spec.template.as_ref(), c);
+    check_always_restart(spec.template.as_ref().and_then(|t| t.spec.as_ref()), c);
+}
+
+fn check_daemonset(d: &DaemonSet, c: &mut Vec<Cause>) {
+    let Some(spec) = &d.spec else {
+        return c.push(Cause::required("spec"));
+    };
+    v::check_selector_and_template(Some(&spec.selector), Some(&spec.template), c);
+    check_always_restart(spec.template.spec.as_ref(), c);
+}
+
+fn check_job(j: &Job, c: &mut Vec<Cause>) {
+    let Some(spec) = &j.spec else {
+        return c.push(Cause::required("spec"));
+    };
+    v::check_non_negative(spec.parallelism, "spec.parallelism", c);
+    v::check_non_negative(spec.completions, "spec.completions", c);
+    v::check_non_negative(spec.backoff_limit, "spec.backoffLimit", c);
+    if let Some(ads) = spec.active_deadline_seconds
+        && ads <= 0
+    {
+        c.push(Cause::invalid(
+            "spec.activeDeadlineSeconds",
+            &ads.to_string(),
+            "must be greater than 0",
+        ));
+    }
+    match &spec.template.spec {
+        None => c.push(Cause::required("spec.template.spec")),
+        Some(ps) => {
+            v::check_pod_spec(ps, "spec.template.spec", c);
+            match ps.restart_policy.as_deref() {
+                Some("OnFailure" | "Never") => {}
+                other => c.push(Cause::invalid(
+                    "spec.template.spec.restartPolicy",
+                    other.unwrap_or(""),
+                    "supported values: \"OnFailure\", \"Never\"",
+                )),
+            }
+        }
+    }
+}
+
+fn check_service(s: &Service, c: &mut Vec<Cause>) {
+    let Some(spec) = &s.spec else { return };
+    let ports = spec.ports.as_deref().unwrap_or_default();
+    let mut names = std::collections::HashSet::new();
+    for (i, p) in ports.iter().enumerate() {
+        if !(1..=65535).contains(&p.port) {
+            c.push(Cause::invalid(
+                format!("spec.ports[{i}].port"),
+                &p.port.to_string(),
+                "must be between 1 and 65535, inclusive",
+            ));
+        }
+        if ports.len() > 1 && p.name.as_deref().is_none_or(str::is_empty) {
+            c.push(Cause::required(format!("spec.ports[{i}].name")));
+        }
+        if let Some(n) = &p.name
+            && !names.insert(n.clone())
+        {
+            c.push(Cause::duplicate(format!("spec.ports[{i}].name"), n));
+        }
+    }
+    if let Some(t) = &spec.type_
+        && !matches!(
+            t.as_str(),
+            "ClusterIP" | "NodePort" | "LoadBalancer" | "ExternalName"
+        )
+    {
+        c.push(Cause::invalid(
+            "spec.type",
+            t,
+            "supported values: \"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\"",
+        ));
+    }
+}
+
+fn check_configmap(m: &ConfigMap, c: &mut Vec<Cause>) {
+    v::check_data_keys(m.data.iter().flat_map(|d| d.keys()), "data", c);
+    v::check_data_keys(m.binary_data.iter().flat_map(|d| d.keys()), "binaryData", c);
+}
+
+fn check_secret(s: &Secret, c: &mut Vec<Cause>) {
+    v::check_data_keys(s.data.iter().flat_map(|d| d.keys()), "data", c);
+    v::check_data_keys(s.string_data.iter().flat_map(|d| d.keys()), "stringData", c);
+}
+
+fn check_event(e: &Event, c: &mut Vec<Cause>) {
+    if e.involved_object.kind.as_deref().is_none_or(str::is_empty) {
+        c.push(Cause::required("involvedObject.kind"));
+    }
+}
+
+fn check_tenant(t: &Tenant, c: &mut Vec<Cause>) {
+    if let Some(n) = &t.metadata.name
+        && (n == "system" || n.contains('.'))
+    {
+        c.push(Cause::invalid(
+            "metadata.name",
+            n,
+            "\"system\" is reserved for the platform",
+        ));
+    }
+}
+
+fn none<T>(_: &T, _: &mut Vec<Cause>) {}
+
+const COMMON: Resource = Resource {
+    group: "",
+    version: "v1",
+    kind: "",
+    plural: "",
+    singular: "",
+    short_names: &[],
+    scope: Scope::Namespaced,
+    has_status: false,
+    has_scale: false,
+    tenant_access: TenantAccess::Own,
+    name_rule: NameRule::Subdomain,
+    fields: &[],
+    normalize: |v, _| Ok(v),
+};
+
+pub static RESOURCES: &[Resource] = &[
+    Resource {
+        kind: "Namespace",
+        plural: "namespaces",
+        singular: "namespace",
+        short_names: &["ns"],
+        scope: Scope::Cluster,
+        has_status: true,
+        name_rule: NameRule::Label,
+        fields: &["status.phase"],
+        normalize: |v, c| typed::<Namespace>(v, c, none),
+        ..COMMON
+    },
+    Resource {
+        kind: "Pod",
+        plural: "pods",
+        singular: "pod",
+        short_names: &["po"],
+        has_status: true,
+        fields: &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "status.phase",
+            "status.podIP",
+            "status.nominatedNodeName",
+        ],
+        normalize: |v, c| typed::<Pod>(v, c, check_pod),
+        ..COMMON
+    },
+    Resource {
+        kind: "Node",
+        plural: "nodes",
+        singular: "node",
+        short_names: &["no"],
+        scope: Scope::Cluster,
+        has_status: true,
+        tenant_access: TenantAccess::ReadOnly,
+        fields: &["spec.unschedulable"],
+        normalize: |v, c| typed::<Node>(v, c, none),
+        ..COMMON
+    },
+    Resource {
+        kind: "Service",
+        plural: "services",
+        singular: "service",
+        short_names: &["svc"],
+        has_status: true,
+        name_rule: NameRule::Dns1035,
+        normalize: |v, c| typed::<Service>(v, c, check_service),
+        ..COMMON
+    },
+    Resource {
+        kind: "ConfigMap",
+        plural: "configmaps",
+        singular: "configmap",
+        short_names: &["cm"],
+        normalize: |v, c| typed::<ConfigMap>(v, c, check_configmap),
+        ..COMMON
+    },
+    Resource {
+        kind: "Secret",
+        plural: "secrets",
+        singular: "secret",
+        fields: &["type"],
+        normalize: |v, c| typed::<Secret>(v, c, check_secret),
+        ..COMMON
+    },
+    Resource {
+        kind: "Event",
+        plural: "events",
+        singular: "event",
+        short_names: &["ev"],
+        fields: &[
+            "involvedObject.kind",
+            "involvedObject.namespace",
+            "involvedObject.name",
+            "involvedObject.uid",
+            "involvedObject.apiVersion",
+            "involvedObject.resourceVersion",
+            "involvedObject.fieldPath",
+            "reason",
+            "reportingComponent",
+            "source",
+            "type",
+        ],
+        normalize: |v, c| typed::<Event>(v, c, check_event),
+        ..COMMON
+    },
+    Resource {
+        group: "apps",
+        kind: "Deployment",
+        plural: "deployments",
+        singular: "deployment",
+        short_names: &["deploy"],
+        has_status: true,
+        has_scale: true,
+        normalize: |v, c| typed::<Deployment>(v, c, check_deployment),
+        ..COMMON
+    },
+    Resource {
+        group: "apps",
+        kind: "ReplicaSet",
+        plural: "replicasets",
+        singular: "replicaset",
+        short_names: &["rs"],
+        has_status: true,
+        has_scale: true,
+        fields: &["status.replicas"],
+        normalize: |v, c| typed::<ReplicaSet>(v, c, check_replicaset),
+        ..COMMON
+    },
+    Resource {
+        group: "apps",
+        kind: "DaemonSet",
+        plural: "daemonsets",
+        singular: "daemonset",
+        short_names: &["ds"],
+        has_status: true,
+        normalize: |v, c| typed::<DaemonSet>(v, c, check_daemonset),
+        ..COMMON
+    },
+    Resource {
+        group: "batch",
+        kind: "Job",
+        plural: "jobs",
+        singular: "job",
+        has_status: true,
+        fields: &["status.successful"],
+        normalize: |v, c| typed::<Job>(v, c, check_job),
+        ..COMMON
+    },
+    Resource {
+        group: "coordination.k8s.io",
+        kind: "Lease",
+        plural: "leases",
+        singular: "lease",
+        normalize: |v, c| typed::<Lease>(v, c, none),
+        ..COMMON
+    },
+    Resource {
+        group: meridian::GROUP,
+        version: meridian::VERSION,
+        kind: "Tenant",
+        plural: "tenants",
+        singular: "tenant",
+        scope: Scope::Cluster,
+        has_status: true,
+        tenant_access: TenantAccess::None,
+        name_rule: NameRule::Label,
+        normalize: |v, c| typed::<Tenant>(v, c, check_tenant),
+        ..COMMON
+    },
+];
+
+impl Resource {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_owned()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    pub fn list_kind(&self) -> String {
+        format!("{}List", self.kind)
+    }
+
+    pub fn namespaced(&self) -> bool {
+        self.scope == Scope::Namespaced
+    }
+
+    /// The store key prefix of every object of this resource.
+    pub fn storage_prefix(&self) -> String {
+        let group = if self.group.is_empty() {
+            "core"
+        } else {
+            self.group
+        };
+        format!("/registry/{group}/{}/", self.plural)
+    }
+
+    /// The store key of one object; `namespace` is the stored (physical) namespace.
+    pub fn storage_key(&self, namespace: Option<&str>, name: &str) -> String {
+        match namespace {
+            Some(ns) if self.namespaced() => format!("{}{ns}/{name}", self.storage_prefix()),
+            _ => format!("{}{name}", self.storage_prefix()),
+        }
+    }
+
+    pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static Resource> {
+        RESOURCES
+            .iter()
+            .find(|r| r.group == group && r.version == version && r.plural == plural)
+    }
+
+    pub fn by_kind(kind: &str) -> Option<&'static Resource> {
+        RESOURCES.iter().find(|r| r.kind == kind)
+    }
+
+    pub fn supports_field(&self, path: &str) -> bool {
+        matches!(path, "metadata.name" | "metadata.namespace") || self.fields.contains(&path)
+    }
+
+    /// Normalises an incoming object: checks `apiVersion`/`kind`, decodes it as the
+    /// typed object (dropping unknown fields, rejecting wrong types), and validates it.
+    pub fn normalize(&self, mut obj: Value) -> Result<Value, ApiError> {
+        let Some(map) = obj.as_object_mut() else {
+            return Err(ApiError::bad_request(format!(
+                "the body must be a JSON object of kind {}",
+                self.kind
+            )));
+        };
+        let api_version = self.api_version();
+        for (field, want) in [("apiVersion", api_version.as_str()), ("kind", self.kind)] {
+            match map.get(field) {
+                None | Some(Value::Null) => {
+                    map.insert(field.into(), Value::String(want.to_owned()));
+                }
+                Some(Value::String(s)) if s == want => {}
+                Some(other) => {
+                    return Err(ApiError::bad_request(format!(
+                        "the {field} of the object ({other}) does not match the expected {want:?}"
+                    )));
+                }
+            }
+        }
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let mut causes = Vec::new();
+        let obj = (self.normalize)(obj, &mut causes).map_err(|e| {
+            ApiError::bad_request(format!(
+                "{} in version {:?} cannot be decoded: {e}",
+                self.kind, api_version
+            ))
+        })?;
+        v::check_metadata(&obj, self.name_rule, &mut causes);
+        if causes.is_empty() {
+            Ok(obj)
+        } else {
+            Err(ApiError::invalid(self.kind, self.group, &name, causes))
+        }
+    }
+}
+
+/// The value of a field path in an object, as the string field selectors compare.
+pub fn field_value<'a>(obj: &'a Value, path: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let mut cur = obj;
+    for part in path.split('.') {
+        cur = cur.get(part)?;
+    }
+    match cur {
+        Value::String(s) => Some(std::borrow::Cow::Borrowed(s.as_str())),
+        Value::Bool(b) => Some(std::borrow::Cow::Owned(b.to_string())),
+        Value::Number(n) => Some(std::borrow::Cow::Owned(n.to_string())),
+        Value::Object(o) if path == "source" => o
+            .get("component")
+            .and_then(Value::as_str)
+            .map(std::borrow::Cow::Borrowed),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pods() -> &'static Resource {
+        Resource::find("", "v1", "pods").unwrap()
+    }
+
+    #[test]
+    fn a_valid_pod_is_normalised_and_unknown_fields_dropped() {
+        let pod = json!({"metadata": {"name": "web", "labels": {"app": "web"}},
+            "spec": {"containers": [{"name": "c", "image": "busybox", "bogus": 1}]}});
+        let out = pods().normalize(pod).unwrap();
+        assert_eq!(out["kind"], "Pod");
+        assert_eq!(out["apiVersion"], "v1");
+        assert!(out["spec"]["containers"][0].get("bogus").is_none());
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_field() {
+        let pod = json!({"metadata": {"name": "Bad_Name", "labels": {"bad key": "x"}},
+            "spec": {"containers": [{"name": "c", "image": "",
+                "resources": {"limits": {"cpu": "lots"}}}]}});
+        let err = pods().normalize(pod).unwrap_err();
+        assert_eq!(err.code(), 422);
+        let fields: Vec<_> = err.causes.iter().map(|c| c.field.as_str()).collect();
+        for f in [
+            "metadata.name",
+            "metadata.labels",
+            "spec.containers[0].image",
+            "spec.containers[0].resources.limits.cpu",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_kind_and_wrong_types_are_bad_requests() {
+        let err = pods()
+            .normalize(json!({"kind": "Service", "metadata": {"name": "a"}}))
+            .unwrap_err();
+        assert_eq!(err.code(), 400);
+        let err = pods()
+            .normalize(json!({"metadata": {"name": 5}}))
+            .unwrap_err();
+        assert_eq!(err.code(), 400);
+        let err = pods().normalize(json!([1, 2])).unwrap_err();
+        assert_eq!(err.code(), 400);
+    }
+
+    #[test]
+    fn deployment_selector_must_match_template() {
+        let deploy = Resource::find("apps", "v1", "deployments").unwrap();
+        let d = json!({"metadata": {"name": "web"}, "spec": {"selector": {"matchLabels": {"app": "web"}},
+            "template": {"metadata": {"labels": {"app": "other"}}, "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+        let err = deploy.normalize(d).unwrap_err();
+        assert!(
+            err.causes
+                .iter()
+                .any(|c| c.field == "spec.template.metadata.labels")
+        );
+    }
+}
