@@ -1,1 +1,173 @@
-fn main() {}
+//! `meridian`: every Meridian component as a subcommand of one binary.
+
+mod tenant;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use meridian_apiserver::{Server, ServerConfig};
+use meridian_store::{DynStore, EmbeddedStore, EtcdStore};
+
+#[derive(Parser)]
+#[command(
+    name = "meridian",
+    version,
+    about = "Meridian, an edge container cloud"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum StoreKind {
+    /// Embedded redb file in the data directory (default, no setup).
+    Embedded,
+    /// An etcd cluster (`--etcd-endpoints`), for several API servers sharing one store.
+    Etcd,
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Where the store, certificates and kubeconfigs live.
+    #[arg(long, default_value = ".meridian")]
+    data_dir: PathBuf,
+    /// Address to serve HTTPS on.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    listen: SocketAddr,
+    #[arg(long, value_enum, default_value = "embedded")]
+    store: StoreKind,
+    /// etcd client URLs, comma separated (with `--store etcd`).
+    #[arg(long, value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Extra host names or addresses for the serving certificate.
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the global API server.
+    Server(ServerArgs),
+    /// Run a whole small edge cloud on this machine and print what to try next.
+    Up(ServerArgs),
+    /// Manage tenants (virtual clusters).
+    Tenant {
+        #[command(subcommand)]
+        command: tenant::TenantCommand,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    match Cli::parse().command {
+        Command::Server(args) => {
+            let server = start_server(&args).await?;
+            println!("meridian API server listening on {}", server.url);
+            println!(
+                "admin kubeconfig: {}",
+                args.data_dir.join("admin.kubeconfig").display()
+            );
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            server.shutdown(Duration::from_secs(5)).await;
+            Ok(())
+        }
+        Command::Up(args) => up(args).await,
+        Command::Tenant { command } => tenant::run(command).await,
+    }
+}
+
+async fn open_store(args: &ServerArgs) -> Result<DynStore> {
+    Ok(match args.store {
+        StoreKind::Embedded => {
+            std::fs::create_dir_all(&args.data_dir)
+                .with_context(|| format!("creating {}", args.data_dir.display()))?;
+            let path = args.data_dir.join("store.redb");
+            Arc::new(
+                EmbeddedStore::open(&path)
+                    .with_context(|| format!("opening {}", path.display()))?,
+            )
+        }
+        StoreKind::Etcd => {
+            if args.etcd_endpoints.is_empty() {
+                bail!("--store etcd needs --etcd-endpoints (for example http://127.0.0.1:2379)");
+            }
+            Arc::new(
+                EtcdStore::connect(&args.etcd_endpoints)
+                    .await
+                    .with_context(|| {
+                        format!("connecting to etcd at {}", args.etcd_endpoints.join(","))
+                    })?,
+            )
+        }
+    })
+}
+
+async fn start_server(args: &ServerArgs) -> Result<Server> {
+    let store = open_store(args).await?;
+    let mut config = ServerConfig::new(args.listen, &args.data_dir);
+    config.hosts = args.hosts.clone();
+    Server::start(config, store)
+        .await
+        .with_context(|| format!("starting the API server on {}", args.listen))
+}
+
+async fn up(args: ServerArgs) -> Result<()> {
+    let server = start_server(&args).await?;
+    let kubeconfig = tenant::create_tenant(&args.data_dir, "demo", None).await?;
+    let examples = std::env::current_dir()?.join("examples");
+    println!();
+    println!(
+        "Meridian is up: API server on {} (embedded store in {})",
+        server.url,
+        args.data_dir.display()
+    );
+    println!(
+        "  admin kubeconfig:        {}",
+        args.data_dir.join("admin.kubeconfig").display()
+    );
+    println!("  tenant \"demo\" kubeconfig: {}", kubeconfig.display());
+    println!();
+    println!("Try, in another terminal:");
+    println!("  export KUBECONFIG={}", kubeconfig.display());
+    println!(
+        "  kubectl apply --validate=false -f {}",
+        examples.join("web-deployment.yaml").display()
+    );
+    println!("  kubectl get deployments,namespaces -o wide");
+    println!();
+    println!(
+        "Press Ctrl-C to stop; everything is kept in {}.",
+        args.data_dir.display()
+    );
+    wait_for_signal().await;
+    server.shutdown(Duration::from_secs(5)).await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,424 @@
+//! The watch cache: an in-memory copy of every object, kept in step with the store by
+//! one store watch, from which all lists and watches are served.
+//!
+//! One writer (the task in [`Cache::start`]) applies store events; readers take an O(1)
+//! snapshot (a persistent ordered map) and never block the writer. Recent events are
+//! kept in a ring so watches can resume from a resourceVersion; older ones get 410.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use imbl::OrdMap;
+use meridian_api::resources::{RESOURCES, field_value};
+use meridian_store::{DynStore, EventType, KeyValue, Revision, StoreError};
+use serde_json::Value;
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Everything under this prefix is cached.
+pub const ROOT: &str = "/registry/";
+
+/// One cached object, rendered once.
+#[derive(Debug)]
+pub struct CachedObject {
+    pub key: Arc<str>,
+    pub mod_revision: Revision,
+    /// The stored (physical) namespace, for namespaced objects.
+    pub namespace: Option<Box<str>>,
+    pub name: Box<str>,
+    pub labels: BTreeMap<String, String>,
+    /// Values of the field paths this resource supports in field selectors.
+    pub fields: Vec<(&'static str, Box<str>)>,
+    /// The object as JSON with `metadata.resourceVersion` set.
+    pub json: Bytes,
+}
+
+impl CachedObject {
+    pub fn field(&self, path: &str) -> Option<&str> {
+        match path {
+            "metadata.name" => Some(&self.name),
+            "metadata.namespace" => self.namespace.as_deref(),
+            _ => self
+                .fields
+                .iter()
+                .find(|(p, _)| *p == path)
+                .map(|(_, v)| &**v),
+        }
+    }
+
+    /// Parses the object (for read-modify-write paths).
+    pub fn value(&self) -> Value {
+        serde_json::from_slice(&self.json).unwrap_or(Value::Null)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WatchKind {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl WatchKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WatchKind::Added => "ADDED",
+            WatchKind::Modified => "MODIFIED",
+            WatchKind::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One change, as watchers see it.
+#[derive(Debug)]
+pub struct CacheEvent {
+    pub kind: WatchKind,
+    pub revision: Revision,
+    /// The new state (for deletions: the last state, at the deleting revision).
+    pub object: Arc<CachedObject>,
+    /// The state before, when there was one.
+    pub prev: Option<Arc<CachedObject>>,
+}
+
+/// A consistent view of the cache at one revision.
+#[derive(Clone)]
+pub struct Snapshot {
+    pub revision: Revision,
+    pub objects: OrdMap<Arc<str>, Arc<CachedObject>>,
+}
+
+impl Snapshot {
+    /// Objects whose key starts with `prefix`, strictly after `after` when given.
+    pub fn range<'a>(
+        &'a self,
+        prefix: &'a str,
+        after: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a Arc<CachedObject>> + 'a {
+        let start: Arc<str> = match after {
+            Some(a) if a >= prefix => Arc::from(a),
+            _ => Arc::from(prefix),
+        };
+        let skip_first = after.is_some_and(|a| a >= prefix);
+        self.objects
+            .range(start..)
+            .skip_while(move |(k, _)| skip_first && Some(&***k) == after)
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Arc<CachedObject>> {
+        self.objects.get(key)
+    }
+}
+
+struct State {
+    snapshot: Snapshot,
+    ring: VecDeque<Arc<CacheEvent>>,
+    /// Every event after this revision is in `ring` (older ones are gone: 410).
+    window_start: Revision,
+}
+
+/// Errors a watch can start with.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("too old resource version: {requested} ({oldest})")]
+    TooOld {
+        requested: Revision,
+        oldest: Revision,
+    },
+    #[error("timed out waiting for the cache to reach resource version {0}")]
+    NotYet(Revision),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+pub struct Cache {
+    state: RwLock<State>,
+    events: broadcast::Sender<Arc<CacheEvent>>,
+    revision: watch::Sender<Revision>,
+    ring_capacity: usize,
+}
+
+/// What a watch needs to start: the history to replay and the live feed.
+pub struct Subscription {
+    pub snapshot: Snapshot,
+    pub history: Vec<Arc<CacheEvent>>,
+    pub live: broadcast::Receiver<Arc<CacheEvent>>,
+}
+
+fn render(kv: &KeyValue, revision: Revision) -> Option<CachedObject> {
+    let mut v: Value = match serde_json::from_slice(&kv.value) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(key = %kv.key, error = %e, "skipping undecodable object in the store");
+            return None;
+        }
+    };
+    // Internal records (tokens) are cached as they are; they are never served.
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert(
+            "resourceVersion".into(),
+            Value::String(revision.to_string()),
+        );
+    }
+    let name = v["metadata"]["name"].as_str().unwrap_or_default().into();
+    let namespace = v["metadata"]["namespace"].as_str().map(Into::into);
+    let labels = v["metadata"]["labels"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let fields = resource_fields(&kv.key)
+        .iter()
+        .filter_map(|p| field_value(&v, p).map(|val| (*p, val.into_owned().into_boxed_str())))
+        .collect();
+    let json = Bytes::from(serde_json::to_vec(&v).ok()?);
+    Some(CachedObject {
+        key: Arc::from(kv.key.as_str()),
+        mod_revision: revision,
+        namespace,
+        name,
+        labels,
+        fields,
+        json,
+    })
+}
+
+fn resource_fields(key: &str) -> &'static [&'static str] {
+    RESOURCES
+        .iter()
+        .find(|r| key.starts_with(&r.storage_prefix()))
+        .map_or(&[], |r| r.fields)
+}
+
+impl Cache {
+    /// Loads every object and starts following the store. The cache is ready when
+    /// this returns.
+    pub async fn start(
+        store: DynStore,
+        ring_capacity: usize,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, CacheError> {
+        let (snapshot, from) = Self::load(&store).await?;
+        let revision = snapshot.revision;
+        let cache = Arc::new(Self {
+            state: RwLock::new(State {
+                snapshot,
+                ring: VecDeque::new(),
+                window_start: revision,
+            }),
+            events: broadcast::channel(64 * 1024).0,
+            revision: watch::channel(revision).0,
+            ring_capacity,
+        });
+        let me = cache.clone();
+        tokio::spawn(async move { me.follow(store, from, shutdown).await });
+        Ok(cache)
+    }
+
+    async fn load(store: &DynStore) -> Result<(Snapshot, Revision), CacheError> {
+        let page = store.range(ROOT, None, 0).await?;
+        let mut objects = OrdMap::new();
+        for kv in &page.kvs {
+            if let Some(o) = render(kv, kv.mod_revision) {
+                objects.insert(o.key.clone(), Arc::new(o));
+            }
+        }
+        Ok((
+            Snapshot {
+                revision: page.revision,
+                objects,
+            },
+            page.revision + 1,
+        ))
+    }
+
+    /// The writer loop: applies store events; on a broken store watch, relists.
+    async fn follow(
+        self: Arc<Self>,
+        store: DynStore,
+        mut from: Revision,
+        shutdown: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                s = store.watch(ROOT, from) => s,
+            };
+            let mut stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "watch cache lost the store watch; relisting");
+                    if !self.relist(&store, &mut from).await {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            loop {
+                let next = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    n = stream.next() => n,
+                };
+                match next {
+                    Some(Ok(event)) => {
+                        from = event.revision() + 1;
+                        self.apply(event);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "watch cache store watch failed; resuming");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+        }
+    }
+
+    async fn relist(&self, store: &DynStore, from: &mut Revision) -> bool {
+        match Self::load(store).await {
+            Ok((snapshot, next)) => {
+                let revision = snapshot.revision;
+                {
+                    let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+                    st.snapshot = snapshot;
+                    st.ring.clear();
+                    st.window_start = revision;
+                }
+                *from = next;
+                self.revision.send_replace(revision);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "watch cache relist failed");
+                false
+            }
+        }
+    }
+
+    fn apply(&self, event: meridian_store::Event) {
+        let revision = event.revision();
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let key: &str = &event.kv.key;
+        let prev = st.snapshot.objects.get(key).cloned();
+        let cache_event = match event.kind {
+            EventType::Put => {
+                let Some(obj) = render(&event.kv, revision) else {
+                    st.snapshot.revision = revision;
+                    drop(st);
+                    self.revision.send_replace(revision);
+                    return;
+                };
+                let obj = Arc::new(obj);
+                st.snapshot.objects.insert(obj.key.clone(), obj.clone());
+                CacheEvent {
+                    kind: if prev.is_some() {
+                        WatchKind::Modified
+                    } else {
+                        WatchKind::Added
+                    },
+                    revision,
+                    object: obj,
+                    prev,
+                }
+            }
+            EventType::Delete => {
+                st.snapshot.objects.remove(key);
+                let last = event
+                    .prev
+                    .as_ref()
+                    .and_then(|p| render(p, revision))
+                    .map(Arc::new)
+                    .or_else(|| prev.clone());
+                let Some(object) = last else {
+                    st.snapshot.revision = revision;
+                    drop(st);
+                    self.revision.send_replace(revision);
+                    return;
+                };
+                CacheEvent {
+                    kind: WatchKind::Deleted,
+                    revision,
+                    object,
+                    prev,
+                }
+            }
+        };
+        let cache_event = Arc::new(cache_event);
+        st.snapshot.revision = revision;
+        st.ring.push_back(cache_event.clone());
+        while st.ring.len() > self.ring_capacity {
+            if let Some(old) = st.ring.pop_front() {
+                st.window_start = old.revision;
+            }
+        }
+        // Sent under the lock: subscribers that read the ring see each event once.
+        let _ = self.events.send(cache_event);
+        drop(st);
+        self.revision.send_replace(revision);
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .snapshot
+            .clone()
+    }
+
+    pub fn revision(&self) -> Revision {
+        *self.revision.borrow()
+    }
+
+    /// Waits until the cache has caught up with `revision` (bounded by `timeout`).
+    pub async fn wait_for(&self, revision: Revision, timeout: Duration) -> Result<(), CacheError> {
+        let mut rx = self.revision.subscribe();
+        let wait = rx.wait_for(|r| *r >= revision);
+        match tokio::time::timeout(timeout, wait).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(CacheError::NotYet(revision)),
+        }
+    }
+
+    /// A snapshot no older than the store's current revision (a consistent read).
+    pub async fn fresh_snapshot(&self, store: &DynStore) -> Result<Snapshot, CacheError> {
+        let current = store.current_revision().await?;
+        self.wait_for(current, Duration::from_secs(10)).await?;
+        Ok(self.snapshot())
+    }
+
+    /// Starts a watch. With `after = Some(rv)`, history holds every event after `rv`;
+    /// with `None`, history is empty and the caller replays the snapshot instead.
+    pub fn subscribe(&self, after: Option<Revision>) -> Result<Subscription, CacheError> {
+        let st = self.state.read().unwrap_or_else(|p| p.into_inner());
+        let live = self.events.subscribe();
+        let history = match after {
+            None => Vec::new(),
+            Some(rv) if rv >= st.snapshot.revision => Vec::new(),
+            Some(rv) if rv < st.window_start => {
+                return Err(CacheError::TooOld {
+                    requested: rv,
+                    oldest: st.window_start,
+                });
+            }
+            Some(rv) => {
+                let start = st.ring.partition_point(|e| e.revision <= rv);
+                st.ring.iter().skip(start).cloned().collect()
+            }
+        };
+        Ok(Subscription {
+            snapshot: st.snapshot.clone(),
+            history,
+            live,
+        })
+    }
+}

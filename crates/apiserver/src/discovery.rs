@@ -1,0 +1,139 @@
+//! API discovery (`/api`, `/apis`, resource lists) and `/version`, so kubectl and the
+//! kube crate can find what this server serves.
+
+use std::collections::BTreeMap;
+
+use axum::response::Response;
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use meridian_api::{ApiError, Reason, Resource};
+use serde_json::{Value, json};
+
+use crate::handlers::{json_response, served};
+
+pub fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": "34",
+        "gitVersion": format!("v1.34.0+meridian-{}", env!("CARGO_PKG_VERSION")),
+        "gitCommit": "",
+        "gitTreeState": "clean",
+        "buildDate": "",
+        "goVersion": "",
+        "compiler": "rustc",
+        "platform": format!("{}/{}", std::env::consts::OS, std::env::consts::ARCH),
+    })
+}
+
+fn verbs(r: &Resource) -> Vec<&'static str> {
+    let mut v = vec![
+        "get",
+        "list",
+        "watch",
+        "create",
+        "update",
+        "patch",
+        "delete",
+        "deletecollection",
+    ];
+    if r.plural == "events" {
+        v.retain(|_| true);
+    }
+    v
+}
+
+fn resource_list(group: &str, version: &str) -> Option<Value> {
+    let mut resources = Vec::new();
+    for r in served()
+        .iter()
+        .filter(|r| r.group == group && r.version == version)
+    {
+        resources.push(json!({
+            "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced(),
+            "kind": r.kind, "verbs": verbs(r), "shortNames": r.short_names,
+        }));
+        if r.has_status {
+            resources.push(
+                json!({"name": format!("{}/status", r.plural), "singularName": "",
+                "namespaced": r.namespaced(), "kind": r.kind, "verbs": ["get", "patch", "update"]}),
+            );
+        }
+        if r.has_scale {
+            resources.push(json!({"name": format!("{}/scale", r.plural), "singularName": "",
+                "namespaced": r.namespaced(), "group": "autoscaling", "version": "v1", "kind": "Scale",
+                "verbs": ["get", "patch", "update"]}));
+        }
+        if r.plural == "pods" {
+            resources.push(
+                json!({"name": "pods/binding", "singularName": "", "namespaced": true,
+                "kind": "Binding", "verbs": ["create"]}),
+            );
+        }
+        if r.plural == "tenants" {
+            resources.push(
+                json!({"name": "tenants/token", "singularName": "", "namespaced": false,
+                "kind": "TenantToken", "verbs": ["create"]}),
+            );
+        }
+    }
+    if resources.is_empty() {
+        return None;
+    }
+    let gv = if group.is_empty() {
+        version.to_owned()
+    } else {
+        format!("{group}/{version}")
+    };
+    Some(
+        json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}),
+    )
+}
+
+fn groups() -> BTreeMap<&'static str, Vec<&'static str>> {
+    let mut g: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for r in served().iter().filter(|r| !r.group.is_empty()) {
+        let versions = g.entry(r.group).or_default();
+        if !versions.contains(&r.version) {
+            versions.push(r.version);
+        }
+    }
+    g
+}
+
+fn group_json(name: &str, versions: &[&str]) -> Value {
+    let vs: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
+        .collect();
+    json!({"name": name, "versions": vs, "preferredVersion": vs[0]})
+}
+
+pub fn serve(segs: &[String], _headers: &HeaderMap) -> Result<Response, ApiError> {
+    let not_found = || {
+        ApiError::new(
+            Reason::NotFound,
+            "the server could not find the requested resource",
+        )
+    };
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    let body = match segs.as_slice() {
+        ["api"] => json!({"kind": "APIVersions", "versions": ["v1"],
+            "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": ""}]}),
+        ["api", "v1"] => resource_list("", "v1").ok_or_else(not_found)?,
+        ["apis"] => {
+            let gs: Vec<Value> = groups().iter().map(|(n, v)| group_json(n, v)).collect();
+            json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": gs})
+        }
+        ["apis", g] => {
+            let gs = groups();
+            let versions = gs.get(g).ok_or_else(not_found)?;
+            let mut v = group_json(g, versions);
+            v["kind"] = json!("APIGroup");
+            v["apiVersion"] = json!("v1");
+            v
+        }
+        ["apis", g, v] => resource_list(g, v).ok_or_else(not_found)?,
+        _ => return Err(not_found()),
+    };
+    Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())))
+}

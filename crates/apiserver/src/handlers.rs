@@ -1,0 +1,1385 @@
+//! The REST verbs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderMap, Method, StatusCode, header};
+use meridian_api::resources::RESOURCES;
+use meridian_api::selectors::{FieldSelector, LabelSelector};
+use meridian_api::{ApiError, Reason, Resource};
+use meridian_store::{KeyValue, Revision};
+use serde_json::{Value, json};
+
+use crate::AppState;
+use crate::auth::{self, Identity, TokenRecord, Verb};
+use crate::cache::{CacheError, CachedObject, Snapshot};
+use crate::route::{self, Route, Target};
+use crate::tenancy::{self, View, is_namespaces};
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new().fallback(dispatch).with_state(state)
+}
+
+/// Everything a verb needs to know about its request.
+pub struct Ctx<'a> {
+    pub state: &'a Arc<AppState>,
+    pub who: Identity,
+    pub target: Target,
+    pub query: HashMap<String, String>,
+    pub headers: HeaderMap,
+}
+
+impl Ctx<'_> {
+    pub fn view(&self) -> View<'_> {
+        View {
+            tenant: self.who.tenant(),
+        }
+    }
+    fn resource(&self) -> &'static Resource {
+        self.target.resource
+    }
+    fn name(&self) -> &str {
+        self.target.name.as_deref().unwrap_or_default()
+    }
+    fn key(&self) -> String {
+        self.view().key(
+            self.resource(),
+            self.target.namespace.as_deref(),
+            self.name(),
+        )
+    }
+    fn not_found(&self) -> ApiError {
+        ApiError::not_found(self.resource().plural, self.resource().group, self.name())
+    }
+    fn conflict(&self, why: &str) -> ApiError {
+        ApiError::conflict(
+            self.resource().plural,
+            self.resource().group,
+            self.name(),
+            why,
+        )
+    }
+}
+
+const CONFLICT_MODIFIED: &str =
+    "the object has been modified; please apply your changes to the latest version and try again";
+
+pub fn error_response(e: &ApiError) -> Response {
+    json_response(
+        StatusCode::from_u16(e.code()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Bytes::from(e.to_status().to_string()),
+    )
+}
+
+pub fn json_response(code: StatusCode, body: Bytes) -> Response {
+    (code, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::internal(format!("internal error: {e}"))
+}
+
+impl From<CacheError> for ApiError {
+    fn from(e: CacheError) -> Self {
+        match e {
+            CacheError::TooOld { .. } => ApiError::gone(e.to_string()),
+            CacheError::NotYet(_) => ApiError::new(Reason::Timeout, e.to_string()),
+            CacheError::Store(s) => internal(s),
+        }
+    }
+}
+
+fn store_err(e: meridian_store::StoreError) -> ApiError {
+    internal(e)
+}
+
+/// The single entry point: health, metrics, discovery and every resource path.
+pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let started = Instant::now();
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_owned();
+    match path.as_str() {
+        "/healthz" | "/livez" => return (StatusCode::OK, "ok").into_response(),
+        "/readyz" => {
+            return if state.shutdown.is_cancelled() {
+                (StatusCode::SERVICE_UNAVAILABLE, "shutting down").into_response()
+            } else {
+                (StatusCode::OK, "ok").into_response()
+            };
+        }
+        "/metrics" => {
+            return (
+                [(
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )],
+                state.metrics.encode(),
+            )
+                .into_response();
+        }
+        "/version" => {
+            return json_response(
+                StatusCode::OK,
+                Bytes::from(crate::discovery::version().to_string()),
+            );
+        }
+        _ => {}
+    }
+    let query: HashMap<String, String> = parts
+        .uri
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let mut verb = "unknown";
+    let mut resource = String::new();
+    let result = async {
+        let who = authenticate(&state, &parts.headers)?;
+        let route = route::parse(&path)?;
+        let target = match route {
+            Route::Discovery(segs) => {
+                verb = "get";
+                resource = "discovery".into();
+                return crate::discovery::serve(&segs, &parts.headers);
+            }
+            Route::Resource(t) => t,
+        };
+        resource = match &target.subresource {
+            Some(s) => format!("{}/{s}", target.resource.plural),
+            None => target.resource.plural.to_owned(),
+        };
+        let v = verb_of(&parts.method, &target, &query)?;
+        verb = v.as_str();
+        auth::authorize(&who, v, target.resource, target.subresource.as_deref())?;
+        if matches!(
+            v,
+            Verb::Create | Verb::Update | Verb::Patch | Verb::Delete | Verb::DeleteCollection
+        ) && who.tenant().is_some()
+            && target.resource.namespaced()
+            && target.namespace.is_none()
+        {
+            return Err(ApiError::new(
+                Reason::MethodNotAllowed,
+                "writes need a namespace in the path",
+            ));
+        }
+        let body = read_body(body, state.config.max_body_bytes).await?;
+        let cx = Ctx {
+            state: &state,
+            who,
+            target,
+            query: query.clone(),
+            headers: parts.headers.clone(),
+        };
+        run(&cx, v, body).await
+    }
+    .await;
+    let response = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if e.code() >= 500 {
+                tracing::warn!(%path, error = %e.message, "request failed");
+            }
+            error_response(&e)
+        }
+    };
+    state.metrics.observe(
+        verb,
+        &resource,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
+}
+
+fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<Identity, ApiError> {
+    let unauthorized = || ApiError::unauthorized("Unauthorized");
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(unauthorized)?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(unauthorized)?;
+    let snapshot = state.cache.snapshot();
+    let record = snapshot
+        .get(&auth::token_key(token))
+        .ok_or_else(unauthorized)?;
+    let record: TokenRecord = serde_json::from_slice(&record.json).map_err(|_| unauthorized())?;
+    let who = record.identity().ok_or_else(unauthorized)?;
+    if let Identity::Tenant(t) = &who {
+        // A deleted tenant's tokens stop working at once.
+        let tenants =
+            Resource::find("meridian.io", "v1alpha1", "tenants").ok_or_else(unauthorized)?;
+        if snapshot.get(&tenants.storage_key(None, t)).is_none() {
+            return Err(unauthorized());
+        }
+    }
+    Ok(who)
+}
+
+fn verb_of(method: &Method, t: &Target, q: &HashMap<String, String>) -> Result<Verb, ApiError> {
+    let is_watch = matches!(q.get("watch").map(String::as_str), Some("true" | "1"));
+    let v = match (method, t.name.is_some()) {
+        (&Method::GET, true) => Verb::Get,
+        (&Method::GET, false) if is_watch => Verb::Watch,
+        (&Method::GET, false) => Verb::List,
+        (&Method::POST, false) => Verb::Create,
+        (&Method::POST, true) if matches!(t.subresource.as_deref(), Some("binding" | "token")) => {
+            Verb::Create
+        }
+        (&Method::PUT, true) => Verb::Update,
+        (&Method::PATCH, true) => Verb::Patch,
+        (&Method::DELETE, true) if t.subresource.is_none() => Verb::Delete,
+        (&Method::DELETE, false) => Verb::DeleteCollection,
+        _ => {
+            return Err(ApiError::new(
+                Reason::MethodNotAllowed,
+                format!(
+                    "the server does not allow this method on the requested resource ({method})"
+                ),
+            ));
+        }
+    };
+    if t.subresource.as_deref() == Some("finalize") && v != Verb::Update {
+        return Err(ApiError::new(
+            Reason::MethodNotAllowed,
+            "finalize only supports PUT",
+        ));
+    }
+    Ok(v)
+}
+
+async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    match axum::body::to_bytes(body, limit).await {
+        Ok(b) => Ok(b),
+        Err(e) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.to_string().contains("length limit"))
+                || e.to_string().contains("length limit");
+            if too_large {
+                Err(ApiError::new(
+                    Reason::RequestEntityTooLarge,
+                    format!("the request body is larger than the limit of {limit} bytes"),
+                ))
+            } else {
+                Err(ApiError::bad_request(format!(
+                    "could not read the request body: {e}"
+                )))
+            }
+        }
+    }
+}
+
+async fn run(cx: &Ctx<'_>, verb: Verb, body: Bytes) -> Result<Response, ApiError> {
+    match (verb, cx.target.subresource.as_deref()) {
+        (Verb::Get, None | Some("status")) => get(cx).await,
+        (Verb::Get, Some("scale")) => get_scale(cx).await,
+        (Verb::List, _) => list(cx).await,
+        (Verb::Watch, _) => crate::watch::serve(cx).await,
+        (Verb::Create, None) => create(cx, body).await,
+        (Verb::Create, Some("binding")) => bind(cx, body).await,
+        (Verb::Create, Some("token")) => issue_token(cx).await,
+        (Verb::Update, Some("scale")) => update_scale(cx, body).await,
+        (Verb::Update, sub) => update(cx, body, sub).await,
+        (Verb::Patch, Some("scale")) => patch_scale(cx, body).await,
+        (Verb::Patch, sub) => patch(cx, body, sub).await,
+        (Verb::Delete, None) => delete(cx, body).await,
+        (Verb::DeleteCollection, None) => delete_collection(cx, body).await,
+        _ => Err(ApiError::new(
+            Reason::MethodNotAllowed,
+            "this verb is not supported on the subresource",
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------- bodies
+
+/// Parses a JSON or YAML body into an object.
+pub fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("the request body is empty"));
+    }
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let v: Value = if ct.contains("yaml") {
+        serde_yaml::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid YAML: {e}")))?
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?
+    };
+    if !v.is_object() {
+        return Err(ApiError::bad_request("the body must be an object"));
+    }
+    Ok(v)
+}
+
+fn set_rv(obj: &mut Value, rv: Revision) {
+    if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.insert("resourceVersion".into(), Value::String(rv.to_string()));
+    }
+}
+
+/// Serialises a stored-form object for the caller's view.
+fn respond(
+    cx: &Ctx<'_>,
+    code: StatusCode,
+    mut obj: Value,
+    rv: Revision,
+) -> Result<Response, ApiError> {
+    set_rv(&mut obj, rv);
+    let bytes = Bytes::from(serde_json::to_vec(&obj).map_err(internal)?);
+    Ok(json_response(code, cx.view().render(cx.resource(), &bytes)))
+}
+
+fn parse_stored(kv: &KeyValue) -> Result<Value, ApiError> {
+    serde_json::from_slice(&kv.value)
+        .map_err(|e| internal(format!("stored object {} is corrupt: {e}", kv.key)))
+}
+
+fn random_suffix() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    (0..5)
+        .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
+        .collect()
+}
+
+fn strip_server_fields(obj: &mut Value) {
+    if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        for f in ["resourceVersion", "selfLink", "managedFields"] {
+            m.remove(f);
+        }
+    }
+}
+
+/// The object's namespace in the caller's view must agree with the path.
+fn check_namespace(cx: &Ctx<'_>, obj: &mut Value) -> Result<(), ApiError> {
+    let r = cx.resource();
+    if !r.namespaced() {
+        if let Some(m) = obj["metadata"].as_object_mut() {
+            m.remove("namespace");
+        }
+        return Ok(());
+    }
+    let ns = cx.target.namespace.as_deref().ok_or_else(|| {
+        ApiError::bad_request("a namespaced object needs a namespace in the path")
+    })?;
+    match obj["metadata"]["namespace"].as_str() {
+        Some(given) if !given.is_empty() && given != ns => Err(ApiError::bad_request(format!(
+            "the namespace of the provided object ({given}) does not match the namespace sent on the request ({ns})"
+        ))),
+        _ => {
+            if !obj["metadata"].is_object() {
+                obj["metadata"] = json!({});
+            }
+            obj["metadata"]["namespace"] = Value::String(ns.to_owned());
+            Ok(())
+        }
+    }
+}
+
+/// Validates an object in the caller's view and turns it into its stored form.
+/// Namespace objects named `tenant.ns` in the global view are validated as `ns`.
+fn normalize_and_store_form(cx: &Ctx<'_>, mut obj: Value) -> Result<Value, ApiError> {
+    let r = cx.resource();
+    let view = cx.view();
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let (owner, local) = if is_namespaces(r) && view.tenant.is_none() {
+        let (t, l) = tenancy::split_physical(&name);
+        (t.map(str::to_owned), l.to_owned())
+    } else {
+        (view.tenant.map(str::to_owned), name.clone())
+    };
+    if is_namespaces(r) {
+        obj["metadata"]["name"] = Value::String(local.clone());
+    }
+    let mut obj = r.normalize(obj)?;
+    let write_view = View {
+        tenant: owner.as_deref(),
+    };
+    if is_namespaces(r) {
+        if let Some(t) = &owner
+            && (t == auth::SYSTEM_TENANT || t.is_empty())
+        {
+            return Err(ApiError::invalid(
+                r.kind,
+                "",
+                &name,
+                vec![meridian_api::Cause::invalid(
+                    "metadata.name",
+                    &name,
+                    "the tenant part of a namespace name must name a tenant",
+                )],
+            ));
+        }
+        obj["metadata"]["name"] = Value::String(write_view.physical(&local));
+        let labels = obj["metadata"]
+            .as_object_mut()
+            .map(|m| m.entry("labels").or_insert_with(|| json!({})));
+        if let Some(Value::Object(labels)) = labels {
+            labels.insert("kubernetes.io/metadata.name".into(), Value::String(local));
+        }
+    }
+    if r.namespaced() {
+        let ns = obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        obj["metadata"]["namespace"] = Value::String(view.physical(&ns));
+        if r.plural == "events"
+            && let Some(ins) = obj["involvedObject"]["namespace"]
+                .as_str()
+                .map(str::to_owned)
+        {
+            obj["involvedObject"]["namespace"] = Value::String(view.physical(&ins));
+        }
+    }
+    Ok(obj)
+}
+
+/// Namespace lifecycle: objects go only into namespaces that exist and are not
+/// terminating; tenant namespaces need their tenant.
+fn admit_create(cx: &Ctx<'_>, snap: &Snapshot, obj: &Value) -> Result<(), ApiError> {
+    let r = cx.resource();
+    let nss = Resource::find("", "v1", "namespaces").ok_or_else(|| internal("no namespaces"))?;
+    if r.namespaced() {
+        let physical = obj["metadata"]["namespace"].as_str().unwrap_or_default();
+        let local = cx.target.namespace.as_deref().unwrap_or_default();
+        match snap.get(&nss.storage_key(None, physical)) {
+            None => return Err(ApiError::not_found("namespaces", "", local)),
+            Some(ns) => {
+                if ns.value()["metadata"]["deletionTimestamp"].is_string() {
+                    return Err(ApiError::forbidden(format!(
+                        "unable to create new content in namespace {local} because it is being terminated"
+                    )));
+                }
+            }
+        }
+    }
+    if is_namespaces(r) {
+        let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+        if let (Some(t), _) = tenancy::split_physical(name) {
+            let tenants = Resource::find("meridian.io", "v1alpha1", "tenants")
+                .ok_or_else(|| internal("no tenants"))?;
+            let Some(tenant) = snap.get(&tenants.storage_key(None, t)) else {
+                return Err(ApiError::not_found("tenants", "meridian.io", t));
+            };
+            if let Some(max) = tenant.value()["spec"]["maxNamespaces"].as_u64() {
+                let have = snap
+                    .range(&format!("{}{t}.", nss.storage_prefix()), None)
+                    .count() as u64;
+                if have >= max {
+                    return Err(ApiError::forbidden(format!(
+                        "tenant {t} already has its maximum of {max} namespaces"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------ verbs
+
+async fn get(cx: &Ctx<'_>) -> Result<Response, ApiError> {
+    let snap = snapshot_for(cx).await?;
+    let obj = snap.get(&cx.key()).ok_or_else(|| cx.not_found())?;
+    Ok(json_response(
+        StatusCode::OK,
+        cx.view().render(cx.resource(), &obj.json),
+    ))
+}
+
+/// The snapshot a read is served from, per `resourceVersion` semantics.
+async fn snapshot_for(cx: &Ctx<'_>) -> Result<Snapshot, ApiError> {
+    let cache = &cx.state.cache;
+    match cx.query.get("resourceVersion").map(String::as_str) {
+        None | Some("") => Ok(cache.fresh_snapshot(&cx.state.store).await?),
+        Some("0") => Ok(cache.snapshot()),
+        Some(rv) => {
+            let rv: Revision = rv
+                .parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?;
+            let exact = cx.query.get("resourceVersionMatch").map(String::as_str) == Some("Exact");
+            cache
+                .wait_for(rv, Duration::from_secs(3))
+                .await
+                .map_err(|_| {
+                    ApiError::new(
+                        Reason::Timeout,
+                        format!(
+                            "Too large resource version: {rv}, current: {}",
+                            cache.revision()
+                        ),
+                    )
+                })?;
+            let snap = cache.snapshot();
+            if exact && snap.revision != rv {
+                return Err(ApiError::gone(format!(
+                    "resourceVersion {rv} with resourceVersionMatch=Exact is no longer available (current {})",
+                    snap.revision
+                )));
+            }
+            Ok(snap)
+        }
+    }
+}
+
+/// Label and field selectors of a list or watch, checked against the resource.
+pub struct Filter {
+    labels: LabelSelector,
+    fields: FieldSelector,
+}
+
+impl Filter {
+    pub fn from_query(cx: &Ctx<'_>) -> Result<Self, ApiError> {
+        let labels = LabelSelector::parse(cx.query.get("labelSelector").map_or("", String::as_str))
+            .map_err(|e| ApiError::bad_request(format!("unable to parse requirement: {e}")))?;
+        let mut fields =
+            FieldSelector::parse(cx.query.get("fieldSelector").map_or("", String::as_str))
+                .map_err(ApiError::bad_request)?;
+        let view = cx.view();
+        for (path, _, value) in &mut fields.terms {
+            if !cx.resource().supports_field(path) {
+                return Err(ApiError::bad_request(format!(
+                    "field label not supported: {path}"
+                )));
+            }
+            // Field values are in the caller's view; match them in stored form.
+            let physical = (path == "metadata.namespace" && cx.resource().namespaced())
+                || (path == "metadata.name" && is_namespaces(cx.resource()))
+                || path == "involvedObject.namespace";
+            if physical && !value.is_empty() {
+                *value = view.physical(value);
+            }
+        }
+        Ok(Self { labels, fields })
+    }
+
+    pub fn matches(&self, o: &CachedObject) -> bool {
+        self.labels.matches(&o.labels) && self.fields.matches(|p| o.field(p))
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Continue {
+    rv: Revision,
+    start: String,
+}
+
+async fn list(cx: &Ctx<'_>) -> Result<Response, ApiError> {
+    let r = cx.resource();
+    let filter = Filter::from_query(cx)?;
+    let limit: usize = match cx.query.get("limit") {
+        None => 0,
+        Some(l) => l
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
+    };
+    let prefix = cx.view().prefix(r, cx.target.namespace.as_deref());
+    let (snap, after) = match cx.query.get("continue").filter(|c| !c.is_empty()) {
+        Some(token) => {
+            let c: Continue = base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(token)
+                .ok()
+                .and_then(|raw| serde_json::from_slice(&raw).ok())
+                .ok_or_else(|| ApiError::bad_request("invalid continue token"))?;
+            if !c.start.starts_with(&prefix) {
+                return Err(ApiError::bad_request(
+                    "the continue token does not belong to this list",
+                ));
+            }
+            (cx.state.cache.snapshot(), Some(c.start))
+        }
+        None => (snapshot_for(cx).await?, None),
+    };
+    let view = cx.view();
+    let mut body = Vec::with_capacity(4096);
+    body.extend_from_slice(b"{\"kind\":\"");
+    body.extend_from_slice(r.list_kind().as_bytes());
+    body.extend_from_slice(b"\",\"apiVersion\":\"");
+    body.extend_from_slice(r.api_version().as_bytes());
+    body.extend_from_slice(b"\",\"items\":[");
+    let mut count = 0usize;
+    let mut last_key: Option<Arc<str>> = None;
+    let mut more = false;
+    for o in snap.range(&prefix, after.as_deref()) {
+        if !filter.matches(o) {
+            continue;
+        }
+        if limit > 0 && count == limit {
+            more = true;
+            break;
+        }
+        if count > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&view.render(r, &o.json));
+        count += 1;
+        last_key = Some(o.key.clone());
+    }
+    body.extend_from_slice(b"],\"metadata\":{\"resourceVersion\":\"");
+    body.extend_from_slice(snap.revision.to_string().as_bytes());
+    body.push(b'"');
+    if more && let Some(k) = last_key {
+        let token = serde_json::to_vec(&Continue {
+            rv: snap.revision,
+            start: k.to_string(),
+        })
+        .map_err(internal)?;
+        body.extend_from_slice(b",\"continue\":\"");
+        body.extend_from_slice(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .encode(token)
+                .as_bytes(),
+        );
+        body.push(b'"');
+    }
+    body.extend_from_slice(b"}}");
+    Ok(json_response(StatusCode::OK, Bytes::from(body)))
+}
+
+async fn create(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
+    let r = cx.resource();
+    let mut obj = parse_body(&cx.headers, &body)?;
+    check_namespace(cx, &mut obj)?;
+    strip_server_fields(&mut obj);
+    let meta = obj["metadata"]
+        .as_object_mut()
+        .ok_or_else(|| ApiError::bad_request("metadata must be an object"))?;
+    let has_name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .is_some_and(|n| !n.is_empty());
+    if !has_name {
+        match meta.get("generateName").and_then(Value::as_str) {
+            Some(g) if !g.is_empty() => {
+                let name = format!("{g}{}", random_suffix());
+                meta.insert("name".into(), Value::String(name));
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    r.kind,
+                    r.group,
+                    "",
+                    vec![meridian_api::Cause::required("metadata.name")],
+                ));
+            }
+        }
+    }
+    let mut obj = normalize_and_store_form(cx, obj)?;
+    prepare_for_create(r, &mut obj);
+    let snap = cx.state.cache.snapshot();
+    admit_create(cx, &snap, &obj)?;
+    let name = obj["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let key = r.storage_key(obj["metadata"]["namespace"].as_str(), &name);
+    let value = Bytes::from(serde_json::to_vec(&obj).map_err(internal)?);
+    match cx
+        .state
+        .store
+        .create(&key, value)
+        .await
+        .map_err(store_err)?
+    {
+        Some(rev) => {
+            if r.plural == "tenants" {
+                ensure_tenant_default_namespace(cx, &name).await?;
+            }
+            respond(cx, StatusCode::CREATED, obj, rev)
+        }
+        None => {
+            let shown = if is_namespaces(r) {
+                cx.view().render(r, &Bytes::from(name.clone()))
+            } else {
+                Bytes::from(name.clone())
+            };
+            Err(ApiError::already_exists(
+                r.plural,
+                r.group,
+                &String::from_utf8_lossy(&shown),
+            ))
+        }
+    }
+}
+
+fn prepare_for_create(r: &Resource, obj: &mut Value) {
+    let meta = &mut obj["metadata"];
+    meta["uid"] = Value::String(uuid::Uuid::new_v4().to_string());
+    meta["creationTimestamp"] = Value::String(crate::now());
+    if let Some(m) = meta.as_object_mut() {
+        m.remove("deletionTimestamp");
+        m.remove("deletionGracePeriodSeconds");
+    }
+    if obj.get("spec").is_some() {
+        obj["metadata"]["generation"] = json!(1);
+    }
+    match r.plural {
+        "pods" if obj["status"]["phase"].as_str().is_none() => {
+            obj["status"] = json!({"phase": "Pending"});
+        }
+        "namespaces" => {
+            obj["status"] = json!({"phase": "Active"});
+            obj["spec"] = json!({"finalizers": ["kubernetes"]});
+        }
+        "deployments" | "replicasets" | "daemonsets" | "jobs" => {
+            obj["status"] = json!({});
+        }
+        _ => {}
+    }
+}
+
+async fn ensure_tenant_default_namespace(cx: &Ctx<'_>, tenant: &str) -> Result<(), ApiError> {
+    let nss = Resource::find("", "v1", "namespaces").ok_or_else(|| internal("no namespaces"))?;
+    let mut obj = json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": format!("{tenant}.default"), "labels": {"kubernetes.io/metadata.name": "default"}}});
+    prepare_for_create(nss, &mut obj);
+    let key = nss.storage_key(None, &format!("{tenant}.default"));
+    let value = Bytes::from(serde_json::to_vec(&obj).map_err(internal)?);
+    cx.state
+        .store
+        .create(&key, value)
+        .await
+        .map_err(store_err)?;
+    Ok(())
+}
+
+enum Attempt {
+    Done(Response),
+    Retry,
+}
+
+/// Replaces the stored object `cur` with `new` (caller's view), honouring the status
+/// subresource, immutable metadata and finalizers. `strict_rv` is the resourceVersion
+/// the caller requires, if any.
+async fn write_update(
+    cx: &Ctx<'_>,
+    cur: &KeyValue,
+    new: Value,
+    sub: Option<&str>,
+    strict_rv: Option<Revision>,
+) -> Result<Attempt, ApiError> {
+    let r = cx.resource();
+    if let Some(rv) = strict_rv
+        && rv != cur.mod_revision
+    {
+        return Err(cx.conflict(CONFLICT_MODIFIED));
+    }
+    let old = parse_stored(cur)?;
+    let mut new = new;
+    check_namespace(cx, &mut new)?;
+    strip_server_fields(&mut new);
+    match new["metadata"]["name"].as_str() {
+        None | Some("") => new["metadata"]["name"] = Value::String(cx.name().to_owned()),
+        Some(n) if n != cx.name() => {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({n}) does not match the name on the URL ({})",
+                cx.name()
+            )));
+        }
+        _ => {}
+    }
+    let new = normalize_and_store_form(cx, new)?;
+    let mut next = match sub {
+        Some("status") => {
+            let mut next = old.clone();
+            next["status"] = new.get("status").cloned().unwrap_or(Value::Null);
+            next
+        }
+        Some("finalize") => {
+            let mut next = old.clone();
+            next["spec"]["finalizers"] = new["spec"]["finalizers"].clone();
+            next
+        }
+        _ => {
+            let mut next = new;
+            if r.has_status {
+                match old.get("status") {
+                    Some(s) => next["status"] = s.clone(),
+                    None => {
+                        if let Some(m) = next.as_object_mut() {
+                            m.remove("status");
+                        }
+                    }
+                }
+            }
+            if is_namespaces(r) {
+                next["spec"] = old["spec"].clone();
+            }
+            for f in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "deletionGracePeriodSeconds",
+                "generation",
+                "name",
+                "namespace",
+            ] {
+                match old["metadata"].get(f) {
+                    Some(v) => next["metadata"][f] = v.clone(),
+                    None => {
+                        if let Some(m) = next["metadata"].as_object_mut() {
+                            m.remove(f);
+                        }
+                    }
+                }
+            }
+            if old.get("spec") != next.get("spec") {
+                let g = old["metadata"]["generation"].as_i64().unwrap_or(0) + 1;
+                next["metadata"]["generation"] = json!(g);
+            }
+            next
+        }
+    };
+    if let Some(m) = next["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+    }
+    let mut old_cmp = old.clone();
+    if let Some(m) = old_cmp["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+    }
+    if next == old_cmp {
+        // Nothing changed: no write, same resourceVersion (like Kubernetes).
+        return Ok(Attempt::Done(respond(
+            cx,
+            StatusCode::OK,
+            old,
+            cur.mod_revision,
+        )?));
+    }
+    let terminating = next["metadata"]["deletionTimestamp"].is_string();
+    let finalizers_left = next["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty());
+    if terminating && !finalizers_left && !is_namespaces(r) {
+        return match cx
+            .state
+            .store
+            .delete(&cur.key, cur.mod_revision)
+            .await
+            .map_err(store_err)?
+        {
+            Some(rev) => Ok(Attempt::Done(respond(cx, StatusCode::OK, next, rev)?)),
+            None => Ok(Attempt::Retry),
+        };
+    }
+    let value = Bytes::from(serde_json::to_vec(&next).map_err(internal)?);
+    match cx
+        .state
+        .store
+        .update(&cur.key, value, cur.mod_revision)
+        .await
+        .map_err(store_err)?
+    {
+        Some(rev) => Ok(Attempt::Done(respond(cx, StatusCode::OK, next, rev)?)),
+        None => Ok(Attempt::Retry),
+    }
+}
+
+fn body_rv(obj: &Value) -> Result<Option<Revision>, ApiError> {
+    match obj["metadata"]["resourceVersion"].as_str() {
+        None | Some("") => Ok(None),
+        Some(rv) => rv
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))),
+    }
+}
+
+const MAX_ATTEMPTS: usize = 8;
+
+async fn update(cx: &Ctx<'_>, body: Bytes, sub: Option<&str>) -> Result<Response, ApiError> {
+    let new = parse_body(&cx.headers, &body)?;
+    let strict = body_rv(&new)?;
+    for _ in 0..MAX_ATTEMPTS {
+        let cur = cx
+            .state
+            .store
+            .get(&cx.key())
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| cx.not_found())?;
+        match write_update(cx, &cur, new.clone(), sub, strict).await? {
+            Attempt::Done(r) => return Ok(r),
+            Attempt::Retry if strict.is_some() => return Err(cx.conflict(CONFLICT_MODIFIED)),
+            Attempt::Retry => continue,
+        }
+    }
+    Err(cx.conflict("too many concurrent writers; try again"))
+}
+
+enum PatchKind {
+    Merge,
+    Json,
+    Apply,
+}
+
+fn patch_kind(headers: &HeaderMap) -> Result<PatchKind, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let ct = ct.split(';').next().unwrap_or("").trim();
+    match ct {
+        "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
+            Ok(PatchKind::Merge)
+        }
+        "application/json-patch+json" => Ok(PatchKind::Json),
+        "application/apply-patch+yaml" | "application/apply-patch+json" => Ok(PatchKind::Apply),
+        other => Err(ApiError::new(
+            Reason::UnsupportedMediaType,
+            format!(
+                "the body of the request was in an unknown format ({other:?}); accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml"
+            ),
+        )),
+    }
+}
+
+fn apply_patch(kind: &PatchKind, target: &mut Value, body: &[u8]) -> Result<(), ApiError> {
+    match kind {
+        PatchKind::Merge | PatchKind::Apply => {
+            let patch: Value = if matches!(kind, PatchKind::Apply) {
+                serde_yaml::from_slice(body)
+                    .map_err(|e| ApiError::bad_request(format!("invalid apply patch: {e}")))?
+            } else {
+                serde_json::from_slice(body)
+                    .map_err(|e| ApiError::bad_request(format!("invalid merge patch: {e}")))?
+            };
+            if !patch.is_object() {
+                return Err(ApiError::bad_request("a merge patch must be a JSON object"));
+            }
+            json_patch::merge(target, &patch);
+            Ok(())
+        }
+        PatchKind::Json => {
+            let patch: json_patch::Patch = serde_json::from_slice(body)
+                .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
+            json_patch::patch(target, &patch).map_err(|e| {
+                ApiError::new(
+                    Reason::Invalid,
+                    format!("the JSON patch could not be applied: {e}"),
+                )
+            })
+        }
+    }
+}
+
+/// The stored object as the caller sees it, with its resourceVersion.
+fn caller_view(cx: &Ctx<'_>, cur: &KeyValue) -> Result<Value, ApiError> {
+    let mut v = parse_stored(cur)?;
+    set_rv(&mut v, cur.mod_revision);
+    let bytes = Bytes::from(serde_json::to_vec(&v).map_err(internal)?);
+    serde_json::from_slice(&cx.view().render(cx.resource(), &bytes)).map_err(internal)
+}
+
+async fn patch(cx: &Ctx<'_>, body: Bytes, sub: Option<&str>) -> Result<Response, ApiError> {
+    let kind = patch_kind(&cx.headers)?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("the patch is empty"));
+    }
+    for _ in 0..MAX_ATTEMPTS {
+        let cur = match cx.state.store.get(&cx.key()).await.map_err(store_err)? {
+            Some(c) => c,
+            None if matches!(kind, PatchKind::Apply) && sub.is_none() => {
+                // Server-side apply of an absent object creates it.
+                return create(cx, body.clone()).await;
+            }
+            None => return Err(cx.not_found()),
+        };
+        let mut target = caller_view(cx, &cur)?;
+        apply_patch(&kind, &mut target, &body)?;
+        let strict = match body_rv(&target)? {
+            Some(rv) if rv != cur.mod_revision => return Err(cx.conflict(CONFLICT_MODIFIED)),
+            _ => None,
+        };
+        match write_update(cx, &cur, target, sub, strict).await? {
+            Attempt::Done(r) => return Ok(r),
+            Attempt::Retry => continue,
+        }
+    }
+    Err(cx.conflict("too many concurrent writers; try again"))
+}
+
+fn delete_options(cx: &Ctx<'_>, body: &[u8]) -> Result<Value, ApiError> {
+    let mut opts = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
+    };
+    if let Some(p) = cx.query.get("propagationPolicy") {
+        opts["propagationPolicy"] = Value::String(p.clone());
+    }
+    if let Some(p) = opts["propagationPolicy"].as_str()
+        && !matches!(p, "Orphan" | "Background" | "Foreground")
+    {
+        return Err(ApiError::bad_request(format!(
+            "unknown propagationPolicy {p:?}"
+        )));
+    }
+    Ok(opts)
+}
+
+async fn delete(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
+    let opts = delete_options(cx, &body)?;
+    for _ in 0..MAX_ATTEMPTS {
+        let cur = cx
+            .state
+            .store
+            .get(&cx.key())
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| cx.not_found())?;
+        match delete_one(cx, &cur, &opts).await? {
+            Attempt::Done(r) => return Ok(r),
+            Attempt::Retry => continue,
+        }
+    }
+    Err(cx.conflict("too many concurrent writers; try again"))
+}
+
+async fn delete_one(cx: &Ctx<'_>, cur: &KeyValue, opts: &Value) -> Result<Attempt, ApiError> {
+    let r = cx.resource();
+    let mut obj = parse_stored(cur)?;
+    let pre = &opts["preconditions"];
+    if let Some(uid) = pre["uid"].as_str()
+        && obj["metadata"]["uid"].as_str() != Some(uid)
+    {
+        return Err(cx.conflict(&format!(
+            "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+            obj["metadata"]["uid"].as_str().unwrap_or_default()
+        )));
+    }
+    if let Some(rv) = pre["resourceVersion"].as_str()
+        && rv != cur.mod_revision.to_string()
+    {
+        return Err(cx.conflict(&format!(
+                "Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}",
+                cur.mod_revision
+            )));
+    }
+    let finalizers = obj["metadata"]["finalizers"]
+        .as_array()
+        .is_some_and(|f| !f.is_empty());
+    if is_namespaces(r) || finalizers {
+        if obj["metadata"]["deletionTimestamp"].is_string() {
+            return Ok(Attempt::Done(respond(
+                cx,
+                StatusCode::OK,
+                obj,
+                cur.mod_revision,
+            )?));
+        }
+        obj["metadata"]["deletionTimestamp"] = Value::String(crate::now());
+        obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
+        if is_namespaces(r) {
+            obj["status"]["phase"] = Value::String("Terminating".into());
+        }
+        let value = Bytes::from(serde_json::to_vec(&obj).map_err(internal)?);
+        return match cx
+            .state
+            .store
+            .update(&cur.key, value, cur.mod_revision)
+            .await
+            .map_err(store_err)?
+        {
+            Some(rev) => Ok(Attempt::Done(respond(cx, StatusCode::OK, obj, rev)?)),
+            None => Ok(Attempt::Retry),
+        };
+    }
+    match cx
+        .state
+        .store
+        .delete(&cur.key, cur.mod_revision)
+        .await
+        .map_err(store_err)?
+    {
+        Some(rev) => Ok(Attempt::Done(respond(cx, StatusCode::OK, obj, rev)?)),
+        None => Ok(Attempt::Retry),
+    }
+}
+
+async fn delete_collection(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
+    let r = cx.resource();
+    let opts = delete_options(cx, &body)?;
+    let filter = Filter::from_query(cx)?;
+    let snap = cx.state.cache.fresh_snapshot(&cx.state.store).await?;
+    let prefix = cx.view().prefix(r, cx.target.namespace.as_deref());
+    let keys: Vec<Arc<str>> = snap
+        .range(&prefix, None)
+        .filter(|o| filter.matches(o))
+        .map(|o| o.key.clone())
+        .collect();
+    let mut items = Vec::new();
+    for key in keys {
+        for _ in 0..MAX_ATTEMPTS {
+            let Some(cur) = cx.state.store.get(&key).await.map_err(store_err)? else {
+                break;
+            };
+            match delete_one(cx, &cur, &opts).await? {
+                Attempt::Done(resp) => {
+                    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+                        .await
+                        .map_err(internal)?;
+                    items.push(serde_json::from_slice::<Value>(&bytes).map_err(internal)?);
+                    break;
+                }
+                Attempt::Retry => continue,
+            }
+        }
+    }
+    let list = json!({"kind": r.list_kind(), "apiVersion": r.api_version(),
+        "metadata": {"resourceVersion": cx.state.cache.revision().to_string()}, "items": items});
+    Ok(json_response(StatusCode::OK, Bytes::from(list.to_string())))
+}
+
+// ------------------------------------------------------------------- subresources
+
+fn scale_of(cx: &Ctx<'_>, obj: &Value, rv: Revision) -> Value {
+    let selector = obj["spec"]["selector"]
+        .get("matchLabels")
+        .and_then(Value::as_object)
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {
+            "name": obj["metadata"]["name"],
+            "namespace": cx.target.namespace,
+            "uid": obj["metadata"]["uid"],
+            "resourceVersion": rv.to_string(),
+            "creationTimestamp": obj["metadata"]["creationTimestamp"],
+        },
+        "spec": {"replicas": obj["spec"]["replicas"].as_i64().unwrap_or(1)},
+        "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0), "selector": selector},
+    })
+}
+
+async fn get_scale(cx: &Ctx<'_>) -> Result<Response, ApiError> {
+    let cur = cx
+        .state
+        .store
+        .get(&cx.key())
+        .await
+        .map_err(store_err)?
+        .ok_or_else(|| cx.not_found())?;
+    let obj = parse_stored(&cur)?;
+    Ok(json_response(
+        StatusCode::OK,
+        Bytes::from(scale_of(cx, &obj, cur.mod_revision).to_string()),
+    ))
+}
+
+async fn set_replicas(cx: &Ctx<'_>, scale: Value, cur: &KeyValue) -> Result<Attempt, ApiError> {
+    let replicas = scale["spec"]["replicas"]
+        .as_i64()
+        .filter(|r| (0..=i32::MAX as i64).contains(r))
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "Scale",
+                "autoscaling",
+                cx.name(),
+                vec![meridian_api::Cause::invalid(
+                    "spec.replicas",
+                    &scale["spec"]["replicas"].to_string(),
+                    "must be a non-negative integer",
+                )],
+            )
+        })?;
+    let strict = body_rv(&scale)?;
+    let mut obj = caller_view(cx, cur)?;
+    obj["spec"]["replicas"] = json!(replicas);
+    let attempt = write_update(cx, cur, obj, None, strict).await?;
+    Ok(match attempt {
+        Attempt::Done(_) => {
+            let now = cx
+                .state
+                .store
+                .get(&cx.key())
+                .await
+                .map_err(store_err)?
+                .ok_or_else(|| cx.not_found())?;
+            let obj = parse_stored(&now)?;
+            Attempt::Done(json_response(
+                StatusCode::OK,
+                Bytes::from(scale_of(cx, &obj, now.mod_revision).to_string()),
+            ))
+        }
+        Attempt::Retry if strict.is_some() => return Err(cx.conflict(CONFLICT_MODIFIED)),
+        Attempt::Retry => Attempt::Retry,
+    })
+}
+
+async fn update_scale(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
+    let scale = parse_body(&cx.headers, &body)?;
+    for _ in 0..MAX_ATTEMPTS {
+        let cur = cx
+            .state
+            .store
+            .get(&cx.key())
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| cx.not_found())?;
+        if let Attempt::Done(r) = set_replicas(cx, scale.clone(), &cur).await? {
+            return Ok(r);
+        }
+    }
+    Err(cx.conflict("too many concurrent writers; try again"))
+}
+
+async fn patch_scale(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
+    let kind = patch_kind(&cx.headers)?;
+    for _ in 0..MAX_ATTEMPTS {
+        let cur = cx
+            .state
+            .store
+            .get(&cx.key())
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| cx.not_found())?;
+        let obj = parse_stored(&cur)?;
+        let mut scale = scale_of(cx, &obj, cur.mod_revision);
+        apply_patch(&kind, &mut scale, &body)?;
+        if let Attempt::Done(r) = set_replicas(cx, scale, &cur).await? {
+            return Ok(r);
+        }
+    }
+    Err(cx.conflict("too many concurrent writers; try again"))
+}
+
+/// `POST pods/{name}/binding`: assigns a pod to a node, once.
+async fn bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
+    let binding = parse_body(&cx.headers, &body)?;
+    let node = binding["target"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "Binding",
+                "",
+                cx.name(),
+                vec![meridian_api::Cause::required("target.name")],
+            )
+        })?
+        .to_owned();
+    for _ in 0..MAX_ATTEMPTS {
+        let cur = cx
+            .state
+            .store
+            .get(&cx.key())
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| cx.not_found())?;
+        let mut pod = parse_stored(&cur)?;
+        if let Some(existing) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
+            return Err(cx.conflict(&format!(
+                "pod {} is already assigned to node {existing:?}",
+                cx.name()
+            )));
+        }
+        if pod["metadata"]["deletionTimestamp"].is_string() {
+            return Err(cx.conflict("pod is being deleted, cannot be assigned to a host"));
+        }
+        pod["spec"]["nodeName"] = Value::String(node.clone());
+        let cond =
+            json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": crate::now()});
+        let conditions = pod["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let mut conditions: Vec<Value> = conditions
+            .into_iter()
+            .filter(|c| c["type"] != "PodScheduled")
+            .collect();
+        conditions.push(cond);
+        pod["status"]["conditions"] = Value::Array(conditions);
+        let value = Bytes::from(serde_json::to_vec(&pod).map_err(internal)?);
+        if cx
+            .state
+            .store
+            .update(&cur.key, value, cur.mod_revision)
+            .await
+            .map_err(store_err)?
+            .is_some()
+        {
+            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201});
+            return Ok(json_response(
+                StatusCode::CREATED,
+                Bytes::from(status.to_string()),
+            ));
+        }
+    }
+    Err(cx.conflict("too many concurrent writers; try again"))
+}
+
+/// `POST tenants/{name}/token`: a new bearer token for the tenant, shown once.
+async fn issue_token(cx: &Ctx<'_>) -> Result<Response, ApiError> {
+    let tenant = cx.name().to_owned();
+    if cx
+        .state
+        .store
+        .get(&cx.key())
+        .await
+        .map_err(store_err)?
+        .is_none()
+    {
+        return Err(cx.not_found());
+    }
+    let token = auth::new_token();
+    let record = TokenRecord {
+        user: format!("tenant:{tenant}"),
+        tenant: Some(tenant.clone()),
+        role: None,
+        created: crate::now(),
+    };
+    let value = Bytes::from(serde_json::to_vec(&record).map_err(internal)?);
+    let rev = cx
+        .state
+        .store
+        .create(&auth::token_key(&token), value)
+        .await
+        .map_err(store_err)?
+        .ok_or_else(|| internal("token collision"))?;
+    // Make sure the cache knows the token before the caller uses it.
+    cx.state.cache.wait_for(rev, Duration::from_secs(5)).await?;
+    let body = json!({
+        "apiVersion": "meridian.io/v1alpha1",
+        "kind": "TenantToken",
+        "metadata": {"name": tenant},
+        "status": {"token": token},
+    });
+    Ok(json_response(
+        StatusCode::CREATED,
+        Bytes::from(body.to_string()),
+    ))
+}
+
+/// Every served resource, for discovery.
+pub fn served() -> &'static [Resource] {
+    RESOURCES
+}
