@@ -1,0 +1,333 @@
+//! The verbs, through the kube crate, on Namespaces, Pods and Deployments.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use serde_json::json;
+
+use crate::{TestServer, create_namespace, pod};
+
+fn deployment(name: &str, replicas: i32) -> Deployment {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+            "template": {"metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "main", "image": "busybox"}]}}}
+    }))
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_get_list_update_patch_delete_pods() {
+    let t = TestServer::start().await;
+    let client = t.admin();
+    create_namespace(&client, "shop").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "shop");
+    let created = pods
+        .create(&PostParams::default(), &pod("web", json!({"app": "web"})))
+        .await
+        .unwrap();
+    let meta = &created.metadata;
+    assert!(meta.uid.is_some() && meta.creation_timestamp.is_some());
+    let rv1: i64 = meta.resource_version.as_deref().unwrap().parse().unwrap();
+    assert_eq!(created.status.unwrap().phase.as_deref(), Some("Pending"));
+
+    let got = pods.get("web").await.unwrap();
+    assert_eq!(got.metadata.uid, meta.uid);
+
+    // generateName.
+    let mut gen_pod = pod("", json!({"app": "worker"}));
+    gen_pod.metadata.name = None;
+    gen_pod.metadata.generate_name = Some("worker-".into());
+    let g = pods.create(&PostParams::default(), &gen_pod).await.unwrap();
+    let gname = g.metadata.name.unwrap();
+    assert!(
+        gname.starts_with("worker-") && gname.len() == "worker-".len() + 5,
+        "{gname}"
+    );
+
+    let list = pods
+        .list(&ListParams::default().labels("app=web"))
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 1);
+    assert!(list.metadata.resource_version.is_some());
+
+    // Update with the current resourceVersion succeeds and bumps it.
+    let mut edited = got.clone();
+    edited
+        .metadata
+        .labels
+        .as_mut()
+        .unwrap()
+        .insert("tier".into(), "front".into());
+    let updated = pods
+        .replace("web", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    let rv2: i64 = updated
+        .metadata
+        .resource_version
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(rv2 > rv1);
+
+    // Merge patch and JSON patch.
+    let p = pods
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"a": "1"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(p.metadata.annotations.unwrap()["a"], "1");
+    let jp: json_patch::Patch = serde_json::from_value(
+        json!([{"op": "add", "path": "/metadata/labels/patched", "value": "yes"}]),
+    )
+    .unwrap();
+    let p = pods
+        .patch("web", &PatchParams::default(), &Patch::Json::<()>(jp))
+        .await
+        .unwrap();
+    assert_eq!(p.metadata.labels.unwrap()["patched"], "yes");
+
+    // Status subresource changes status only; the main resource ignores status.
+    let s = pods
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"phase": "Running"}, "metadata": {"labels": {"ignored": "x"}}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.status.as_ref().unwrap().phase.as_deref(), Some("Running"));
+    assert!(!s.metadata.labels.as_ref().unwrap().contains_key("ignored"));
+    let m = pods
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Failed"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(m.status.unwrap().phase.as_deref(), Some("Running"));
+
+    pods.delete("web", &DeleteParams::default()).await.unwrap();
+    let err = pods.get("web").await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 404 && s.reason == "NotFound"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_updates_and_duplicate_creates_conflict() {
+    let t = TestServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(t.admin(), "default");
+    pods.create(&PostParams::default(), &pod("a", json!({})))
+        .await
+        .unwrap();
+    let err = pods
+        .create(&PostParams::default(), &pod("a", json!({})))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 409 && s.reason == "AlreadyExists"),
+        "{err:?}"
+    );
+
+    let v1 = pods.get("a").await.unwrap();
+    let mut first = v1.clone();
+    first.metadata.labels = Some([("x".to_string(), "1".to_string())].into());
+    pods.replace("a", &PostParams::default(), &first)
+        .await
+        .unwrap();
+    let mut stale = v1.clone();
+    stale.metadata.labels = Some([("x".to_string(), "2".to_string())].into());
+    let err = pods
+        .replace("a", &PostParams::default(), &stale)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 409 && s.reason == "Conflict"),
+        "{err:?}"
+    );
+    assert_eq!(
+        pods.get("a").await.unwrap().metadata.labels.unwrap()["x"],
+        "1",
+        "the stale write changed nothing"
+    );
+
+    // Delete preconditions.
+    let dp = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: Some("wrong".into()),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    let err = pods.delete("a", &dp).await.unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 409),
+        "{err:?}"
+    );
+    assert!(pods.get("a").await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deployments_scale_and_track_generation() {
+    let t = TestServer::start().await;
+    let deploys: Api<Deployment> = Api::namespaced(t.admin(), "default");
+    let d = deploys
+        .create(&PostParams::default(), &deployment("web", 2))
+        .await
+        .unwrap();
+    assert_eq!(d.metadata.generation, Some(1));
+    let scale = deploys.get_scale("web").await.unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(2));
+    let scaled = deploys
+        .patch_scale(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 5}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(scaled.spec.unwrap().replicas, Some(5));
+    let d = deploys.get("web").await.unwrap();
+    assert_eq!(d.spec.unwrap().replicas, Some(5));
+    assert_eq!(
+        d.metadata.generation,
+        Some(2),
+        "a spec change bumps generation"
+    );
+    // A metadata-only change does not.
+    let d = deploys
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"team": "a"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(d.metadata.generation, Some(2));
+    // A no-op write does not bump the resourceVersion.
+    let again = deploys
+        .replace("web", &PostParams::default(), &d)
+        .await
+        .unwrap();
+    assert_eq!(again.metadata.resource_version, d.metadata.resource_version);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finalizers_hold_deletion_until_removed() {
+    let t = TestServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(t.admin(), "default");
+    let mut p = pod("held", json!({}));
+    p.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    pods.create(&PostParams::default(), &p).await.unwrap();
+    pods.delete("held", &DeleteParams::default()).await.unwrap();
+    let held = pods.get("held").await.unwrap();
+    assert!(
+        held.metadata.deletion_timestamp.is_some(),
+        "deletion is pending"
+    );
+    pods.patch(
+        "held",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .unwrap();
+    let err = pods.get("held").await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 404));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_page_with_limit_and_continue_and_filter_by_fields() {
+    let t = TestServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(t.admin(), "default");
+    for i in 0..25 {
+        let mut p = pod(
+            &format!("p{i:02}"),
+            json!({"batch": if i % 2 == 0 { "even" } else { "odd" }}),
+        );
+        if i < 3 {
+            p.spec.as_mut().unwrap().node_name = Some("node-a".into());
+        }
+        pods.create(&PostParams::default(), &p).await.unwrap();
+    }
+    let mut names = Vec::new();
+    let mut lp = ListParams::default().limit(10);
+    let mut pages = 0;
+    loop {
+        let page = pods.list(&lp).await.unwrap();
+        pages += 1;
+        names.extend(page.items.iter().map(|p| p.metadata.name.clone().unwrap()));
+        match page.metadata.continue_ {
+            Some(c) if !c.is_empty() => lp = lp.continue_token(&c),
+            _ => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(
+        names,
+        (0..25).map(|i| format!("p{i:02}")).collect::<Vec<_>>()
+    );
+    let odd = pods
+        .list(&ListParams::default().labels("batch=odd"))
+        .await
+        .unwrap();
+    assert_eq!(odd.items.len(), 12);
+    let on_a = pods
+        .list(&ListParams::default().fields("spec.nodeName=node-a"))
+        .await
+        .unwrap();
+    assert_eq!(on_a.items.len(), 3);
+    let unbound = pods
+        .list(&ListParams::default().fields("spec.nodeName="))
+        .await
+        .unwrap();
+    assert_eq!(unbound.items.len(), 22);
+    let err = pods
+        .list(&ListParams::default().fields("spec.bogus=x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 400));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_delete_their_content_and_block_new_objects() {
+    let t = TestServer::start().await;
+    let client = t.admin();
+    create_namespace(&client, "temp").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "temp");
+    pods.create(&PostParams::default(), &pod("x", json!({})))
+        .await
+        .unwrap();
+    let nss: Api<Namespace> = Api::all(client.clone());
+    nss.delete("temp", &DeleteParams::default()).await.unwrap();
+    let mut gone = false;
+    for _ in 0..100 {
+        if nss.get_opt("temp").await.unwrap().is_none() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the namespace goes away");
+    assert!(
+        pods.get_opt("x").await.unwrap().is_none(),
+        "and takes its pods with it"
+    );
+    let err = pods
+        .create(&PostParams::default(), &pod("y", json!({})))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(s) if s.code == 404),
+        "no objects in a missing namespace"
+    );
+}

@@ -1,0 +1,178 @@
+//! Watches: events in order, resume from a resourceVersion, bookmarks, 410 when too old.
+
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
+use serde_json::json;
+
+use crate::{TestServer, pod};
+
+async fn next_any(
+    s: &mut (impl futures::Stream<Item = kube::Result<WatchEvent<Pod>>> + Unpin),
+) -> WatchEvent<Pod> {
+    tokio::time::timeout(Duration::from_secs(10), s.try_next())
+        .await
+        .expect("event within 10s")
+        .expect("no stream error")
+        .expect("stream open")
+}
+
+/// The next event that is not a bookmark.
+pub async fn next(
+    s: &mut (impl futures::Stream<Item = kube::Result<WatchEvent<Pod>>> + Unpin),
+) -> WatchEvent<Pod> {
+    loop {
+        match next_any(s).await {
+            WatchEvent::Bookmark(_) => continue,
+            other => return other,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_delivers_added_modified_deleted_and_resumes() {
+    let t = TestServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(t.admin(), "default");
+    let created = pods
+        .create(&PostParams::default(), &pod("w", json!({})))
+        .await
+        .unwrap();
+    let rv = created.metadata.resource_version.clone().unwrap();
+    let mut s = pods
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    pods.patch(
+        "w",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"v": "2"}}})),
+    )
+    .await
+    .unwrap();
+    let modified_rv = match next(&mut s).await {
+        WatchEvent::Modified(p) => p.metadata.resource_version.unwrap(),
+        other => panic!("expected MODIFIED, got {other:?}"),
+    };
+    drop(s);
+    // While nobody watches: a delete. Resuming from the last seen version replays it.
+    pods.delete("w", &DeleteParams::default()).await.unwrap();
+    let mut s = pods
+        .watch(&WatchParams::default(), &modified_rv)
+        .await
+        .unwrap()
+        .boxed();
+    match next(&mut s).await {
+        WatchEvent::Deleted(p) => assert_eq!(p.metadata.name.as_deref(), Some("w")),
+        other => panic!("expected DELETED, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn label_selector_watch_sees_objects_leave_the_selection() {
+    let t = TestServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(t.admin(), "default");
+    let mut s = pods
+        .watch(&WatchParams::default().labels("tier=front"), "0")
+        .await
+        .unwrap()
+        .boxed();
+    pods.create(&PostParams::default(), &pod("a", json!({"tier": "front"})))
+        .await
+        .unwrap();
+    assert!(matches!(next(&mut s).await, WatchEvent::Added(_)));
+    pods.patch(
+        "a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"tier": "back"}}})),
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(next(&mut s).await, WatchEvent::Deleted(_)),
+        "leaving the selection looks like a delete"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bookmarks_arrive_and_too_old_versions_get_410() {
+    let t = TestServer::start_with(|c| c.watch_history = 5).await;
+    let pods: Api<Pod> = Api::namespaced(t.admin(), "default");
+    let first = pods
+        .create(&PostParams::default(), &pod("p0", json!({})))
+        .await
+        .unwrap();
+    let old_rv = first.metadata.resource_version.unwrap();
+    for i in 1..20 {
+        pods.create(&PostParams::default(), &pod(&format!("p{i}"), json!({})))
+            .await
+            .unwrap();
+    }
+    let mut s = pods
+        .watch(&WatchParams::default(), &old_rv)
+        .await
+        .unwrap()
+        .boxed();
+    match next(&mut s).await {
+        WatchEvent::Error(e) => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
+        other => panic!("expected a 410 ERROR event, got {other:?}"),
+    }
+    let current = pods
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut s = pods
+        .watch(&WatchParams::default(), &current)
+        .await
+        .unwrap()
+        .boxed();
+    match next_any(&mut s).await {
+        WatchEvent::Bookmark(b) => assert_eq!(b.metadata.resource_version, current),
+        other => panic!("expected a BOOKMARK, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_runtime_watcher_follows_changes() {
+    use kube::runtime::watcher;
+    let t = TestServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(t.admin(), "default");
+    pods.create(&PostParams::default(), &pod("before", json!({})))
+        .await
+        .unwrap();
+    let mut w = watcher(pods.clone(), watcher::Config::default()).boxed();
+    let mut seen = Vec::new();
+    let mut created_after = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < deadline {
+        let ev = tokio::time::timeout(Duration::from_secs(10), w.try_next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        match ev {
+            watcher::Event::InitDone if !created_after => {
+                created_after = true;
+                pods.create(&PostParams::default(), &pod("after", json!({})))
+                    .await
+                    .unwrap();
+            }
+            watcher::Event::InitApply(p) | watcher::Event::Apply(p) => {
+                seen.push(p.metadata.name.unwrap());
+                if seen.contains(&"after".to_string()) {
+                    break;
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        seen.contains(&"before".to_string()) && seen.contains(&"after".to_string()),
+        "{seen:?}"
+    );
+}

@@ -1,0 +1,163 @@
+//! The `meridian` binary as users run it: crash durability and the README's first
+//! five minutes (`meridian up`, then kubectl).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn meridian(args: &[&str]) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start meridian"),
+    )
+}
+
+fn https(dir: &Path) -> reqwest::Client {
+    let ca = std::fs::read(dir.join("pki/ca.crt")).unwrap();
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap()
+}
+
+async fn wait_ready(url: &str, dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if dir.join("pki/ca.crt").exists()
+            && dir.join("admin.token").exists()
+            && let Ok(r) = https(dir).get(format!("{url}/readyz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "server did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_owned();
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("https://{listen}");
+    let mut server = meridian(&["server", "--data-dir", &d, "--listen", &listen]);
+    wait_ready(&url, dir.path()).await;
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let http = https(dir.path());
+    // Concurrent writers, so acknowledgements come out of group commits.
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            let pod = json!({"metadata": {"name": format!("p{i}")}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+            let r = http.post(format!("{url}/api/v1/namespaces/default/pods")).bearer_auth(token.trim()).json(&pod).send().await.unwrap();
+            r.status().as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 201);
+    }
+    // SIGKILL: no shutdown hook runs.
+    server.0.kill().unwrap();
+    server.0.wait().unwrap();
+    let _server = meridian(&["server", "--data-dir", &d, "--listen", &listen]);
+    wait_ready(&url, dir.path()).await;
+    let list: Value = http
+        .get(format!("{url}/api/v1/namespaces/default/pods"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 64, "every acknowledged create is still there");
+}
+
+fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl must be installed (the test command checks it)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meridian_up_then_kubectl_apply_the_example() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap().to_owned();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let url = format!("https://{listen}");
+    let _up = meridian(&["up", "--data-dir", &d, "--listen", &listen]);
+    wait_ready(&url, dir.path()).await;
+    let kubeconfig = dir.path().join("tenants/demo.kubeconfig");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !kubeconfig.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "meridian up wrote no tenant kubeconfig"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/web-deployment.yaml"
+    );
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "--validate=false", "-f", example]);
+    assert!(ok, "{out}");
+    assert!(out.contains("deployment.apps/web created"), "{out}");
+    let (ok, out) = kubectl(
+        &kubeconfig,
+        &[
+            "get",
+            "deployment",
+            "web",
+            "-o",
+            "jsonpath={.spec.replicas}",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert_eq!(out.trim(), "3");
+    let (ok, out) = kubectl(&kubeconfig, &["get", "namespaces", "-o", "name"]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        out.trim(),
+        "namespace/default",
+        "the tenant sees only its own namespace"
+    );
+    let (ok, out) = kubectl(&kubeconfig, &["delete", "deployment", "web"]);
+    assert!(ok, "{out}");
+}
