@@ -178,7 +178,9 @@ fn render(kv: &KeyValue, revision: Revision) -> Option<CachedObject> {
         .iter()
         .filter_map(|p| field_value(&v, p).map(|val| (*p, val.into_owned().into_boxed_str())))
         .collect();
-    let json = Bytes::from(serde_json::to_vec(&v).ok()?);
+    let mut json = serde_json::to_vec(&v).ok()?;
+    json.shrink_to_fit();
+    let json = Bytes::from(json);
     Some(CachedObject {
         key: Arc::from(kv.key.as_str()),
         mod_revision: revision,
@@ -222,21 +224,29 @@ impl Cache {
         Ok(cache)
     }
 
+    /// Loads every object in pages (so the whole store is never held twice). Pages
+    /// may be read at different revisions; following the store from the first page's
+    /// revision replays every later change in order, which converges to the truth.
     async fn load(store: &DynStore) -> Result<(Snapshot, Revision), CacheError> {
-        let page = store.range(ROOT, None, 0).await?;
+        const PAGE: usize = 10_000;
         let mut objects = OrdMap::new();
-        for kv in &page.kvs {
-            if let Some(o) = render(kv, kv.mod_revision) {
-                objects.insert(o.key.clone(), Arc::new(o));
+        let mut after: Option<String> = None;
+        let mut first_revision = None;
+        loop {
+            let page = store.range(ROOT, after.as_deref(), PAGE).await?;
+            first_revision.get_or_insert(page.revision);
+            for kv in &page.kvs {
+                if let Some(o) = render(kv, kv.mod_revision) {
+                    objects.insert(o.key.clone(), Arc::new(o));
+                }
+            }
+            after = page.kvs.last().map(|kv| kv.key.clone());
+            if !page.more || after.is_none() {
+                break;
             }
         }
-        Ok((
-            Snapshot {
-                revision: page.revision,
-                objects,
-            },
-            page.revision + 1,
-        ))
+        let revision = first_revision.unwrap_or(1);
+        Ok((Snapshot { revision, objects }, revision + 1))
     }
 
     /// The writer loop: applies store events; on a broken store watch, relists.

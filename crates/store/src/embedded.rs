@@ -30,6 +30,9 @@ const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
 const META_REVISION: &str = "revision";
 const META_COMPACTED: &str = "compacted";
 
+/// redb's page cache.
+pub const CACHE_BYTES: usize = 128 * 1024 * 1024;
+
 /// The most requests committed together.
 pub const MAX_BATCH: usize = 1024;
 const LIVE_CAPACITY: usize = 16 * 1024;
@@ -69,7 +72,12 @@ impl Drop for EmbeddedStore {
 impl EmbeddedStore {
     /// Opens (or creates) the store file at `path`.
     pub fn open(path: &Path) -> Result<Self> {
-        let db = Database::create(path).map_err(db_err)?;
+        // The watch cache above keeps every object in memory already; a small page
+        // cache here keeps the process from holding the data twice.
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(db_err)?;
         let wtxn = db.begin_write().map_err(db_err)?;
         let revision = {
             wtxn.open_table(KV).map_err(db_err)?;
