@@ -62,3 +62,34 @@ pub struct TenantTokenStatus {
     #[serde(default)]
     pub token: String,
 }
+
+/// An edge management cluster (a region), registered by the region itself.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeCluster {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: EdgeClusterSpec,
+    /// Written by the region: phase, node counts, capacity, lastHeartbeatTime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeClusterSpec {
+    /// URL of the region's agent hub and log API (`http://host:port`).
+    #[serde(default)]
+    pub endpoint: String,
+    /// Upper bound on nodes the region accepts (none when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_nodes: Option<u32>,
+    /// A draining region takes no new nodes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
+}

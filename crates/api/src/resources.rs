@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::{ApiError, Cause};
-use crate::meridian::{self, Tenant};
+use crate::meridian::{self, EdgeCluster, Tenant};
 use crate::validation::{self as v, NameRule};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -383,7 +383,33 @@ pub static RESOURCES: &[Resource] = &[
         normalize: |v, c| typed::<Tenant>(v, c, check_tenant),
         ..COMMON
     },
+    Resource {
+        group: meridian::GROUP,
+        version: meridian::VERSION,
+        kind: "EdgeCluster",
+        plural: "edgeclusters",
+        singular: "edgecluster",
+        short_names: &["ec"],
+        scope: Scope::Cluster,
+        has_status: true,
+        tenant_access: TenantAccess::None,
+        normalize: |v, c| typed::<EdgeCluster>(v, c, check_edgecluster),
+        ..COMMON
+    },
 ];
+
+fn check_edgecluster(e: &EdgeCluster, c: &mut Vec<Cause>) {
+    let ep = &e.spec.endpoint;
+    if ep.is_empty() {
+        c.push(Cause::required("spec.endpoint"));
+    } else if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+        c.push(Cause::invalid(
+            "spec.endpoint",
+            ep,
+            "must be an http:// or https:// URL",
+        ));
+    }
+}
 
 impl Resource {
     pub fn api_version(&self) -> String {

@@ -42,20 +42,20 @@ impl Ctx<'_> {
             tenant: self.who.tenant(),
         }
     }
-    fn resource(&self) -> &'static Resource {
+    pub(crate) fn resource(&self) -> &'static Resource {
         self.target.resource
     }
-    fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         self.target.name.as_deref().unwrap_or_default()
     }
-    fn key(&self) -> String {
+    pub(crate) fn key(&self) -> String {
         self.view().key(
             self.resource(),
             self.target.namespace.as_deref(),
             self.name(),
         )
     }
-    fn not_found(&self) -> ApiError {
+    pub(crate) fn not_found(&self) -> ApiError {
         ApiError::not_found(self.resource().plural, self.resource().group, self.name())
     }
     fn conflict(&self, why: &str) -> ApiError {
@@ -284,6 +284,7 @@ async fn run(cx: &Ctx<'_>, verb: Verb, body: Bytes) -> Result<Response, ApiError
     match (verb, cx.target.subresource.as_deref()) {
         (Verb::Get, None | Some("status")) => get(cx).await,
         (Verb::Get, Some("scale")) => get_scale(cx).await,
+        (Verb::Get, Some("log")) => crate::logs::serve(cx).await,
         (Verb::List, _) => list(cx).await,
         (Verb::Watch, _) => crate::watch::serve(cx).await,
         (Verb::Create, None) => create(cx, body).await,

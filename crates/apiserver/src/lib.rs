@@ -12,6 +12,7 @@ pub mod cache;
 mod discovery;
 pub mod handlers;
 pub mod kubeconfig;
+mod logs;
 pub mod metrics;
 mod namespaces;
 pub mod route;

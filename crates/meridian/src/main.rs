@@ -1,5 +1,6 @@
 //! `meridian`: every Meridian component as a subcommand of one binary.
 
+mod edge;
 mod tenant;
 
 use std::net::SocketAddr;
@@ -60,10 +61,35 @@ enum Command {
         #[command(subcommand)]
         command: tenant::TenantCommand,
     },
+    /// Run a region: an agent hub and node lifecycle for one edge management cluster.
+    Region(edge::RegionArgs),
+    /// Run a node agent that dials its region and runs the node's pods.
+    Agent(edge::AgentArgs),
+    /// (internal) Supervise one container process for the process runtime.
+    Shim,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // The shim runs without an async runtime: it is one per container and must stay small.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("shim") {
+        std::process::exit(meridian_agent::shim::main(&argv[2..]));
+    }
+    let cli = Cli::parse();
+    // An agent is a small process: one thread is plenty.
+    let rt = if matches!(cli.command, Command::Agent(_)) {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -71,10 +97,18 @@ async fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match Cli::parse().command {
+    match cli.command {
         Command::Server(args) => {
             let server = start_server(&args).await?;
             println!("meridian API server listening on {}", server.url);
+            server
+                .system_token(meridian_apiserver::auth::SystemRole::Region)
+                .await
+                .context("issuing the region token")?;
+            println!(
+                "region token (for `meridian region --token-file`): {}",
+                args.data_dir.join("system-region.token").display()
+            );
             println!(
                 "admin kubeconfig: {}",
                 args.data_dir.join("admin.kubeconfig").display()
@@ -86,6 +120,9 @@ async fn main() -> Result<()> {
         }
         Command::Up(args) => up(args).await,
         Command::Tenant { command } => tenant::run(command).await,
+        Command::Region(args) => edge::run_region(args).await,
+        Command::Agent(args) => edge::run_agent(args).await,
+        Command::Shim => unreachable!("handled before the runtime starts"),
     }
 }
 
@@ -127,6 +164,7 @@ async fn start_server(args: &ServerArgs) -> Result<Server> {
 async fn up(args: ServerArgs) -> Result<()> {
     let server = start_server(&args).await?;
     let kubeconfig = tenant::create_tenant(&args.data_dir, "demo", None).await?;
+    let world = edge::start_demo_world(&server, &args.data_dir).await?;
     let examples = std::env::current_dir()?.join("examples");
     println!();
     println!(
@@ -147,12 +185,22 @@ async fn up(args: ServerArgs) -> Result<()> {
         examples.join("web-deployment.yaml").display()
     );
     println!("  kubectl get deployments,namespaces -o wide");
+    println!("  kubectl get nodes -L meridian.io/city,meridian.io/region");
+    println!(
+        "  kubectl apply --validate=false -f {}   # a pod bound to {}",
+        examples.join("hello-pod.yaml").display(),
+        edge::DEMO_HELLO_NODE
+    );
+    println!("  kubectl logs -f hello");
+    println!();
+    println!("Edge world: {}", world.describe());
     println!();
     println!(
         "Press Ctrl-C to stop; everything is kept in {}.",
         args.data_dir.display()
     );
     wait_for_signal().await;
+    drop(world);
     server.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }

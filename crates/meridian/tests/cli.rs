@@ -160,4 +160,40 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     );
     let (ok, out) = kubectl(&kubeconfig, &["delete", "deployment", "web"]);
     assert!(ok, "{out}");
+
+    // real nodes in several cities, visible to the tenant
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out) = kubectl(&kubeconfig, &["get", "nodes", "-o", "name"]);
+        if ok && out.lines().count() == 5 {
+            assert!(
+                out.contains("node/paris-1") && out.contains("node/tokyo-1"),
+                "{out}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "meridian up did not bring 5 nodes: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // a pod bound to a node runs there and its logs come back through kubectl
+    let hello = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/hello-pod.yaml");
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "--validate=false", "-f", hello]);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, out) = kubectl(&kubeconfig, &["logs", "hello"]);
+        if ok && out.contains("hello from paris-1 in default") && out.contains("tick 1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no logs from the hello pod: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (ok, out) = kubectl(&kubeconfig, &["delete", "pod", "hello"]);
+    assert!(ok, "{out}");
 }

@@ -1,0 +1,372 @@
+//! The node agent. It dials its region and holds one gRPC stream open (so it works
+//! behind NAT), registers the node, heartbeats, receives the node's desired pods and
+//! reports their status. Desired pods and container state live in a local redb
+//! file, so the node keeps running and restarting its pods while disconnected and
+//! after its own restart, and resynchronises without restarting unchanged pods.
+
+pub mod facts;
+pub mod logs;
+pub mod pods;
+pub mod runtime;
+pub mod shim;
+pub mod state;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meridian_proto::agent_hub_client::AgentHubClient;
+use meridian_proto::{
+    AgentMessage, Heartbeat, LogChunk, LogRequest, NodeFacts, PodStatusBatch, PodUsage, Register,
+    agent_message, region_message,
+};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+pub use pods::Backoff;
+use pods::{Ctx, Outbox, PodManager};
+use runtime::Runtime;
+use state::LocalState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid agent configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error("cannot create {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Region agent-hub URLs (`http://host:port`); the agent fails over between them.
+    pub regions: Vec<String>,
+    pub node_name: String,
+    pub labels: BTreeMap<String, String>,
+    pub data_dir: PathBuf,
+    pub heartbeat: Duration,
+    /// The address pods and probes use (process runtime pods share the host network).
+    pub node_ip: String,
+    pub max_pods: i64,
+    pub backoff: Backoff,
+    /// Upper bound of the reconnect back-off.
+    pub reconnect_cap: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(node_name: impl Into<String>, regions: Vec<String>, data_dir: PathBuf) -> Self {
+        Self {
+            regions,
+            node_name: node_name.into(),
+            labels: BTreeMap::new(),
+            data_dir,
+            heartbeat: Duration::from_secs(10),
+            node_ip: "127.0.0.1".into(),
+            max_pods: 110,
+            backoff: Backoff::default(),
+            reconnect_cap: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Valid node names are DNS-1123 subdomains.
+pub fn valid_node_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 253
+        && n.split('.').all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !p.starts_with('-')
+                && !p.ends_with('-')
+        })
+}
+
+pub struct Agent {
+    cfg: AgentConfig,
+    manager: Arc<PodManager>,
+    facts: NodeFacts,
+}
+
+impl Agent {
+    /// Opens the local cache and re-adopts (or restarts) every cached pod before
+    /// talking to anyone.
+    pub async fn start(cfg: AgentConfig, runtime: Arc<dyn Runtime>) -> Result<Self, AgentError> {
+        if !valid_node_name(&cfg.node_name) {
+            return Err(AgentError::Config(format!(
+                "node name {:?} is not a DNS-1123 subdomain",
+                cfg.node_name
+            )));
+        }
+        if cfg.regions.is_empty() {
+            return Err(AgentError::Config(
+                "at least one region address is needed".into(),
+            ));
+        }
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| AgentError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        let state = Arc::new(LocalState::open(&cfg.data_dir.join("agent.redb"))?);
+        let mut facts = facts::detect(&cfg.data_dir, cfg.max_pods, vec![cfg.node_ip.clone()]);
+        facts.runtime = runtime.name().into();
+        facts.limits_not_enforced = runtime.limits_not_enforced().unwrap_or_default();
+        let ctx = Arc::new(Ctx {
+            runtime,
+            state,
+            data_dir: cfg.data_dir.clone(),
+            node_name: cfg.node_name.clone(),
+            node_ip: cfg.node_ip.clone(),
+            backoff: cfg.backoff.clone(),
+            outbox: Outbox::default(),
+        });
+        let manager = Arc::new(PodManager::new(ctx));
+        let n = manager.restore().await?;
+        if n > 0 {
+            tracing::info!(node = %cfg.node_name, pods = n, "resumed pods from the local cache");
+        }
+        Ok(Self {
+            cfg,
+            manager,
+            facts,
+        })
+    }
+
+    pub fn manager(&self) -> &Arc<PodManager> {
+        &self.manager
+    }
+
+    /// Connects, serves, and reconnects forever with jittered exponential back-off,
+    /// rotating through the region addresses.
+    pub async fn run(self) {
+        let mut failures: u32 = 0;
+        let mut idx = 0usize;
+        loop {
+            let addr = self.cfg.regions[idx % self.cfg.regions.len()].clone();
+            let began = Instant::now();
+            match self.session(&addr).await {
+                Ok(()) => tracing::info!(region = %addr, "region closed the stream"),
+                Err(e) => tracing::warn!(region = %addr, "region session: {e}"),
+            }
+            if began.elapsed() > Duration::from_secs(30) {
+                failures = 0;
+            } else {
+                failures = failures.saturating_add(1);
+                idx += 1; // try the next region address
+            }
+            let base = Duration::from_millis(500).saturating_mul(1 << failures.min(8));
+            let base = base.min(self.cfg.reconnect_cap);
+            let jitter = rand::rng().random_range(0.5..1.5);
+            tokio::time::sleep(base.mul_f64(jitter)).await;
+        }
+    }
+
+    async fn session(&self, addr: &str) -> Result<(), String> {
+        let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
+            .map_err(|e| format!("bad region address {addr:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .connect()
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let mut client = AgentHubClient::new(channel)
+            .max_decoding_message_size(meridian_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(meridian_proto::MAX_MESSAGE_BYTES);
+        let (tx, rx) = mpsc::channel::<AgentMessage>(256);
+        let register = Register {
+            node_name: self.cfg.node_name.clone(),
+            labels: self.cfg.labels.clone().into_iter().collect(),
+            facts: Some(self.facts.clone()),
+            running_pods: self.manager.running().await,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let _ = tx.send(msg(agent_message::Msg::Register(register))).await;
+        let mut inbound = client
+            .attach(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| format!("open stream: {}", s.message()))?
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(15), inbound.message())
+            .await
+            .map_err(|_| "no answer to registration within 15s".to_string())?
+            .map_err(|s| format!("registration: {}", s.message()))?
+            .ok_or("stream closed during registration")?;
+        let heartbeat = match first.msg {
+            Some(region_message::Msg::Registered(r)) => {
+                tracing::info!(region = %r.region, node = %self.cfg.node_name, "registered");
+                if r.heartbeat_seconds > 0 && self.cfg.heartbeat == Duration::from_secs(10) {
+                    Duration::from_secs(r.heartbeat_seconds.into())
+                } else {
+                    self.cfg.heartbeat
+                }
+            }
+            Some(region_message::Msg::Rejected(r)) => {
+                return Err(format!(
+                    "registration rejected: {}: {}",
+                    r.reason, r.message
+                ));
+            }
+            _ => return Err("unexpected first message from region".into()),
+        };
+        let outbox = &self.manager.ctx.outbox;
+        let all = outbox.all_statuses();
+        if !all.is_empty() {
+            let _ = tx
+                .send(msg(agent_message::Msg::PodStatus(PodStatusBatch {
+                    updates: all,
+                })))
+                .await;
+        }
+        let mut hb = tokio::time::interval(heartbeat);
+        hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut seq = 0u64;
+        let mut sampler = facts::UsageSampler::default();
+        let mut last_cpu: HashMap<String, (u64, Instant)> = HashMap::new();
+        let mut logs: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+        loop {
+            tokio::select! {
+                m = inbound.message() => {
+                    let m = m.map_err(|s| format!("stream: {}", s.message()))?;
+                    let Some(m) = m else { return Ok(()) };
+                    match m.msg {
+                        Some(region_message::Msg::Desired(d)) => {
+                            let pods = d.pods.into_iter().map(|p| (p.uid, p.pod_json)).collect();
+                            self.manager.set_desired(pods).await;
+                        }
+                        Some(region_message::Msg::LogRequest(r)) => {
+                            logs.retain(|_, h| !h.is_finished());
+                            let id = r.request_id;
+                            let task = tokio::spawn(serve_log(self.manager.ctx.clone(), r, tx.clone()));
+                            logs.insert(id, task.abort_handle());
+                        }
+                        Some(region_message::Msg::CancelLog(c)) => {
+                            if let Some(h) = logs.remove(&c.request_id) {
+                                h.abort();
+                            }
+                        }
+                        Some(region_message::Msg::Rejected(r)) => {
+                            tracing::warn!(reason = %r.reason, "region rejected a message: {}", r.message);
+                            if r.fatal {
+                                return Err(format!("{}: {}", r.reason, r.message));
+                            }
+                        }
+                        Some(region_message::Msg::Registered(_)) | None => {}
+                    }
+                }
+                _ = hb.tick() => {
+                    seq += 1;
+                    let usage = sampler.sample(&self.cfg.data_dir);
+                    let now = Instant::now();
+                    let pods = self.manager.usage().await.into_iter().map(|(uid, (cpu_ns, mem))| {
+                        let millis = match last_cpu.get(&uid) {
+                            Some((prev, t)) => {
+                                let secs = now.duration_since(*t).as_secs_f64().max(0.001);
+                                (cpu_ns.saturating_sub(*prev) as f64 / 1e6 / secs) as i64
+                            }
+                            None => 0,
+                        };
+                        last_cpu.insert(uid.clone(), (cpu_ns, now));
+                        PodUsage { uid, cpu_millis: millis, memory_bytes: mem as i64 }
+                    }).collect();
+                    let beat = Heartbeat { seq, usage: Some(usage), pods };
+                    tx.send(msg(agent_message::Msg::Heartbeat(beat))).await.map_err(|_| "stream closed")?;
+                }
+                _ = outbox.notify.notified() => {
+                    let updates = outbox.take_statuses();
+                    for chunk in updates.chunks(100) {
+                        let batch = PodStatusBatch { updates: chunk.to_vec() };
+                        tx.send(msg(agent_message::Msg::PodStatus(batch))).await.map_err(|_| "stream closed")?;
+                    }
+                    for e in outbox.take_events() {
+                        tx.send(msg(agent_message::Msg::Event(e))).await.map_err(|_| "stream closed")?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn msg(m: agent_message::Msg) -> AgentMessage {
+    AgentMessage { msg: Some(m) }
+}
+
+async fn serve_log(ctx: Arc<Ctx>, r: LogRequest, tx: mpsc::Sender<AgentMessage>) {
+    let id = r.request_id;
+    let chunk = |data: Vec<u8>, eof: bool, error: String| {
+        msg(agent_message::Msg::LogChunk(LogChunk {
+            request_id: id,
+            data,
+            eof,
+            error,
+        }))
+    };
+    let target = (|| -> Result<(PathBuf, PathBuf), String> {
+        let recs = ctx.state.containers(&r.uid).map_err(|e| e.to_string())?;
+        if recs.is_empty() {
+            return Err(format!("pod {} has no containers on this node yet", r.uid));
+        }
+        let (name, rec) = if r.container.is_empty() {
+            if recs.len() > 1 {
+                let names: Vec<&str> = recs.iter().map(|(n, _)| n.as_str()).collect();
+                return Err(format!(
+                    "a container name must be specified, choose one of: [{}]",
+                    names.join(" ")
+                ));
+            }
+            recs[0].clone()
+        } else {
+            recs.iter()
+                .find(|(n, _)| *n == r.container)
+                .cloned()
+                .ok_or_else(|| format!("container {:?} is not valid for this pod", r.container))?
+        };
+        let attempt = if r.previous {
+            if rec.restart_count == 0 || rec.attempt == 0 {
+                return Err(format!("previous terminated container {name:?} not found"));
+            }
+            rec.attempt - 1
+        } else {
+            rec.attempt
+        };
+        Ok((
+            ctx.log_path(&r.uid, &name, attempt),
+            ctx.container_dir(&r.uid, &name).join(attempt.to_string()),
+        ))
+    })();
+    let (path, dir) = match target {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = tx.send(chunk(Vec::new(), true, e)).await;
+            return;
+        }
+    };
+    let opts = logs::LogOptions {
+        follow: r.follow && !r.previous,
+        tail_lines: (r.tail_lines >= 0).then_some(r.tail_lines as usize),
+        timestamps: r.timestamps,
+        limit_bytes: (r.limit_bytes > 0).then_some(r.limit_bytes as usize),
+    };
+    let (ctx_tx, mut ctx_rx) = mpsc::channel::<Vec<u8>>(8);
+    let exit_file = dir.join("exit");
+    let reader = tokio::spawn(logs::stream(path, opts, move || exit_file.exists(), ctx_tx));
+    while let Some(data) = ctx_rx.recv().await {
+        if tx.send(chunk(data, false, String::new())).await.is_err() {
+            reader.abort();
+            return;
+        }
+    }
+    let error = match reader.await {
+        Ok(Ok(())) => String::new(),
+        Ok(Err(e)) => e,
+        Err(e) => e.to_string(),
+    };
+    let _ = tx.send(chunk(Vec::new(), true, error)).await;
+}

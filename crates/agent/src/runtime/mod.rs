@@ -1,0 +1,102 @@
+//! How the agent runs containers. The pod manager drives a [`Runtime`]; this crate
+//! ships the process runtime (and a fake one for hollow nodes), the containerd
+//! runtime plugs in behind the same trait.
+
+pub mod fake;
+pub mod process;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The container spec cannot run on this runtime (Kubernetes reason
+    /// `CreateContainerConfigError`).
+    #[error("{0}")]
+    Config(String),
+    /// Starting failed (reason `RunContainerError`).
+    #[error("{0}")]
+    Start(String),
+    #[error("runtime i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything a runtime needs to start one container attempt.
+#[derive(Clone, Debug)]
+pub struct StartRequest {
+    pub pod_uid: String,
+    pub container: String,
+    pub attempt: u32,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    /// Where the container's stdout/stderr go (CRI log format).
+    pub log_path: PathBuf,
+    /// Working state directory of this attempt.
+    pub state_dir: PathBuf,
+    pub cpu_limit_millis: Option<i64>,
+    pub memory_limit_bytes: Option<i64>,
+}
+
+/// A started container, persisted so a restarted agent can find it again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerHandle {
+    pub id: String,
+    pub pid: u32,
+    /// Kernel start time of `pid` (clock ticks since boot), so a recycled pid is
+    /// never mistaken for our process.
+    pub start_ticks: u64,
+    pub state_dir: PathBuf,
+    pub started_at: Timestamp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exit {
+    pub exit_code: i32,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    pub finished_at: Timestamp,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Exited(Exit),
+}
+
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// `process`, `containerd`, `fake`.
+    fn name(&self) -> &'static str;
+
+    /// Why cpu/memory limits are not enforced, when they are not.
+    fn limits_not_enforced(&self) -> Option<String>;
+
+    async fn start(&self, req: StartRequest) -> Result<ContainerHandle, RuntimeError>;
+
+    /// The state of a container started by this or an earlier agent process.
+    async fn inspect(&self, handle: &ContainerHandle) -> RunState;
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL. Returns once it has exited.
+    async fn stop(&self, handle: &ContainerHandle, grace: Duration);
+
+    /// Runs `argv` beside the container (exec probes); returns the exit code.
+    async fn exec(
+        &self,
+        handle: &ContainerHandle,
+        argv: &[String],
+        env: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<i32, RuntimeError>;
+
+    /// Cumulative cpu time (nanoseconds) and resident memory (bytes).
+    async fn usage(&self, handle: &ContainerHandle) -> Option<(u64, u64)>;
+}

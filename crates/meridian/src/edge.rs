@@ -1,0 +1,324 @@
+//! `meridian region`, `meridian agent`, and the small edge world `meridian up` starts.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use meridian_agent::runtime::Runtime;
+use meridian_agent::{Agent, AgentConfig};
+use meridian_apiserver::Server;
+use meridian_apiserver::auth::SystemRole;
+use meridian_region::{Region, RegionConfig};
+
+/// Parses `300ms`, `10s`, `5m`, `1h`, or bare seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration unit in {s:?} (use ms, s, m or h)"
+            ));
+        }
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses `k=v,k2=v2`.
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("label {pair:?} is not key=value"))?;
+        out.insert(k.trim().to_owned(), v.trim().to_owned());
+    }
+    Ok(out)
+}
+
+#[derive(clap::Args)]
+pub struct RegionArgs {
+    /// Region name (a DNS label), e.g. eu-west.
+    #[arg(long)]
+    name: String,
+    /// URL of the global API server.
+    #[arg(long)]
+    global: Option<String>,
+    /// File with the region's bearer token for the global API (the server writes
+    /// `system-region.token` in its data dir).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// CA certificate (PEM) of the global API (the server's `pki/ca.crt`).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// Alternatively, a kubeconfig for the global API.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Address for the agent hub and the region's HTTP API.
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    listen: SocketAddr,
+    /// URL agents and the global API use to reach this region (default http://LISTEN).
+    #[arg(long)]
+    advertise: Option<String>,
+    #[arg(long, default_value = ".meridian-region")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "40s", value_parser = parse_duration)]
+    lease_timeout: Duration,
+    #[arg(long, default_value = "300s", value_parser = parse_duration)]
+    eviction_grace: Duration,
+    /// Nodes per second whose pods may be marked for rescheduling.
+    #[arg(long, default_value_t = 0.1)]
+    eviction_rate: f64,
+    #[arg(long, default_value_t = 0.55)]
+    partition_threshold: f64,
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    summary_interval: Duration,
+    /// Labels of the EdgeCluster object, k=v,...
+    #[arg(long, default_value = "", value_parser = parse_labels)]
+    labels: BTreeMap<String, String>,
+}
+
+async fn global_config(args: &RegionArgs) -> Result<(kube::Config, String)> {
+    let kc = if let Some(path) = &args.kubeconfig {
+        kube::config::Kubeconfig::read_from(path)
+            .with_context(|| format!("reading {}", path.display()))?
+    } else {
+        let (Some(url), Some(tf), Some(ca)) = (&args.global, &args.token_file, &args.ca_file)
+        else {
+            bail!("give --kubeconfig, or --global with --token-file and --ca-file");
+        };
+        let token =
+            std::fs::read_to_string(tf).with_context(|| format!("reading {}", tf.display()))?;
+        let ca =
+            std::fs::read_to_string(ca).with_context(|| format!("reading {}", ca.display()))?;
+        let yaml = meridian_apiserver::kubeconfig::render("region", url, &ca, token.trim(), None);
+        kube::config::Kubeconfig::from_yaml(&yaml)?
+    };
+    let token = kc
+        .auth_infos
+        .first()
+        .and_then(|a| a.auth_info.as_ref())
+        .and_then(|a| a.token.as_ref())
+        .map(|t| {
+            use secrecy::ExposeSecret;
+            t.expose_secret().to_owned()
+        })
+        .unwrap_or_default();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok((config, token))
+}
+
+pub async fn run_region(args: RegionArgs) -> Result<()> {
+    let (global, token) = global_config(&args).await?;
+    let mut cfg = RegionConfig::new(
+        args.name.clone(),
+        args.listen,
+        args.data_dir.clone(),
+        global,
+    );
+    cfg.advertise = args.advertise.clone();
+    cfg.proxy_token = token;
+    cfg.lease_timeout = args.lease_timeout;
+    cfg.eviction_grace = args.eviction_grace;
+    cfg.eviction_rate = args.eviction_rate;
+    cfg.partition_threshold = args.partition_threshold;
+    cfg.summary_interval = args.summary_interval;
+    cfg.labels = args.labels.clone();
+    let region = Region::start(cfg)
+        .await
+        .with_context(|| format!("starting region {}", args.name))?;
+    println!("region {} serving agents on {}", args.name, region.addr);
+    crate::wait_for_signal().await;
+    region.shutdown();
+    Ok(())
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum RuntimeKind {
+    /// Containers run as supervised host processes (the image is not used).
+    Process,
+    /// Runs nothing; for hollow nodes in scale tests.
+    Fake,
+}
+
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    /// Region agent-hub address(es), comma separated; the agent fails over between them.
+    #[arg(long, value_delimiter = ',', required = true)]
+    region: Vec<String>,
+    #[arg(long)]
+    node_name: String,
+    /// Node labels, k=v,... (e.g. meridian.io/city=Paris).
+    #[arg(long, default_value = "", value_parser = parse_labels)]
+    labels: BTreeMap<String, String>,
+    #[arg(long, value_enum, default_value = "process")]
+    runtime: RuntimeKind,
+    #[arg(long, default_value = ".meridian-agent")]
+    data_dir: PathBuf,
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    heartbeat: Duration,
+    /// The node's address (pods of the process runtime share it).
+    #[arg(long, default_value = "127.0.0.1")]
+    node_ip: String,
+    #[arg(long, default_value_t = 110)]
+    max_pods: i64,
+    /// Longest wait between reconnect attempts (jittered exponential back-off).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    reconnect_max: Duration,
+    /// First restart back-off of a crashing container (doubles up to 5 minutes).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    restart_backoff: Duration,
+}
+
+fn with_scheme(addr: &str) -> String {
+    if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+fn make_runtime(kind: RuntimeKind) -> Result<Arc<dyn Runtime>> {
+    Ok(match kind {
+        RuntimeKind::Process => Arc::new(meridian_agent::runtime::process::ProcessRuntime::new(
+            std::env::current_exe().context("locating the meridian binary for the shim")?,
+        )),
+        RuntimeKind::Fake => Arc::new(meridian_agent::runtime::fake::FakeRuntime::default()),
+    })
+}
+
+pub async fn run_agent(args: AgentArgs) -> Result<()> {
+    let mut cfg = AgentConfig::new(
+        args.node_name.clone(),
+        args.region.iter().map(|r| with_scheme(r)).collect(),
+        args.data_dir.clone(),
+    );
+    cfg.labels = args.labels;
+    cfg.heartbeat = args.heartbeat;
+    cfg.node_ip = args.node_ip;
+    cfg.max_pods = args.max_pods;
+    cfg.backoff.base = args.restart_backoff;
+    cfg.reconnect_cap = args.reconnect_max;
+    let agent = Agent::start(cfg, make_runtime(args.runtime)?)
+        .await
+        .with_context(|| format!("starting agent {}", args.node_name))?;
+    tokio::select! {
+        _ = agent.run() => {}
+        _ = crate::wait_for_signal() => {}
+    }
+    Ok(())
+}
+
+/// The node `examples/hello-pod.yaml` is bound to.
+pub const DEMO_HELLO_NODE: &str = "paris-1";
+
+/// (node, city, country)
+type DemoNode = (&'static str, &'static str, &'static str);
+
+/// Regions and their nodes, cities from `world-cities.csv`.
+const DEMO: &[(&str, &[DemoNode])] = &[
+    (
+        "ap-northeast",
+        &[
+            ("tokyo-1", "Tokyo", "JP"),
+            ("hong-kong-1", "Hong Kong", "HK"),
+        ],
+    ),
+    (
+        "eu-west",
+        &[("paris-1", "Paris", "FR"), ("london-1", "London", "GB")],
+    ),
+    ("us-east", &[("new-york-1", "New York City", "US")]),
+];
+
+pub struct DemoWorld {
+    regions: Vec<Region>,
+    agents: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl DemoWorld {
+    pub fn describe(&self) -> String {
+        let r: Vec<String> = self
+            .regions
+            .iter()
+            .map(|r| format!("{} ({})", r.shared.cfg.name, r.addr))
+            .collect();
+        format!(
+            "{} regions [{}], {} process-runtime nodes",
+            r.len(),
+            r.join(", "),
+            self.agents.len()
+        )
+    }
+}
+
+impl Drop for DemoWorld {
+    fn drop(&mut self) {
+        for a in &self.agents {
+            a.abort();
+        }
+        for r in &self.regions {
+            r.shutdown();
+        }
+    }
+}
+
+/// Starts three regions and five process-runtime agents in this process.
+pub async fn start_demo_world(server: &Server, data_dir: &Path) -> Result<DemoWorld> {
+    let token = server.system_token(SystemRole::Region).await?;
+    let yaml =
+        meridian_apiserver::kubeconfig::render("region", &server.url, &server.ca_pem, &token, None);
+    let kc = kube::config::Kubeconfig::from_yaml(&yaml)?;
+    let runtime = make_runtime(RuntimeKind::Process)?;
+    let mut world = DemoWorld {
+        regions: Vec::new(),
+        agents: Vec::new(),
+    };
+    for (region, nodes) in DEMO {
+        let global = kube::Config::from_custom_kubeconfig(kc.clone(), &Default::default()).await?;
+        let mut cfg = RegionConfig::new(
+            *region,
+            "127.0.0.1:0".parse()?,
+            data_dir.join("regions").join(region),
+            global,
+        );
+        cfg.proxy_token = token.clone();
+        let r = Region::start(cfg)
+            .await
+            .with_context(|| format!("starting region {region}"))?;
+        let endpoint = format!("http://{}", r.addr);
+        for (node, city, country) in *nodes {
+            let mut cfg = AgentConfig::new(
+                *node,
+                vec![endpoint.clone()],
+                data_dir.join("nodes").join(node),
+            );
+            cfg.labels = BTreeMap::from([
+                ("meridian.io/city".to_owned(), city.replace(' ', "-")),
+                ("meridian.io/country".to_owned(), country.to_string()),
+                (
+                    "topology.kubernetes.io/zone".to_owned(),
+                    format!("{region}-{}", city.to_lowercase().replace(' ', "-")),
+                ),
+            ]);
+            let agent = Agent::start(cfg, runtime.clone())
+                .await
+                .with_context(|| format!("starting agent {node}"))?;
+            world.agents.push(tokio::spawn(agent.run()));
+        }
+        world.regions.push(r);
+    }
+    Ok(world)
+}

@@ -1,0 +1,556 @@
+//! Everything between the region and the global API, through the `kube` crate.
+//! Every loop tolerates the global API being away: the region keeps serving its
+//! agents from its cache, and what should go up waits and is sent when it returns.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::{Event, EventSource, Node, NodeCondition, ObjectReference, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use kube::Api;
+use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use serde_json::json;
+
+use crate::NODE_LOST;
+use crate::state::{CachedPod, Health, Shared, lock};
+
+pub fn edgecluster_resource() -> ApiResource {
+    ApiResource {
+        group: "meridian.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "meridian.io/v1alpha1".into(),
+        kind: "EdgeCluster".into(),
+        plural: "edgeclusters".into(),
+    }
+}
+
+pub fn spawn(shared: Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
+    vec![
+        tokio::spawn(edgecluster_loop(shared.clone())),
+        tokio::spawn(watch_pods(shared.clone())),
+        tokio::spawn(upload_loop(shared.clone())),
+        tokio::spawn(summary_loop(shared)),
+    ]
+}
+
+/// Registers the region's EdgeCluster and keeps its status fresh.
+async fn edgecluster_loop(shared: Arc<Shared>) {
+    let ar = edgecluster_resource();
+    let api: Api<DynamicObject> = Api::all_with(shared.client.clone(), &ar);
+    let name = shared.cfg.name.clone();
+    let mut registered = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tick.tick().await;
+        if !registered {
+            let obj = json!({
+                "apiVersion": ar.api_version, "kind": ar.kind,
+                "metadata": {"name": name, "labels": shared.cfg.labels},
+                "spec": {"endpoint": shared.cfg.endpoint()},
+            });
+            let obj: DynamicObject = match serde_json::from_value(obj) {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::error!("EdgeCluster object: {e}");
+                    continue;
+                }
+            };
+            let res = match api.create(&PostParams::default(), &obj).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    let patch = json!({"metadata": {"labels": shared.cfg.labels}, "spec": {"endpoint": shared.cfg.endpoint()}});
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                        .await
+                        .map(|_| ())
+                }
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(()) => {
+                    registered = true;
+                    shared.global_ok.store(true, Ordering::Relaxed);
+                    tracing::info!(region = %name, "EdgeCluster registered");
+                }
+                Err(e) => {
+                    shared.global_ok.store(false, Ordering::Relaxed);
+                    tracing::warn!("cannot register EdgeCluster (will retry): {e}");
+                    continue;
+                }
+            }
+        }
+        let status = cluster_status(&shared);
+        match api
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+        {
+            Ok(_) => shared.global_ok.store(true, Ordering::Relaxed),
+            Err(kube::Error::Api(s)) if s.code == 404 => registered = false,
+            Err(e) => {
+                shared.global_ok.store(false, Ordering::Relaxed);
+                tracing::debug!("EdgeCluster status: {e}");
+            }
+        }
+    }
+}
+
+fn cluster_status(shared: &Shared) -> serde_json::Value {
+    let nodes = lock(&shared.nodes);
+    let ready = nodes.values().filter(|n| n.health == Health::Ready).count();
+    let connected = nodes.values().filter(|n| n.session.is_some()).count();
+    let (mut cpu, mut mem) = (0i64, 0i64);
+    for n in nodes.values() {
+        let cap = n.node.status.as_ref().and_then(|s| s.capacity.as_ref());
+        if let Some(c) = cap {
+            cpu += c
+                .get("cpu")
+                .and_then(|q| meridian_api::quantity::parse_milli(&q.0).ok())
+                .unwrap_or(0) as i64;
+            mem += c
+                .get("memory")
+                .and_then(|q| meridian_api::quantity::parse_milli(&q.0).ok())
+                .map(|m| m / 1000)
+                .unwrap_or(0) as i64;
+        }
+    }
+    let pods = lock(&shared.pods).by_uid.len();
+    let partitioned = shared.partitioned.load(Ordering::Relaxed);
+    json!({
+        "phase": if partitioned { "Partitioned" } else { "Ready" },
+        "nodes": nodes.len(),
+        "readyNodes": ready,
+        "unreachableNodes": nodes.len() - ready,
+        "connectedAgents": connected,
+        "pods": pods,
+        "capacity": {"cpu": format!("{cpu}m"), "memory": mem.to_string()},
+        "lastHeartbeatTime": jiff::Timestamp::now().to_string(),
+    })
+}
+
+fn is_ours(shared: &Shared, node: &str) -> bool {
+    lock(&shared.nodes).contains_key(node)
+}
+
+/// Watches every bound pod, keeps the ones on this region's nodes, and pushes each
+/// affected node's desired set. Resumes by resourceVersion; relists when told to.
+async fn watch_pods(shared: Arc<Shared>) {
+    let api: Api<Pod> = Api::all(shared.client.clone());
+    let cfg = watcher::Config::default().fields("spec.nodeName!=");
+    let mut stream = watcher(api, cfg).boxed();
+    let mut init: Option<HashSet<String>> = None;
+    loop {
+        let ev = match stream.try_next().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return,
+            Err(e) => {
+                shared.global_ok.store(false, Ordering::Relaxed);
+                tracing::warn!("pod watch (serving from cache, retrying): {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        shared.global_ok.store(true, Ordering::Relaxed);
+        let mut touched = HashSet::new();
+        let mut puts = Vec::new();
+        let mut deletes = Vec::new();
+        match ev {
+            watcher::Event::Init => init = Some(HashSet::new()),
+            watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
+                if let Some(seen) = init.as_mut()
+                    && let Some(uid) = &pod.metadata.uid
+                {
+                    seen.insert(uid.clone());
+                }
+                apply_pod(&shared, &pod, &mut touched, &mut puts, &mut deletes);
+            }
+            watcher::Event::Delete(pod) => {
+                if let Some(uid) = &pod.metadata.uid
+                    && let Some(node) = lock(&shared.pods).remove(uid)
+                {
+                    touched.insert(node);
+                    deletes.push(uid.clone());
+                }
+            }
+            watcher::Event::InitDone => {
+                if let Some(seen) = init.take() {
+                    let mut pods = lock(&shared.pods);
+                    let stale: Vec<String> = pods
+                        .by_uid
+                        .keys()
+                        .filter(|u| !seen.contains(*u))
+                        .cloned()
+                        .collect();
+                    for uid in stale {
+                        if let Some(node) = pods.remove(&uid) {
+                            touched.insert(node);
+                            deletes.push(uid);
+                        }
+                    }
+                }
+            }
+        }
+        shared.persist_pods(puts, deletes).await;
+        for node in touched {
+            shared.push_desired(&node);
+        }
+    }
+}
+
+fn apply_pod(
+    shared: &Shared,
+    pod: &Pod,
+    touched: &mut HashSet<String>,
+    puts: &mut Vec<(String, bytes::Bytes)>,
+    deletes: &mut Vec<String>,
+) {
+    let Some((uid, cached)) = CachedPod::from_pod(pod) else {
+        return;
+    };
+    let mut pods = lock(&shared.pods);
+    if !is_ours(shared, &cached.node) {
+        if let Some(old) = pods.remove(&uid) {
+            touched.insert(old);
+            deletes.push(uid);
+        }
+        return;
+    }
+    // Status-only changes (most of them are our own uploads) do not change what the
+    // agent should run: skip the push when the desired view is unchanged.
+    let unchanged = pods.by_uid.get(&uid).is_some_and(|old| {
+        old.gone == cached.gone && old.node == cached.node && same_spec(&old.json, pod)
+    });
+    puts.push((uid.clone(), cached.json.clone()));
+    let node = cached.node.clone();
+    if let Some(old) = pods.insert(uid, cached)
+        && old != node
+    {
+        touched.insert(old);
+    }
+    if !unchanged {
+        touched.insert(node);
+    }
+}
+
+fn same_spec(old_json: &[u8], pod: &Pod) -> bool {
+    match serde_json::from_slice::<Pod>(old_json) {
+        Ok(old) => {
+            old.spec == pod.spec
+                && old.metadata.labels == pod.metadata.labels
+                && old.metadata.annotations == pod.metadata.annotations
+        }
+        Err(_) => false,
+    }
+}
+
+/// Picks up a newly registered node's pods at once (the watch only keeps pods of
+/// nodes it already knew).
+pub async fn fetch_node_pods(shared: &Arc<Shared>, node: &str) {
+    let api: Api<Pod> = Api::all(shared.client.clone());
+    let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
+    let list = match tokio::time::timeout(Duration::from_secs(5), api.list(&lp)).await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => {
+            tracing::warn!(
+                node,
+                "cannot list the node's pods (the watch will catch up): {e}"
+            );
+            return;
+        }
+        Err(_) => return,
+    };
+    let (mut touched, mut puts, mut deletes) = (HashSet::new(), Vec::new(), Vec::new());
+    for pod in &list.items {
+        apply_pod(shared, pod, &mut touched, &mut puts, &mut deletes);
+    }
+    shared.persist_pods(puts, deletes).await;
+}
+
+/// Sends pod status (batched, latest wins), events and Node changes up.
+async fn upload_loop(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.upload_notify.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        // Let a burst accumulate into one batch.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (statuses, events, nodes) = {
+            let mut up = lock(&shared.upload);
+            (
+                std::mem::take(&mut up.statuses),
+                std::mem::take(&mut up.events),
+                std::mem::take(&mut up.nodes),
+            )
+        };
+        if !nodes.is_empty() {
+            write_nodes(&shared, nodes).await;
+        }
+        if !statuses.is_empty() {
+            upload_statuses(&shared, statuses).await;
+        }
+        if !events.is_empty() {
+            upload_events(&shared, events).await;
+        }
+    }
+}
+
+async fn upload_statuses(
+    shared: &Arc<Shared>,
+    statuses: std::collections::HashMap<String, (String, String, serde_json::Value)>,
+) {
+    let n = statuses.len();
+    let results: Vec<(String, (String, String, serde_json::Value), bool)> =
+        futures::stream::iter(statuses)
+            .map(|(uid, (ns, name, status))| {
+                let client = shared.client.clone();
+                async move {
+                    let api: Api<Pod> = Api::namespaced(client, &ns);
+                    let patch = json!({"status": status});
+                    let res = api
+                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await;
+                    let retry = match res {
+                        Ok(_) => false,
+                        // The pod is gone or was replaced: nothing to retry.
+                        Err(kube::Error::Api(s))
+                            if s.code == 404 || s.code == 409 || s.code == 422 =>
+                        {
+                            false
+                        }
+                        Err(e) => {
+                            tracing::debug!(%ns, %name, "pod status upload: {e}");
+                            true
+                        }
+                    };
+                    (uid, (ns, name, status), retry)
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+    let mut failed = 0;
+    {
+        let mut up = lock(&shared.upload);
+        for (uid, v, retry) in results {
+            if retry {
+                failed += 1;
+                // A newer status may have arrived meanwhile; it wins.
+                up.statuses.entry(uid).or_insert(v);
+            }
+        }
+    }
+    shared.metrics.status_uploads.inc_by((n - failed) as u64);
+    if failed > 0 {
+        shared.global_ok.store(false, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn upload_events(shared: &Arc<Shared>, events: Vec<(String, meridian_proto::PodEvent)>) {
+    let now = jiff::Timestamp::now();
+    futures::stream::iter(events)
+        .for_each_concurrent(16, |(node, e)| {
+            let client = shared.client.clone();
+            async move {
+                let api: Api<Event> = Api::namespaced(client, &e.namespace);
+                let ev = Event {
+                    metadata: ObjectMeta {
+                        generate_name: Some(format!("{}.", e.name)),
+                        namespace: Some(e.namespace.clone()),
+                        ..Default::default()
+                    },
+                    involved_object: ObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Pod".into()),
+                        name: Some(e.name.clone()),
+                        namespace: Some(e.namespace.clone()),
+                        uid: Some(e.uid.clone()),
+                        ..Default::default()
+                    },
+                    reason: Some(e.reason.clone()),
+                    message: Some(e.message.clone()),
+                    type_: Some(
+                        if e.r#type == "Warning" {
+                            "Warning"
+                        } else {
+                            "Normal"
+                        }
+                        .into(),
+                    ),
+                    source: Some(EventSource {
+                        component: Some("meridian-agent".into()),
+                        host: Some(node),
+                    }),
+                    first_timestamp: Some(Time(now)),
+                    last_timestamp: Some(Time(now)),
+                    event_time: Some(MicroTime(now)),
+                    reporting_component: Some("meridian-agent".into()),
+                    count: Some(1),
+                    ..Default::default()
+                };
+                if let Err(err) = api.create(&PostParams::default(), &ev).await {
+                    tracing::debug!(pod = %e.name, "event upload: {err}");
+                }
+            }
+        })
+        .await;
+}
+
+fn ready_condition(e: &crate::state::NodeEntry) -> NodeCondition {
+    let (status, reason, message) = match e.health {
+        Health::Ready => (
+            "True",
+            "AgentReady",
+            "the agent is posting heartbeats".to_owned(),
+        ),
+        Health::Unknown => (
+            "Unknown",
+            "NodeStatusUnknown",
+            format!(
+                "the agent stopped posting heartbeats (since {})",
+                e.unreachable_since_wall
+                    .map(|t| t.to_string())
+                    .unwrap_or_default()
+            ),
+        ),
+    };
+    NodeCondition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason: Some(reason.into()),
+        message: Some(message),
+        last_heartbeat_time: Some(Time(jiff::Timestamp::now())),
+        last_transition_time: Some(Time(e.transition_wall)),
+    }
+}
+
+/// Creates or updates Node objects (registrations, transitions, summaries).
+async fn write_nodes(shared: &Arc<Shared>, names: HashSet<String>) {
+    let work: Vec<(String, Node, bool)> = {
+        let nodes = lock(&shared.nodes);
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let e = nodes.get(&name)?;
+                let mut node = e.node.clone();
+                let status = node.status.get_or_insert_with(Default::default);
+                status.conditions = Some(vec![ready_condition(e)]);
+                if let Some(u) = &e.usage {
+                    let a = node.metadata.annotations.get_or_insert_with(BTreeMap::new);
+                    a.insert(
+                        "meridian.io/usage".into(),
+                        format!(
+                            "cpu={}m,memory={},disk={}",
+                            u.cpu_millis, u.memory_bytes, u.disk_bytes
+                        ),
+                    );
+                }
+                Some((name, node, e.created))
+            })
+            .collect()
+    };
+    let results: Vec<(String, bool)> = futures::stream::iter(work)
+        .map(|(name, node, created)| {
+            let client = shared.client.clone();
+            async move {
+                let api: Api<Node> = Api::all(client);
+                let ok = write_node(&api, &name, &node, created).await;
+                (name, ok)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let mut failed = Vec::new();
+    {
+        let mut nodes = lock(&shared.nodes);
+        for (name, ok) in results {
+            if ok {
+                if let Some(e) = nodes.get_mut(&name) {
+                    e.created = true;
+                }
+            } else {
+                failed.push(name);
+            }
+        }
+    }
+    if !failed.is_empty() {
+        shared.global_ok.store(false, Ordering::Relaxed);
+        lock(&shared.upload).nodes.extend(failed);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn write_node(api: &Api<Node>, name: &str, node: &Node, created: bool) -> bool {
+    if !created {
+        match api.create(&PostParams::default(), node).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                let meta = json!({"metadata": {"labels": node.metadata.labels, "annotations": node.metadata.annotations}});
+                if let Err(e) = api
+                    .patch(name, &PatchParams::default(), &Patch::Merge(meta))
+                    .await
+                {
+                    tracing::debug!(node = name, "node labels: {e}");
+                    return false;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(node = name, "node create: {e}");
+                return false;
+            }
+        }
+    } else if let Some(a) = &node.metadata.annotations {
+        let meta = json!({"metadata": {"annotations": a}});
+        let _ = api
+            .patch(name, &PatchParams::default(), &Patch::Merge(meta))
+            .await;
+    }
+    let status = json!({"status": node.status});
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
+    {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(node = name, "node status: {e}");
+            false
+        }
+    }
+}
+
+/// The periodic per-node summary, spread over the interval.
+async fn summary_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let due: Vec<String> = {
+            let mut nodes = lock(&shared.nodes);
+            nodes
+                .iter_mut()
+                .filter(|(_, e)| e.next_summary <= now)
+                .map(|(name, e)| {
+                    e.next_summary = now + shared.cfg.summary_interval;
+                    name.clone()
+                })
+                .collect()
+        };
+        if !due.is_empty() {
+            lock(&shared.upload).nodes.extend(due);
+            shared.upload_notify.notify_one();
+        }
+    }
+}
+
+/// Whether the pod was marked for rescheduling by a region.
+pub fn is_marked(pod: &Pod) -> bool {
+    pod.status.as_ref().and_then(|s| s.reason.as_deref()) == Some(NODE_LOST)
+}

@@ -1,0 +1,243 @@
+//! The region's one port: the agent hub (gRPC over HTTP/2) plus a small HTTP API for
+//! the global plane: pod logs streamed from the agent, health and metrics.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use meridian_proto::{CancelLog, LogRequest, RegionMessage, region_message};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+
+use crate::state::{Shared, lock};
+
+#[derive(Default)]
+pub struct Metrics {
+    pub heartbeats: Counter,
+    pub registrations: Counter,
+    pub rejected: Counter,
+    pub evictions: Counter,
+    pub status_uploads: Counter,
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    let http = Router::new()
+        .route("/v1/logs/{uid}", get(logs))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .with_state(shared.clone());
+    tonic::service::Routes::new(crate::hub::service(shared))
+        .into_axum_router()
+        .merge(http)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LogQuery {
+    #[serde(default)]
+    container: String,
+    #[serde(default)]
+    follow: bool,
+    tail_lines: Option<i64>,
+    #[serde(default)]
+    previous: bool,
+    #[serde(default)]
+    timestamps: bool,
+    limit_bytes: Option<i64>,
+}
+
+fn error(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, msg.into()).into_response()
+}
+
+/// Constant-time comparison of the presented bearer token.
+fn authorized(shared: &Shared, headers: &HeaderMap) -> bool {
+    let want = shared.cfg.proxy_token.as_bytes();
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::as_bytes)
+        .unwrap_or_default();
+    !want.is_empty()
+        && got.len() == want.len()
+        && got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+async fn logs(
+    State(shared): State<Arc<Shared>>,
+    Path(uid): Path<String>,
+    Query(q): Query<LogQuery>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorized(&shared, &headers) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "a valid region proxy token is required",
+        );
+    }
+    let node = match lock(&shared.pods).by_uid.get(&uid) {
+        Some(p) => p.node.clone(),
+        None => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("pod {uid} is not on a node of this region"),
+            );
+        }
+    };
+    let tx = lock(&shared.nodes)
+        .get(&node)
+        .and_then(|n| n.session.as_ref().map(|s| s.tx.clone()));
+    let Some(tx) = tx else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "node {node} is not connected to region {}; its logs stay on the node",
+                shared.cfg.name
+            ),
+        );
+    };
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let (chunk_tx, mut chunk_rx) = mpsc::channel(16);
+    lock(&shared.logs).insert(id, chunk_tx);
+    let req = LogRequest {
+        request_id: id,
+        uid,
+        container: q.container,
+        follow: q.follow,
+        tail_lines: q.tail_lines.unwrap_or(-1),
+        previous: q.previous,
+        timestamps: q.timestamps,
+        limit_bytes: q.limit_bytes.unwrap_or(0),
+    };
+    let msg = RegionMessage {
+        msg: Some(region_message::Msg::LogRequest(req)),
+    };
+    if tx.send(Ok(msg)).await.is_err() {
+        lock(&shared.logs).remove(&id);
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("node {node} disconnected"),
+        );
+    }
+    // The first chunk decides the status code: an agent-side error becomes a 4xx.
+    let first = tokio::time::timeout(std::time::Duration::from_secs(10), chunk_rx.recv()).await;
+    let first = match first {
+        Ok(Some(c)) => c,
+        _ => {
+            lock(&shared.logs).remove(&id);
+            return error(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("node {node} did not answer the log request"),
+            );
+        }
+    };
+    if !first.error.is_empty() {
+        lock(&shared.logs).remove(&id);
+        return error(StatusCode::BAD_REQUEST, first.error);
+    }
+    let guard = Cleanup {
+        shared: shared.clone(),
+        id,
+        tx,
+    };
+    let stream = async_stream(first, chunk_rx, guard);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+/// Removes the waiter and tells the agent to stop when the response ends early.
+struct Cleanup {
+    shared: Arc<Shared>,
+    id: u64,
+    tx: crate::state::SessionTx,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        lock(&self.shared.logs).remove(&self.id);
+        let msg = RegionMessage {
+            msg: Some(region_message::Msg::CancelLog(CancelLog {
+                request_id: self.id,
+            })),
+        };
+        let _ = self.tx.try_send(Ok(msg));
+    }
+}
+
+fn async_stream(
+    first: meridian_proto::LogChunk,
+    rx: mpsc::Receiver<meridian_proto::LogChunk>,
+    guard: Cleanup,
+) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> {
+    let state = (Some(first), rx, guard, false);
+    futures::stream::unfold(state, |(mut pending, mut rx, guard, done)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            let c = match pending.take() {
+                Some(c) => c,
+                None => rx.recv().await?,
+            };
+            if !c.error.is_empty() {
+                let data = bytes::Bytes::from(format!("\nlog stream ended: {}\n", c.error));
+                return Some((Ok(data), (None, rx, guard, true)));
+            }
+            if c.eof && c.data.is_empty() {
+                return None;
+            }
+            if !c.data.is_empty() {
+                let done = c.eof;
+                return Some((Ok(bytes::Bytes::from(c.data)), (None, rx, guard, done)));
+            }
+        }
+    })
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let mut reg = Registry::with_prefix("meridian_region");
+    let m = &shared.metrics;
+    reg.register("heartbeats", "Heartbeats received", m.heartbeats.clone());
+    reg.register(
+        "registrations",
+        "Agent registrations",
+        m.registrations.clone(),
+    );
+    reg.register(
+        "rejected",
+        "Rejected agent messages or streams",
+        m.rejected.clone(),
+    );
+    reg.register(
+        "pods_marked",
+        "Pods marked for rescheduling",
+        m.evictions.clone(),
+    );
+    reg.register(
+        "status_uploads",
+        "Pod status writes to the global API",
+        m.status_uploads.clone(),
+    );
+    let nodes = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    nodes.set(lock(&shared.nodes).len() as i64);
+    reg.register("nodes", "Nodes known to the region", nodes);
+    let sessions = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    sessions.set(shared.session_count() as i64);
+    reg.register("agent_streams", "Connected agent streams", sessions);
+    let mut out = String::new();
+    if encode(&mut out, &reg).is_err() {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "metrics encoding");
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}

@@ -1,0 +1,235 @@
+//! A region: one edge management cluster between the global control plane and its
+//! nodes.
+//!
+//! - **Agent hub** ([`hub`]): each agent holds one gRPC stream it dialled out; over it
+//!   the region takes registrations, heartbeats, pod status, events and log chunks,
+//!   and pushes each node's desired pod set.
+//! - **Leases and lifecycle** ([`lifecycle`]): heartbeats end here, in memory, with
+//!   a periodic checkpoint to the region's own redb store. A missed lease makes the
+//!   Node `Ready=Unknown`; pods are marked for rescheduling only after a grace, at a
+//!   limited rate, and never while most of the region is unreachable at once.
+//! - **Global sync** ([`global`]): the region registers an `EdgeCluster`, watches the
+//!   pods bound to its nodes (cached in its store, so it keeps serving while the
+//!   global API is away), and writes Node objects on transitions and as periodic
+//!   summaries, pod status in batches, and events.
+//! - **HTTP** ([`http`]): log streaming for the global API, metrics, health.
+
+pub mod global;
+pub mod http;
+pub mod hub;
+pub mod lifecycle;
+mod state;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_store::{DynStore, EmbeddedStore};
+
+pub use state::Shared;
+
+/// Annotation (on a pod, its workload template, or a Node) overriding how long
+/// after its node became unreachable a pod is marked for rescheduling: a duration
+/// such as `600s`, `10m`, or `never` for pinned workloads.
+pub const GRACE_ANNOTATION: &str = "meridian.io/reschedule-grace";
+/// Node label naming the region that manages the node.
+pub const REGION_LABEL: &str = "meridian.io/region";
+/// Pod status reason for pods marked for rescheduling after node loss.
+pub const NODE_LOST: &str = "NodeLost";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    #[error("invalid region configuration: {0}")]
+    Config(String),
+    #[error("region store: {0}")]
+    Store(#[from] meridian_store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot create {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+pub struct RegionConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    /// URL agents and the global API use to reach this region; default `http://{listen}`.
+    pub advertise: Option<String>,
+    pub data_dir: PathBuf,
+    /// How to reach the global API.
+    pub global: kube::Config,
+    /// The bearer token the global API must present for log requests.
+    pub proxy_token: String,
+    /// Heartbeat period the region asks agents for.
+    pub heartbeat: Duration,
+    /// A node whose lease is older than this becomes `Ready=Unknown`.
+    pub lease_timeout: Duration,
+    /// Default time an unreachable node's pods wait before being marked for
+    /// rescheduling (overridable per node and per workload).
+    pub eviction_grace: Duration,
+    /// Nodes per second whose pods may be marked for rescheduling.
+    pub eviction_rate: f64,
+    /// Above this fraction of unreachable nodes the region assumes a partition and
+    /// marks nothing.
+    pub partition_threshold: f64,
+    /// Period of the per-node summary written to the global Node object.
+    pub summary_interval: Duration,
+    /// Labels for the EdgeCluster object (e.g. city, country).
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+impl RegionConfig {
+    pub fn new(
+        name: impl Into<String>,
+        listen: SocketAddr,
+        data_dir: PathBuf,
+        global: kube::Config,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            listen,
+            advertise: None,
+            data_dir,
+            global,
+            proxy_token: String::new(),
+            heartbeat: Duration::from_secs(10),
+            lease_timeout: Duration::from_secs(40),
+            eviction_grace: Duration::from_secs(300),
+            eviction_rate: 0.1,
+            partition_threshold: 0.55,
+            summary_interval: Duration::from_secs(60),
+            labels: Default::default(),
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}
+
+/// A running region.
+pub struct Region {
+    pub shared: Arc<Shared>,
+    pub addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Region {
+    /// Opens the region store, loads its cache, binds the listener and starts every loop.
+    pub async fn start(cfg: RegionConfig) -> Result<Self, RegionError> {
+        if !valid_name(&cfg.name) {
+            return Err(RegionError::Config(format!(
+                "region name {:?} must be a DNS label (lowercase letters, digits, '-')",
+                cfg.name
+            )));
+        }
+        if !(0.0..=1.0).contains(&cfg.partition_threshold) || cfg.eviction_rate <= 0.0 {
+            return Err(RegionError::Config(
+                "partition threshold must be within 0..1 and the eviction rate positive".into(),
+            ));
+        }
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| RegionError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        let store: DynStore = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("region.redb"))?);
+        let client = kube::Client::try_from(cfg.global.clone())
+            .map_err(|e| RegionError::Config(format!("global API client: {e}")))?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| RegionError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| RegionError::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        let mut cfg = cfg;
+        if cfg.advertise.is_none() {
+            cfg.advertise = Some(format!("http://{addr}"));
+        }
+        let shared = Arc::new(Shared::new(cfg, store, client));
+        shared.load().await?;
+        let mut tasks = Vec::new();
+        let router = http::router(shared.clone());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, router).await {
+                tracing::error!("region server: {e}");
+            }
+        }));
+        tasks.push(tokio::spawn(lifecycle::run(shared.clone())));
+        tasks.push(tokio::spawn(lifecycle::checkpoint_leases(shared.clone())));
+        tasks.extend(global::spawn(shared.clone()));
+        tracing::info!(region = %shared.cfg.name, %addr, "region started");
+        Ok(Self {
+            shared,
+            addr,
+            tasks,
+        })
+    }
+
+    /// Stops every loop and closes agent streams (the process keeps its store).
+    pub fn shutdown(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.shared.close_sessions();
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 63
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !n.starts_with('-')
+        && !n.ends_with('-')
+}
+
+/// Parses a grace override: `never`, or a duration like `300`, `300s`, `10m`, `1h`.
+pub fn parse_grace(s: &str) -> Option<Option<Duration>> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("never") {
+        return Some(None);
+    }
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return None,
+    };
+    Some(Some(Duration::from_secs(secs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grace_overrides_parse() {
+        assert_eq!(parse_grace("never"), Some(None));
+        assert_eq!(parse_grace("90"), Some(Some(Duration::from_secs(90))));
+        assert_eq!(parse_grace("10m"), Some(Some(Duration::from_secs(600))));
+        assert_eq!(parse_grace("soon"), None);
+    }
+}

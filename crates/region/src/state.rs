@@ -1,0 +1,318 @@
+//! The region's shared state: nodes and their sessions, the pod cache, and what is
+//! waiting to go up to the global API.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use meridian_proto::{
+    DesiredPod, DesiredPods, LogChunk, NodeUsage, PodEvent, RegionMessage, region_message,
+};
+use meridian_store::{DynStore, Txn};
+use tokio::sync::{Notify, mpsc};
+
+use crate::{GRACE_ANNOTATION, NODE_LOST, RegionConfig, RegionError, parse_grace};
+
+pub type SessionTx = mpsc::Sender<Result<RegionMessage, tonic::Status>>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    Ready,
+    Unknown,
+}
+
+pub struct Session {
+    pub id: u64,
+    pub tx: SessionTx,
+}
+
+pub struct NodeEntry {
+    pub session: Option<Session>,
+    pub last_seen: Instant,
+    pub health: Health,
+    /// When the lease expired (set while Unknown).
+    pub unreachable_since: Option<Instant>,
+    pub unreachable_since_wall: Option<jiff::Timestamp>,
+    pub transition_wall: jiff::Timestamp,
+    /// The Node object as the region writes it (labels, capacity, info).
+    pub node: Node,
+    pub usage: Option<NodeUsage>,
+    pub next_summary: Instant,
+    /// The Node object exists in the global API.
+    pub created: bool,
+}
+
+#[derive(Clone)]
+pub struct CachedPod {
+    pub node: String,
+    pub namespace: String,
+    pub name: String,
+    pub json: Bytes,
+    /// Marked for rescheduling (NodeLost) or being deleted: not desired any more.
+    pub gone: bool,
+    pub marked: bool,
+    /// `None` inside: never reschedule; outer `None`: the default grace.
+    pub grace: Option<Option<Duration>>,
+}
+
+#[derive(Default)]
+pub struct Pods {
+    pub by_uid: HashMap<String, CachedPod>,
+    pub by_node: HashMap<String, BTreeSet<String>>,
+}
+
+impl Pods {
+    pub fn insert(&mut self, uid: String, p: CachedPod) -> Option<String> {
+        let old_node = self.remove(&uid);
+        self.by_node
+            .entry(p.node.clone())
+            .or_default()
+            .insert(uid.clone());
+        self.by_uid.insert(uid, p);
+        old_node
+    }
+
+    pub fn remove(&mut self, uid: &str) -> Option<String> {
+        let old = self.by_uid.remove(uid)?;
+        if let Some(set) = self.by_node.get_mut(&old.node) {
+            set.remove(uid);
+            if set.is_empty() {
+                self.by_node.remove(&old.node);
+            }
+        }
+        Some(old.node)
+    }
+}
+
+/// What waits to be written to the global API.
+#[derive(Default)]
+pub struct Upload {
+    /// uid -> (namespace, name, status JSON)
+    pub statuses: HashMap<String, (String, String, serde_json::Value)>,
+    pub events: Vec<(String, PodEvent)>,
+    pub nodes: HashSet<String>,
+}
+
+pub struct Shared {
+    pub cfg: RegionConfig,
+    pub store: DynStore,
+    pub client: kube::Client,
+    pub nodes: Mutex<HashMap<String, NodeEntry>>,
+    pub pods: Mutex<Pods>,
+    pub upload: Mutex<Upload>,
+    pub upload_notify: Notify,
+    pub logs: Mutex<HashMap<u64, mpsc::Sender<LogChunk>>>,
+    pub next_id: AtomicU64,
+    pub global_ok: AtomicBool,
+    pub partitioned: AtomicBool,
+    pub metrics: crate::http::Metrics,
+}
+
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+const NODE_PREFIX: &str = "/nodes/";
+const POD_PREFIX: &str = "/pods/";
+pub const LEASE_PREFIX: &str = "/leases/";
+
+pub fn pod_grace(pod: &Pod) -> Option<Option<Duration>> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(GRACE_ANNOTATION))
+        .and_then(|g| parse_grace(g))
+}
+
+impl CachedPod {
+    pub fn from_pod(pod: &Pod) -> Option<(String, CachedPod)> {
+        let uid = pod.metadata.uid.clone()?;
+        let node = pod.spec.as_ref()?.node_name.clone()?;
+        let marked = pod.status.as_ref().and_then(|s| s.reason.as_deref()) == Some(NODE_LOST);
+        let json = Bytes::from(serde_json::to_vec(pod).ok()?);
+        Some((
+            uid,
+            CachedPod {
+                node,
+                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                name: pod.metadata.name.clone().unwrap_or_default(),
+                json,
+                gone: marked || pod.metadata.deletion_timestamp.is_some(),
+                marked,
+                grace: pod_grace(pod),
+            },
+        ))
+    }
+}
+
+impl Shared {
+    pub fn new(cfg: RegionConfig, store: DynStore, client: kube::Client) -> Self {
+        Self {
+            cfg,
+            store,
+            client,
+            nodes: Default::default(),
+            pods: Default::default(),
+            upload: Default::default(),
+            upload_notify: Notify::new(),
+            logs: Default::default(),
+            next_id: AtomicU64::new(1),
+            global_ok: AtomicBool::new(false),
+            partitioned: AtomicBool::new(false),
+            metrics: Default::default(),
+        }
+    }
+
+    /// Loads the node registry, leases and pod cache from the region store.
+    pub async fn load(&self) -> Result<(), RegionError> {
+        let now = Instant::now();
+        let wall = jiff::Timestamp::now();
+        let leases: HashMap<String, i64> = self
+            .store
+            .range(LEASE_PREFIX, None, 0)
+            .await?
+            .kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let name = kv.key.strip_prefix(LEASE_PREFIX)?.to_owned();
+                let ms: i64 = std::str::from_utf8(&kv.value).ok()?.parse().ok()?;
+                Some((name, ms))
+            })
+            .collect();
+        let nodes = self.store.range(NODE_PREFIX, None, 0).await?.kvs;
+        {
+            let mut map = lock(&self.nodes);
+            for kv in nodes {
+                let Ok(node) = serde_json::from_slice::<Node>(&kv.value) else {
+                    continue;
+                };
+                let name = kv.key[NODE_PREFIX.len()..].to_owned();
+                let age_ms = leases
+                    .get(&name)
+                    .map(|ms| (wall.as_millisecond() - ms).max(0) as u64)
+                    .unwrap_or(0);
+                let last_seen = now
+                    .checked_sub(Duration::from_millis(age_ms))
+                    .unwrap_or(now);
+                map.insert(
+                    name,
+                    NodeEntry {
+                        session: None,
+                        last_seen,
+                        health: Health::Ready,
+                        unreachable_since: None,
+                        unreachable_since_wall: None,
+                        transition_wall: wall,
+                        node,
+                        usage: None,
+                        next_summary: now + self.cfg.summary_interval,
+                        created: true,
+                    },
+                );
+            }
+        }
+        let pods = self.store.range(POD_PREFIX, None, 0).await?.kvs;
+        let mut cache = lock(&self.pods);
+        for kv in pods {
+            if let Ok(pod) = serde_json::from_slice::<Pod>(&kv.value)
+                && let Some((uid, p)) = CachedPod::from_pod(&pod)
+            {
+                cache.insert(uid, p);
+            }
+        }
+        tracing::info!(
+            region = %self.cfg.name,
+            nodes = lock(&self.nodes).len(),
+            pods = cache.by_uid.len(),
+            "loaded region cache"
+        );
+        Ok(())
+    }
+
+    pub async fn persist_node(&self, name: &str, node: &Node) {
+        if let Ok(json) = serde_json::to_vec(node) {
+            let key = format!("{NODE_PREFIX}{name}");
+            if let Err(e) = self.store.txn(Txn::new().put(key, json)).await {
+                tracing::error!(node = name, "cannot persist node: {e}");
+            }
+        }
+    }
+
+    /// Writes pod cache changes through to the region store.
+    pub async fn persist_pods(&self, puts: Vec<(String, Bytes)>, deletes: Vec<String>) {
+        if puts.is_empty() && deletes.is_empty() {
+            return;
+        }
+        let mut txn = Txn::new();
+        for (uid, json) in puts {
+            txn = txn.put(format!("{POD_PREFIX}{uid}"), json);
+        }
+        for uid in deletes {
+            txn = txn.delete(format!("{POD_PREFIX}{uid}"));
+        }
+        if let Err(e) = self.store.txn(txn).await {
+            tracing::error!("cannot persist pod cache: {e}");
+        }
+    }
+
+    pub fn desired_for(&self, node: &str) -> DesiredPods {
+        let pods = lock(&self.pods);
+        let list = pods
+            .by_node
+            .get(node)
+            .map(|uids| {
+                uids.iter()
+                    .filter_map(|u| {
+                        let p = pods.by_uid.get(u)?;
+                        (!p.gone).then(|| DesiredPod {
+                            uid: u.clone(),
+                            pod_json: p.json.to_vec(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        DesiredPods { pods: list }
+    }
+
+    /// Pushes the desired set to a node's agent, if it is connected.
+    pub fn push_desired(&self, node: &str) {
+        let tx = lock(&self.nodes)
+            .get(node)
+            .and_then(|n| n.session.as_ref().map(|s| s.tx.clone()));
+        if let Some(tx) = tx {
+            let msg = RegionMessage {
+                msg: Some(region_message::Msg::Desired(self.desired_for(node))),
+            };
+            if tx.try_send(Ok(msg)).is_err() {
+                // The agent is slow or gone; it gets the full set again on reconnect.
+                tracing::debug!(node, "desired set not delivered (stream full or closed)");
+            }
+        }
+    }
+
+    pub fn mark_node_dirty(&self, node: &str) {
+        lock(&self.upload).nodes.insert(node.to_owned());
+        self.upload_notify.notify_one();
+    }
+
+    pub fn close_sessions(&self) {
+        for n in lock(&self.nodes).values_mut() {
+            n.session = None;
+        }
+    }
+
+    pub fn session_count(&self) -> usize {
+        lock(&self.nodes)
+            .values()
+            .filter(|n| n.session.is_some())
+            .count()
+    }
+
+    pub fn is_global_ok(&self) -> bool {
+        self.global_ok.load(Ordering::Relaxed)
+    }
+}
