@@ -5,6 +5,7 @@
 //! after its own restart, and resynchronises without restarting unchanged pods.
 
 pub mod facts;
+pub mod hollow;
 pub mod logs;
 pub mod pods;
 pub mod runtime;

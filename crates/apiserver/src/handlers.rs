@@ -141,6 +141,9 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
     let mut resource = String::new();
     let result = async {
         let who = authenticate(&state, &parts.headers)?;
+        // Read the body before any other check can fail: answering early while the
+        // client is still sending makes HTTP/1 clients see a reset connection.
+        let body = read_body(body, state.config.max_body_bytes).await?;
         let route = route::parse(&path)?;
         let target = match route {
             Route::Discovery(segs) => {
@@ -169,7 +172,6 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
                 "writes need a namespace in the path",
             ));
         }
-        let body = read_body(body, state.config.max_body_bytes).await?;
         let cx = Ctx {
             state: &state,
             who,

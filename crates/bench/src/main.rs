@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
+mod edge;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -33,6 +35,34 @@ enum Backend {
 
 #[derive(Subcommand)]
 enum Mode {
+    /// One region process holding N hollow nodes (real gRPC streams) at a heartbeat.
+    Region {
+        #[arg(long, default_value_t = 100_000)]
+        nodes: usize,
+        /// Hollow nodes per HTTP/2 connection.
+        #[arg(long, default_value_t = 100)]
+        per_connection: usize,
+        #[arg(long, default_value_t = 10)]
+        heartbeat_secs: u64,
+        #[arg(long, default_value_t = 60)]
+        measure_secs: u64,
+        /// Per-node summary period written to the global API.
+        #[arg(long, default_value = "60s")]
+        summary: String,
+        /// Wait after registration before measuring.
+        #[arg(long, default_value_t = 60)]
+        settle_secs: u64,
+    },
+    /// Resident memory of an agent process, idle and with N pods.
+    AgentMemory {
+        #[arg(long, default_value_t = 10)]
+        pods: usize,
+    },
+    /// Pod start latency (create -> Running), process runtime.
+    PodStart {
+        #[arg(long, default_value_t = 100)]
+        pods: usize,
+    },
     /// Pod creates through the API with concurrent clients, per backend.
     Create {
         #[arg(long, default_value_t = 20_000)]
@@ -381,5 +411,25 @@ async fn main() -> Result<()> {
         Mode::List { pods, iterations } => list(pods, iterations).await,
         Mode::Watch { watchers, events } => watch(watchers, events).await,
         Mode::Memory { objects } => memory(objects).await,
+        Mode::Region {
+            nodes,
+            per_connection,
+            heartbeat_secs,
+            measure_secs,
+            summary,
+            settle_secs,
+        } => {
+            edge::region(
+                nodes,
+                per_connection,
+                Duration::from_secs(heartbeat_secs),
+                Duration::from_secs(measure_secs),
+                Duration::from_secs(settle_secs),
+                &summary,
+            )
+            .await
+        }
+        Mode::AgentMemory { pods } => edge::agent_memory(pods).await,
+        Mode::PodStart { pods } => edge::pod_start(pods).await,
     }
 }

@@ -322,3 +322,24 @@ pub async fn start_demo_world(server: &Server, data_dir: &Path) -> Result<DemoWo
     }
     Ok(world)
 }
+
+/// The global plane's region watchdog (silent region => its Nodes Ready=Unknown).
+pub async fn spawn_region_watchdog(
+    server: &Server,
+    timeout: Duration,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let token = server.system_token(SystemRole::Region).await?;
+    let yaml = meridian_apiserver::kubeconfig::render(
+        "watchdog",
+        &server.url,
+        &server.ca_pem,
+        &token,
+        None,
+    );
+    let kc = kube::config::Kubeconfig::from_yaml(&yaml)?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    let client = kube::Client::try_from(cfg)?;
+    Ok(tokio::spawn(meridian_region::global::region_watchdog(
+        client, timeout,
+    )))
+}

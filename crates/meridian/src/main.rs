@@ -48,6 +48,9 @@ struct ServerArgs {
     /// Extra host names or addresses for the serving certificate.
     #[arg(long = "host")]
     hosts: Vec<String>,
+    /// A region silent for this long has its Nodes marked Ready=Unknown.
+    #[arg(long, default_value = "40s", value_parser = edge::parse_duration)]
+    region_timeout: Duration,
 }
 
 #[derive(Subcommand)]
@@ -68,6 +71,12 @@ enum Command {
     /// (internal) Supervise one container process for the process runtime.
     Shim,
 }
+
+/// mimalloc returns freed memory to the OS far better than glibc malloc under many
+/// threads and many small, short-lived allocations (streams, JSON), which is what a
+/// region holding 100k agent streams does all day.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> Result<()> {
     // The shim runs without an async runtime: it is one per container and must stay small.
@@ -109,6 +118,7 @@ async fn run(cli: Cli) -> Result<()> {
                 "region token (for `meridian region --token-file`): {}",
                 args.data_dir.join("system-region.token").display()
             );
+            let _watchdog = edge::spawn_region_watchdog(&server, args.region_timeout).await?;
             println!(
                 "admin kubeconfig: {}",
                 args.data_dir.join("admin.kubeconfig").display()
@@ -165,6 +175,7 @@ async fn up(args: ServerArgs) -> Result<()> {
     let server = start_server(&args).await?;
     let kubeconfig = tenant::create_tenant(&args.data_dir, "demo", None).await?;
     let world = edge::start_demo_world(&server, &args.data_dir).await?;
+    let _watchdog = edge::spawn_region_watchdog(&server, args.region_timeout).await?;
     let examples = std::env::current_dir()?.join("examples");
     println!();
     println!(

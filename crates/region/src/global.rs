@@ -43,6 +43,7 @@ async fn edgecluster_loop(shared: Arc<Shared>) {
     let api: Api<DynamicObject> = Api::all_with(shared.client.clone(), &ar);
     let name = shared.cfg.name.clone();
     let mut registered = false;
+    let mut reported = true;
     let mut tick = tokio::time::interval(Duration::from_secs(10));
     loop {
         tick.tick().await;
@@ -91,9 +92,20 @@ async fn edgecluster_loop(shared: Arc<Shared>) {
             )
             .await
         {
-            Ok(_) => shared.global_ok.store(true, Ordering::Relaxed),
+            Ok(_) => {
+                if !reported {
+                    // Back after a gap: the global plane may have marked our nodes
+                    // Unknown meanwhile (region watchdog); rewrite them all.
+                    let all: Vec<String> = lock(&shared.nodes).keys().cloned().collect();
+                    lock(&shared.upload).nodes.extend(all);
+                    shared.upload_notify.notify_one();
+                }
+                reported = true;
+                shared.global_ok.store(true, Ordering::Relaxed);
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => registered = false,
             Err(e) => {
+                reported = false;
                 shared.global_ok.store(false, Ordering::Relaxed);
                 tracing::debug!("EdgeCluster status: {e}");
             }
@@ -107,18 +119,8 @@ fn cluster_status(shared: &Shared) -> serde_json::Value {
     let connected = nodes.values().filter(|n| n.session.is_some()).count();
     let (mut cpu, mut mem) = (0i64, 0i64);
     for n in nodes.values() {
-        let cap = n.node.status.as_ref().and_then(|s| s.capacity.as_ref());
-        if let Some(c) = cap {
-            cpu += c
-                .get("cpu")
-                .and_then(|q| meridian_api::quantity::parse_milli(&q.0).ok())
-                .unwrap_or(0) as i64;
-            mem += c
-                .get("memory")
-                .and_then(|q| meridian_api::quantity::parse_milli(&q.0).ok())
-                .map(|m| m / 1000)
-                .unwrap_or(0) as i64;
-        }
+        cpu += n.node.cpu_millis;
+        mem += n.node.memory_bytes;
     }
     let pods = lock(&shared.pods).by_uid.len();
     let partitioned = shared.partitioned.load(Ordering::Relaxed);
@@ -439,7 +441,7 @@ async fn write_nodes(shared: &Arc<Shared>, names: HashSet<String>) {
             .into_iter()
             .filter_map(|name| {
                 let e = nodes.get(&name)?;
-                let mut node = e.node.clone();
+                let mut node = e.node.to_node();
                 let status = node.status.get_or_insert_with(Default::default);
                 status.conditions = Some(vec![ready_condition(e)]);
                 if let Some(u) = &e.usage {
@@ -553,4 +555,71 @@ async fn summary_loop(shared: Arc<Shared>) {
 /// Whether the pod was marked for rescheduling by a region.
 pub fn is_marked(pod: &Pod) -> bool {
     pod.status.as_ref().and_then(|s| s.reason.as_deref()) == Some(NODE_LOST)
+}
+
+/// Run by the global plane: when a region stops refreshing its EdgeCluster status for
+/// longer than `timeout`, its Nodes become `Ready=Unknown`. The same rules as inside
+/// a region then apply — a whole region gone is 100% of its nodes unreachable at once,
+/// which is a partition, so no pod is marked for rescheduling. The region rewrites
+/// its Nodes when it returns.
+pub async fn region_watchdog(client: kube::Client, timeout: Duration) {
+    let ar = edgecluster_resource();
+    let clusters: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
+    let nodes: Api<Node> = Api::all(client);
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let Ok(list) = clusters.list(&ListParams::default()).await else {
+            continue;
+        };
+        let now = jiff::Timestamp::now();
+        for ec in list.items {
+            let name = ec.metadata.name.clone().unwrap_or_default();
+            let last = ec.data["status"]["lastHeartbeatTime"]
+                .as_str()
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+            let Some(last) = last else { continue };
+            let silent = last.duration_until(now);
+            if silent.as_secs() < timeout.as_secs() as i64 {
+                continue;
+            }
+            let lp = ListParams::default().labels(&format!("{}={name}", crate::REGION_LABEL));
+            let Ok(region_nodes) = nodes.list(&lp).await else {
+                continue;
+            };
+            for n in region_nodes.items {
+                let ready = n
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+                    .map(|c| c.status.clone());
+                if ready.as_deref() != Some("True") {
+                    continue;
+                }
+                let node = n.metadata.name.clone().unwrap_or_default();
+                let cond = NodeCondition {
+                    type_: "Ready".into(),
+                    status: "Unknown".into(),
+                    reason: Some("RegionUnreachable".into()),
+                    message: Some(format!(
+                        "region {name} has not reported for {}s; its nodes may be running fine",
+                        silent.as_secs()
+                    )),
+                    last_heartbeat_time: Some(Time(last)),
+                    last_transition_time: Some(Time(now)),
+                };
+                let patch = json!({"status": {"conditions": [cond]}});
+                match nodes
+                    .patch_status(&node, &PatchParams::default(), &Patch::Merge(patch))
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::warn!(region = %name, %node, "region silent: node Ready=Unknown")
+                    }
+                    Err(e) => tracing::debug!(%node, "watchdog patch: {e}"),
+                }
+            }
+        }
+    }
 }

@@ -121,7 +121,7 @@ async fn logs(
     let msg = RegionMessage {
         msg: Some(region_message::Msg::LogRequest(req)),
     };
-    if tx.send(Ok(msg)).await.is_err() {
+    if tx.send(msg).await.is_err() {
         lock(&shared.logs).remove(&id);
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -171,7 +171,7 @@ impl Drop for Cleanup {
                 request_id: self.id,
             })),
         };
-        let _ = self.tx.try_send(Ok(msg));
+        let _ = self.tx.try_send(msg);
     }
 }
 

@@ -73,6 +73,7 @@ impl AgentHub for Hub {
             return Err(Status::permission_denied(e));
         }
         let (tx, rx) = mpsc::channel(64);
+        let tx = crate::state::SessionTx(tx);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let known = self
             .register(&node, reg, Session { id, tx: tx.clone() })
@@ -83,15 +84,15 @@ impl AgentHub for Hub {
                 heartbeat_seconds: self.shared.cfg.heartbeat.as_secs() as u32,
             })),
         };
-        let _ = tx.send(Ok(welcome)).await;
-        if !known {
+        let _ = tx.send(welcome).await;
+        if !known && let Ok(_permit) = self.shared.register_calls.acquire().await {
             crate::global::fetch_node_pods(&self.shared, &node).await;
         }
         let desired = self.shared.desired_for(&node);
         let _ = tx
-            .send(Ok(RegionMessage {
+            .send(RegionMessage {
                 msg: Some(region_message::Msg::Desired(desired)),
-            }))
+            })
             .await;
         let shared = self.shared.clone();
         tokio::spawn(async move {
@@ -104,7 +105,9 @@ impl AgentHub for Hub {
                 n.session = None;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|m| Ok(*m)),
+        )))
     }
 }
 
@@ -212,6 +215,9 @@ impl Hub {
         if lock(&self.shared.nodes).contains_key(node) {
             return Ok(());
         }
+        let Ok(_permit) = self.shared.register_calls.acquire().await else {
+            return Ok(());
+        };
         let api: kube::Api<Node> = kube::Api::all(self.shared.client.clone());
         let got = tokio::time::timeout(Duration::from_secs(3), api.get_opt(node)).await;
         if let Ok(Ok(Some(n))) = got {
@@ -248,22 +254,22 @@ impl Hub {
                 unreachable_since: None,
                 unreachable_since_wall: None,
                 transition_wall: jiff::Timestamp::now(),
-                node: node.clone(),
+                node: crate::state::NodeRecord::from_node(&node),
                 usage: None,
                 next_summary: now + self.shared.cfg.summary_interval,
                 created: false,
             });
             entry.last_seen = now;
-            entry.node = node.clone();
+            entry.node = crate::state::NodeRecord::from_node(&node);
             let old = entry.session.replace(session);
             (known, old)
         };
         if let Some(old) = old {
-            let _ = old.tx.try_send(Ok(rejected(
+            let _ = old.tx.try_send(rejected(
                 "Superseded",
                 "a newer stream registered this node".into(),
                 true,
-            )));
+            ));
         }
         self.shared.metrics.registrations.inc();
         self.shared.persist_node(name, &node).await;
@@ -290,18 +296,18 @@ async fn serve(
         };
         let Some(msg) = msg.msg else {
             let _ = tx
-                .send(Ok(rejected("Malformed", "empty message".into(), false)))
+                .send(rejected("Malformed", "empty message".into(), false))
                 .await;
             continue;
         };
         match msg {
             agent_message::Msg::Register(_) => {
                 let _ = tx
-                    .send(Ok(rejected(
+                    .send(rejected(
                         "AlreadyRegistered",
                         "this stream is registered; open a new stream to register again".into(),
                         false,
-                    )))
+                    ))
                     .await;
             }
             agent_message::Msg::Heartbeat(hb) => {
@@ -341,14 +347,14 @@ async fn serve(
                 if !bad.is_empty() {
                     shared.metrics.rejected.inc();
                     let _ = tx
-                        .send(Ok(rejected(
+                        .send(rejected(
                             "UnknownPod",
                             format!(
                                 "status for pods not bound to node {node} (or malformed): {}",
                                 bad.join(", ")
                             ),
                             false,
-                        )))
+                        ))
                         .await;
                 }
             }

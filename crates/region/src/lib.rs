@@ -141,7 +141,12 @@ impl Region {
             path: cfg.data_dir.clone(),
             source,
         })?;
-        let store: DynStore = Arc::new(EmbeddedStore::open(&cfg.data_dir.join("region.redb"))?);
+        // The region holds its working set in memory; the store is its durable copy,
+        // so a small page cache suffices.
+        let store: DynStore = Arc::new(EmbeddedStore::open_with_cache(
+            &cfg.data_dir.join("region.redb"),
+            16 * 1024 * 1024,
+        )?);
         let client = kube::Client::try_from(cfg.global.clone())
             .map_err(|e| RegionError::Config(format!("global API client: {e}")))?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)

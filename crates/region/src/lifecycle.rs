@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use meridian_store::Txn;
 use serde_json::json;
 
-use crate::state::{Health, LEASE_PREFIX, Shared, lock};
-use crate::{GRACE_ANNOTATION, NODE_LOST, parse_grace};
+use crate::NODE_LOST;
+use crate::state::{Health, LEASES_KEY, Shared, lock};
 
 pub async fn run(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -70,13 +70,7 @@ fn check_leases(shared: &Shared, now: Instant) {
 
 /// The grace of a node: its annotation, or the region default. `None`: never.
 fn node_grace(shared: &Shared, n: &crate::state::NodeEntry) -> Option<Duration> {
-    n.node
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|l| l.get(GRACE_ANNOTATION))
-        .and_then(|g| parse_grace(g))
-        .unwrap_or(Some(shared.cfg.eviction_grace))
+    n.node.grace.unwrap_or(Some(shared.cfg.eviction_grace))
 }
 
 fn evict(shared: &Shared, now: Instant, tokens: &mut f64) {
@@ -185,33 +179,42 @@ fn evict(shared: &Shared, now: Instant, tokens: &mut f64) {
     }
 }
 
-/// Writes changed leases to the region store every few seconds (one transaction),
-/// so a restarted region knows how long each node has been silent.
+/// Writes every node's lease (last heartbeat, wall-clock ms) to the region store as
+/// one record every few seconds, so a restarted region knows how long each node has
+/// been silent. One record per checkpoint, not one write per heartbeat: heartbeats
+/// stay in memory. Old revisions are compacted away.
 pub async fn checkpoint_leases(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
-    let mut written: std::collections::HashMap<String, Instant> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    let mut rounds = 0u64;
     loop {
         tick.tick().await;
         let now = Instant::now();
         let wall = jiff::Timestamp::now().as_millisecond();
-        let mut txn = Txn::new();
-        let mut n = 0;
-        {
+        let leases: std::collections::BTreeMap<String, i64> = {
             let nodes = lock(&shared.nodes);
-            for (name, e) in nodes.iter() {
-                if written.get(name) != Some(&e.last_seen) {
-                    let ms = wall - now.duration_since(e.last_seen).as_millis() as i64;
-                    txn = txn.put(format!("{LEASE_PREFIX}{name}"), ms.to_string());
-                    written.insert(name.clone(), e.last_seen);
-                    n += 1;
+            nodes
+                .iter()
+                .map(|(name, e)| {
+                    (
+                        name.clone(),
+                        wall - now.duration_since(e.last_seen).as_millis() as i64,
+                    )
+                })
+                .collect()
+        };
+        let Ok(blob) = serde_json::to_vec(&leases) else {
+            continue;
+        };
+        match shared.store.txn(Txn::new().put(LEASES_KEY, blob)).await {
+            Ok(r) => {
+                rounds += 1;
+                if rounds.is_multiple_of(6)
+                    && let Err(e) = shared.store.compact(r.revision).await
+                {
+                    tracing::warn!("region store compaction: {e}");
                 }
             }
-        }
-        if n > 0
-            && let Err(e) = shared.store.txn(txn).await
-        {
-            tracing::error!("lease checkpoint failed: {e}");
-            written.clear();
+            Err(e) => tracing::error!("lease checkpoint failed: {e}"),
         }
     }
 }

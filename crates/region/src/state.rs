@@ -16,7 +16,57 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::{GRACE_ANNOTATION, NODE_LOST, RegionConfig, RegionError, parse_grace};
 
-pub type SessionTx = mpsc::Sender<Result<RegionMessage, tonic::Status>>;
+/// The sending half of an agent's stream. Messages are boxed so the channel's
+/// preallocated block stays small: a region holds one per node.
+#[derive(Clone)]
+pub struct SessionTx(pub mpsc::Sender<Box<RegionMessage>>);
+
+impl SessionTx {
+    pub async fn send(&self, m: RegionMessage) -> Result<(), ()> {
+        self.0.send(Box::new(m)).await.map_err(|_| ())
+    }
+
+    pub fn try_send(&self, m: RegionMessage) -> Result<(), ()> {
+        self.0.try_send(Box::new(m)).map_err(|_| ())
+    }
+}
+
+/// A node as the region keeps it: the Node object it writes, encoded, plus the few
+/// fields the region reads often. Compact on purpose (100k of them per region).
+#[derive(Clone)]
+pub struct NodeRecord {
+    pub json: Bytes,
+    pub cpu_millis: i64,
+    pub memory_bytes: i64,
+    /// The node's grace override (label `meridian.io/reschedule-grace`).
+    pub grace: Option<Option<Duration>>,
+}
+
+impl NodeRecord {
+    pub fn from_node(node: &Node) -> Self {
+        let cap = node.status.as_ref().and_then(|s| s.capacity.as_ref());
+        let milli = |k: &str| {
+            cap.and_then(|c| c.get(k))
+                .and_then(|q| meridian_api::quantity::parse_milli(&q.0).ok())
+                .unwrap_or(0)
+        };
+        Self {
+            json: Bytes::from(serde_json::to_vec(node).unwrap_or_default()),
+            cpu_millis: milli("cpu") as i64,
+            memory_bytes: (milli("memory") / 1000) as i64,
+            grace: node
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(GRACE_ANNOTATION))
+                .and_then(|g| parse_grace(g)),
+        }
+    }
+
+    pub fn to_node(&self) -> Node {
+        serde_json::from_slice(&self.json).unwrap_or_default()
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Health {
@@ -38,7 +88,7 @@ pub struct NodeEntry {
     pub unreachable_since_wall: Option<jiff::Timestamp>,
     pub transition_wall: jiff::Timestamp,
     /// The Node object as the region writes it (labels, capacity, info).
-    pub node: Node,
+    pub node: NodeRecord,
     pub usage: Option<NodeUsage>,
     pub next_summary: Instant,
     /// The Node object exists in the global API.
@@ -108,6 +158,9 @@ pub struct Shared {
     pub next_id: AtomicU64,
     pub global_ok: AtomicBool,
     pub partitioned: AtomicBool,
+    /// Bounds the global API calls made while agents register, so a wave of
+    /// registrations cannot open thousands of connections to the global API.
+    pub register_calls: tokio::sync::Semaphore,
     pub metrics: crate::http::Metrics,
 }
 
@@ -117,7 +170,7 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 const NODE_PREFIX: &str = "/nodes/";
 const POD_PREFIX: &str = "/pods/";
-pub const LEASE_PREFIX: &str = "/leases/";
+pub const LEASES_KEY: &str = "/leases";
 
 pub fn pod_grace(pod: &Pod) -> Option<Option<Duration>> {
     pod.metadata
@@ -162,6 +215,7 @@ impl Shared {
             next_id: AtomicU64::new(1),
             global_ok: AtomicBool::new(false),
             partitioned: AtomicBool::new(false),
+            register_calls: tokio::sync::Semaphore::new(16),
             metrics: Default::default(),
         }
     }
@@ -172,16 +226,10 @@ impl Shared {
         let wall = jiff::Timestamp::now();
         let leases: HashMap<String, i64> = self
             .store
-            .range(LEASE_PREFIX, None, 0)
+            .get(LEASES_KEY)
             .await?
-            .kvs
-            .into_iter()
-            .filter_map(|kv| {
-                let name = kv.key.strip_prefix(LEASE_PREFIX)?.to_owned();
-                let ms: i64 = std::str::from_utf8(&kv.value).ok()?.parse().ok()?;
-                Some((name, ms))
-            })
-            .collect();
+            .and_then(|kv| serde_json::from_slice(&kv.value).ok())
+            .unwrap_or_default();
         let nodes = self.store.range(NODE_PREFIX, None, 0).await?.kvs;
         {
             let mut map = lock(&self.nodes);
@@ -206,7 +254,7 @@ impl Shared {
                         unreachable_since: None,
                         unreachable_since_wall: None,
                         transition_wall: wall,
-                        node,
+                        node: NodeRecord::from_node(&node),
                         usage: None,
                         next_summary: now + self.cfg.summary_interval,
                         created: true,
@@ -287,7 +335,7 @@ impl Shared {
             let msg = RegionMessage {
                 msg: Some(region_message::Msg::Desired(self.desired_for(node))),
             };
-            if tx.try_send(Ok(msg)).is_err() {
+            if tx.try_send(msg).is_err() {
                 // The agent is slow or gone; it gets the full set again on reconnect.
                 tracing::debug!(node, "desired set not delivered (stream full or closed)");
             }

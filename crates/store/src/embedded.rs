@@ -74,8 +74,13 @@ impl EmbeddedStore {
     pub fn open(path: &Path) -> Result<Self> {
         // The watch cache above keeps every object in memory already; a small page
         // cache here keeps the process from holding the data twice.
+        Self::open_with_cache(path, CACHE_BYTES)
+    }
+
+    /// Opens (or creates) the store file with a page cache of `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self> {
         let db = redb::Builder::new()
-            .set_cache_size(CACHE_BYTES)
+            .set_cache_size(cache_bytes)
             .create(path)
             .map_err(db_err)?;
         let wtxn = db.begin_write().map_err(db_err)?;

@@ -263,21 +263,24 @@ impl Runtime for ProcessRuntime {
     }
 
     async fn stop(&self, h: &ContainerHandle, grace: Duration) {
+        // Signal only a process we can prove is ours (pid and kernel start time): a
+        // pid from a record may have been recycled for an unrelated process.
         let pgid = Pid::from_raw(h.pid as i32);
-        if matches!(self.inspect(h).await, RunState::Exited(_)) {
-            let _ = killpg(pgid, Signal::SIGKILL); // leftovers of the group
+        let ours = || h.start_ticks != 0 && alive(h.pid, h.start_ticks);
+        if !ours() {
             return;
         }
         let _ = killpg(pgid, Signal::SIGTERM);
         let deadline = tokio::time::Instant::now() + grace;
         while tokio::time::Instant::now() < deadline {
-            if matches!(self.inspect(h).await, RunState::Exited(_)) {
-                let _ = killpg(pgid, Signal::SIGKILL);
+            if matches!(self.inspect(h).await, RunState::Exited(_)) || !ours() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let _ = killpg(pgid, Signal::SIGKILL);
+        if ours() {
+            let _ = killpg(pgid, Signal::SIGKILL);
+        }
         for _ in 0..100 {
             if matches!(self.inspect(h).await, RunState::Exited(_)) {
                 return;
@@ -322,4 +325,48 @@ impl Runtime for ProcessRuntime {
         }
         cpu_and_rss(h.pid)
     }
+}
+
+/// Kills every shim found under `root` (an agent data dir, or a directory holding
+/// several) together with its container's process group: for tests, benchmarks and
+/// decommissioning a node. Only processes proven to be ours are signalled — a shim
+/// whose command line names its state dir, and a container whose parent is that
+/// shim — since stale pid files may name recycled pids. Returns how many it killed.
+pub fn kill_leftovers(root: &Path) -> usize {
+    let mut killed = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.path().is_dir() {
+                stack.push(e.path());
+            }
+        }
+        let Some(shim) = read_pid(&d.join("shim.pid")) else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{shim}/cmdline")).unwrap_or_default();
+        if !String::from_utf8_lossy(&cmdline).contains(&*d.to_string_lossy()) {
+            continue;
+        }
+        if let Some(child) = read_pid(&d.join("pid"))
+            && parent_of(child) == Some(shim)
+        {
+            let _ = killpg(Pid::from_raw(child as i32), Signal::SIGKILL);
+        }
+        let _ = nix::sys::signal::kill(Pid::from_raw(shim as i32), Signal::SIGKILL);
+        killed += 1;
+    }
+    killed
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }

@@ -212,6 +212,8 @@ impl World {
                 d.to_str().unwrap(),
                 "--listen",
                 &listen,
+                "--region-timeout",
+                "12s",
             ],
             &self.log("server"),
         ));
@@ -430,7 +432,9 @@ pub fn alive(pid: u32) -> bool {
             .unwrap_or(true)
 }
 
-/// Workloads outlive agents by design: kill what the test's agents started.
+/// Workloads outlive agents by design: kill what the test's agents started. Only
+/// processes proven to be ours are signalled (a shim whose command line names the
+/// state dir, and that shim's child): stale pid files may name recycled pids.
 impl Drop for World {
     fn drop(&mut self) {
         for a in &mut self.agents {
@@ -438,31 +442,32 @@ impl Drop for World {
                 p.kill9();
             }
         }
-        let mut stack = vec![self.dir.path().to_path_buf()];
-        while let Some(d) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else if matches!(
-                    p.file_name().and_then(|n| n.to_str()),
-                    Some("pid" | "shim.pid")
-                ) && let Ok(pid) = std::fs::read_to_string(&p)
-                {
-                    let pid = pid.trim();
-                    let _ = Command::new("kill")
-                        .args(["-9", &format!("-{pid}")])
-                        .stderr(Stdio::null())
-                        .status();
-                    let _ = Command::new("kill")
-                        .args(["-9", pid])
-                        .stderr(Stdio::null())
-                        .status();
-                }
-            }
-        }
+        kill_workloads(self.dir.path());
+    }
+}
+
+pub fn kill_workloads(root: &Path) {
+    meridian_agent::runtime::process::kill_leftovers(root);
+}
+
+impl World {
+    /// Creates a tenant with `meridian tenant create` and returns its client.
+    pub async fn tenant(&self, name: &str) -> kube::Client {
+        let d = self.path("global");
+        let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["tenant", "create", name, "--data-dir", d.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let kc = kube::config::Kubeconfig::read_from(d.join(format!("tenants/{name}.kubeconfig")))
+            .unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        kube::Client::try_from(cfg).unwrap()
     }
 }

@@ -83,6 +83,44 @@ async fn a_pod_bound_to_a_node_runs_becomes_ready_and_streams_its_logs() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not valid for pod hello"), "{err}");
+
+    // tenants read their own pods' logs and nobody else's
+    let acme = w.tenant("acme").await;
+    let globex = w.tenant("globex").await;
+    let acme_pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(acme, "default");
+    let pod = serde_json::json!({
+        "metadata": {"name": "diary"},
+        "spec": {"nodeName": "paris-1", "containers": [{"name": "main", "image": "busybox",
+            "command": ["/bin/sh", "-c", "echo acme secret; exec sleep 3600"]}]},
+    });
+    acme_pods
+        .create(&Default::default(), &serde_json::from_value(pod).unwrap())
+        .await
+        .unwrap();
+    eventually(
+        "the tenant reads its pod's logs",
+        Duration::from_secs(30),
+        || {
+            let p = acme_pods.clone();
+            async move {
+                p.logs("diary", &LogParams::default())
+                    .await
+                    .is_ok_and(|l| l.contains("acme secret"))
+            }
+        },
+    )
+    .await;
+    let globex_pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(globex, "default");
+    let err = globex_pods
+        .logs("diary", &LogParams::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 404),
+        "another tenant gets NotFound, not the logs: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,9 +172,20 @@ async fn short_link_cuts_mark_nothing_long_ones_mark_pods_at_the_configured_rate
         w.add_agent(n).await;
         w.run_pod(&format!("p-{n}"), n, "exec sleep 3600").await;
     }
+    // a pinned workload on n1: never rescheduled
+    create(
+        &w,
+        serde_json::json!({
+            "metadata": {"name": "pinned", "annotations": {"meridian.io/reschedule-grace": "never"}},
+            "spec": {"nodeName": "n1", "containers": [
+                {"name": "main", "image": "busybox", "command": ["/bin/sleep", "3600"]}]},
+        }),
+    )
+    .await;
     for n in ["n1", "n2", "n3", "n4"] {
         w.wait_running_ready(&format!("p-{n}")).await;
     }
+    w.wait_running_ready("pinned").await;
     // shorter than the grace: nodes go Unknown, no pod is touched
     for n in ["n1", "n2"] {
         let i = w.agent(n);
@@ -201,6 +250,10 @@ async fn short_link_cuts_mark_nothing_long_ones_mark_pods_at_the_configured_rate
             "{n} on a healthy node is untouched"
         );
     }
+    assert!(
+        !is_marked(&w.pod("pinned").await),
+        "reschedule-grace: never keeps a pinned pod in place"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,4 +465,39 @@ async fn process_runtime_honours_restart_policies_probes_and_graceful_stop() {
         },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_region_has_its_nodes_marked_unknown_by_the_global_plane_and_no_pod_moved() {
+    let mut w = World::start(RegionOpts {
+        grace: "2s",
+        ..Default::default()
+    })
+    .await;
+    w.add_agent("oslo-1").await;
+    w.run_pod("keep", "oslo-1", "exec sleep 3600").await;
+    let pid = container_pid(&w.wait_running_ready("keep").await).unwrap();
+    w.region.as_mut().unwrap().kill9();
+    // the server runs with --region-timeout 12s; the region reported every 10s
+    let deadline = Duration::from_secs(40);
+    let t0 = Instant::now();
+    while w.node_ready("oslo-1").await.as_deref() != Some("Unknown") {
+        assert!(
+            t0.elapsed() < deadline,
+            "the node of a silent region stayed Ready"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let p = w.pod("keep").await;
+    assert!(
+        !is_marked(&p),
+        "a whole region gone is a partition: nothing is marked"
+    );
+    assert!(
+        alive(pid),
+        "the node keeps its workload while its region is away"
+    );
+    w.start_region().await;
+    w.wait_node("oslo-1", "True").await;
+    assert!(!is_marked(&w.pod("keep").await));
 }
