@@ -75,8 +75,7 @@ pub fn detect(data_dir: &Path, max_pods: i64, addresses: Vec<String>) -> NodeFac
         hostname: std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|s| s.trim().to_owned())
             .unwrap_or_default(),
-        runtime: String::new(),
-        limits_not_enforced: String::new(),
+        ..Default::default()
     }
 }
 

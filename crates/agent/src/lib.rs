@@ -58,6 +58,8 @@ pub struct AgentConfig {
     pub backoff: Backoff,
     /// Upper bound of the reconnect back-off.
     pub reconnect_cap: Duration,
+    /// Declared location (latitude, longitude in degrees).
+    pub coordinates: Option<(f64, f64)>,
 }
 
 impl AgentConfig {
@@ -72,6 +74,7 @@ impl AgentConfig {
             max_pods: 110,
             backoff: Backoff::default(),
             reconnect_cap: Duration::from_secs(30),
+            coordinates: None,
         }
     }
 }
@@ -118,6 +121,11 @@ impl Agent {
         let mut facts = facts::detect(&cfg.data_dir, cfg.max_pods, vec![cfg.node_ip.clone()]);
         facts.runtime = runtime.name().into();
         facts.limits_not_enforced = runtime.limits_not_enforced().unwrap_or_default();
+        if let Some((lat, lon)) = cfg.coordinates {
+            facts.has_coordinates = true;
+            facts.latitude = lat;
+            facts.longitude = lon;
+        }
         let ctx = Arc::new(Ctx {
             runtime,
             state,

@@ -36,6 +36,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses `LAT,LON` in degrees.
+pub fn parse_coordinates(s: &str) -> Result<(f64, f64), String> {
+    let (lat, lon) = s.split_once(',').ok_or("coordinates are LAT,LON")?;
+    let lat: f64 = lat
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad latitude {lat:?}"))?;
+    let lon: f64 = lon
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad longitude {lon:?}"))?;
+    if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+        return Err(format!("{lat},{lon} is not on Earth"));
+    }
+    Ok((lat, lon))
+}
+
 /// Parses `k=v,k2=v2`.
 pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
@@ -174,6 +191,9 @@ pub struct AgentArgs {
     node_ip: String,
     #[arg(long, default_value_t = 110)]
     max_pods: i64,
+    /// Declared location, LAT,LON in degrees (e.g. 48.8534,2.3488).
+    #[arg(long, value_parser = parse_coordinates)]
+    coordinates: Option<(f64, f64)>,
     /// Longest wait between reconnect attempts (jittered exponential back-off).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     reconnect_max: Duration,
@@ -211,6 +231,7 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
     cfg.max_pods = args.max_pods;
     cfg.backoff.base = args.restart_backoff;
     cfg.reconnect_cap = args.reconnect_max;
+    cfg.coordinates = args.coordinates;
     let agent = Agent::start(cfg, make_runtime(args.runtime)?)
         .await
         .with_context(|| format!("starting agent {}", args.node_name))?;
@@ -224,23 +245,29 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
 /// The node `examples/hello-pod.yaml` is bound to.
 pub const DEMO_HELLO_NODE: &str = "paris-1";
 
-/// (node, city, country)
-type DemoNode = (&'static str, &'static str, &'static str);
+/// (node, city, country, latitude, longitude)
+type DemoNode = (&'static str, &'static str, &'static str, f64, f64);
 
 /// Regions and their nodes, cities from `world-cities.csv`.
 const DEMO: &[(&str, &[DemoNode])] = &[
     (
         "ap-northeast",
         &[
-            ("tokyo-1", "Tokyo", "JP"),
-            ("hong-kong-1", "Hong Kong", "HK"),
+            ("tokyo-1", "Tokyo", "JP", 35.6895, 139.6917),
+            ("hong-kong-1", "Hong Kong", "HK", 22.2783, 114.1747),
         ],
     ),
     (
         "eu-west",
-        &[("paris-1", "Paris", "FR"), ("london-1", "London", "GB")],
+        &[
+            ("paris-1", "Paris", "FR", 48.8534, 2.3488),
+            ("london-1", "London", "GB", 51.5085, -0.1257),
+        ],
     ),
-    ("us-east", &[("new-york-1", "New York City", "US")]),
+    (
+        "us-east",
+        &[("new-york-1", "New York City", "US", 40.7143, -74.0060)],
+    ),
 ];
 
 pub struct DemoWorld {
@@ -299,12 +326,13 @@ pub async fn start_demo_world(server: &Server, data_dir: &Path) -> Result<DemoWo
             .await
             .with_context(|| format!("starting region {region}"))?;
         let endpoint = format!("http://{}", r.addr);
-        for (node, city, country) in *nodes {
+        for (node, city, country, lat, lon) in *nodes {
             let mut cfg = AgentConfig::new(
                 *node,
                 vec![endpoint.clone()],
                 data_dir.join("nodes").join(node),
             );
+            cfg.coordinates = Some((*lat, *lon));
             cfg.labels = BTreeMap::from([
                 ("meridian.io/city".to_owned(), city.replace(' ', "-")),
                 ("meridian.io/country".to_owned(), country.to_string()),

@@ -125,8 +125,16 @@ fn validate(reg: &Register) -> Result<String, String> {
             return Err(format!("label {k:?}={v:?}: {p}"));
         }
     }
-    if reg.facts.is_none() {
+    let Some(f) = &reg.facts else {
         return Err("registration carries no node facts".into());
+    };
+    if f.has_coordinates
+        && !((-90.0..=90.0).contains(&f.latitude) && (-180.0..=180.0).contains(&f.longitude))
+    {
+        return Err(format!(
+            "coordinates {},{} are not on Earth",
+            f.latitude, f.longitude
+        ));
     }
     Ok(reg.node_name.clone())
 }
@@ -173,6 +181,12 @@ pub fn node_object(
         address: name.into(),
     });
     let mut annotations = BTreeMap::new();
+    if f.has_coordinates {
+        annotations.insert(
+            "meridian.io/coordinates".into(),
+            format!("{:.4},{:.4}", f.latitude, f.longitude),
+        );
+    }
     if !f.limits_not_enforced.is_empty() {
         annotations.insert(
             "meridian.io/limits-not-enforced".into(),

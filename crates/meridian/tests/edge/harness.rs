@@ -311,6 +311,8 @@ impl World {
                 "1s",
                 "--labels",
                 "meridian.io/city=Paris,meridian.io/country=FR",
+                "--coordinates",
+                "48.8534,2.3488",
             ],
             &self.log(&format!("agent-{name}")),
         );

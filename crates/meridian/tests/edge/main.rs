@@ -20,6 +20,24 @@ async fn a_pod_bound_to_a_node_runs_becomes_ready_and_streams_its_logs() {
         "echo hello from $HOSTNAME; i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.3; done",
     )
     .await;
+    let node: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(w.client.clone());
+    let n = node.get("paris-1").await.unwrap();
+    let ann = n.metadata.annotations.unwrap_or_default();
+    assert_eq!(
+        ann.get("meridian.io/coordinates").map(String::as_str),
+        Some("48.8534,2.3488")
+    );
+    let labels = n.metadata.labels.unwrap_or_default();
+    assert_eq!(
+        labels.get("meridian.io/city").map(String::as_str),
+        Some("Paris")
+    );
+    assert_eq!(
+        labels.get("meridian.io/region").map(String::as_str),
+        Some("test-region")
+    );
+    let cap = n.status.unwrap().capacity.unwrap();
+    assert!(cap.contains_key("cpu") && cap.contains_key("memory") && cap.contains_key("pods"));
     let pod = w.wait_running_ready("hello").await;
     assert!(
         container_pid(&pod).is_some_and(alive),
