@@ -351,23 +351,31 @@ pub async fn start_demo_world(server: &Server, data_dir: &Path) -> Result<DemoWo
     Ok(world)
 }
 
-/// The global plane's region watchdog (silent region => its Nodes Ready=Unknown).
-pub async fn spawn_region_watchdog(
-    server: &Server,
-    timeout: Duration,
-) -> Result<tokio::task::JoinHandle<()>> {
-    let token = server.system_token(SystemRole::Region).await?;
-    let yaml = meridian_apiserver::kubeconfig::render(
-        "watchdog",
-        &server.url,
-        &server.ca_pem,
-        &token,
-        None,
-    );
+/// A client of the global API acting as a platform component.
+async fn system_client(server: &Server, role: SystemRole) -> Result<kube::Client> {
+    let token = server.system_token(role).await?;
+    let yaml =
+        meridian_apiserver::kubeconfig::render("system", &server.url, &server.ca_pem, &token, None);
     let kc = kube::config::Kubeconfig::from_yaml(&yaml)?;
     let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-    let client = kube::Client::try_from(cfg)?;
-    Ok(tokio::spawn(meridian_region::global::region_watchdog(
-        client, timeout,
-    )))
+    Ok(kube::Client::try_from(cfg)?)
+}
+
+/// The global plane's loops beside the API server: the scheduler, the workload
+/// controllers, and the region watchdog (silent region => its Nodes Ready=Unknown).
+pub async fn spawn_global_loops(
+    server: &Server,
+    region_timeout: Duration,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let regions = system_client(server, SystemRole::Region).await?;
+    let scheduler = system_client(server, SystemRole::Scheduler).await?;
+    let controllers = system_client(server, SystemRole::Controllers).await?;
+    Ok(vec![
+        tokio::spawn(meridian_region::global::region_watchdog(
+            regions,
+            region_timeout,
+        )),
+        tokio::spawn(meridian_scheduler::run(scheduler)),
+        tokio::spawn(meridian_controllers::run(controllers)),
+    ])
 }

@@ -118,7 +118,7 @@ async fn run(cli: Cli) -> Result<()> {
                 "region token (for `meridian region --token-file`): {}",
                 args.data_dir.join("system-region.token").display()
             );
-            let _watchdog = edge::spawn_region_watchdog(&server, args.region_timeout).await?;
+            let _loops = edge::spawn_global_loops(&server, args.region_timeout).await?;
             println!(
                 "admin kubeconfig: {}",
                 args.data_dir.join("admin.kubeconfig").display()
@@ -175,7 +175,7 @@ async fn up(args: ServerArgs) -> Result<()> {
     let server = start_server(&args).await?;
     let kubeconfig = tenant::create_tenant(&args.data_dir, "demo", None).await?;
     let world = edge::start_demo_world(&server, &args.data_dir).await?;
-    let _watchdog = edge::spawn_region_watchdog(&server, args.region_timeout).await?;
+    let _loops = edge::spawn_global_loops(&server, args.region_timeout).await?;
     let examples = std::env::current_dir()?.join("examples");
     println!();
     println!(

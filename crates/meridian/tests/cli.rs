@@ -196,4 +196,49 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     }
     let (ok, out) = kubectl(&kubeconfig, &["delete", "pod", "hello"]);
     assert!(ok, "{out}");
+
+    // the Deployment example is scheduled over three cities and runs (pods of the
+    // first, deleted, Deployment may still be being collected: ignore those)
+    let (_, before) = kubectl(&kubeconfig, &["get", "pods", "-l", "app=web", "-o", "name"]);
+    let before: std::collections::BTreeSet<String> = before
+        .lines()
+        .map(|l| l.trim_start_matches("pod/").to_owned())
+        .collect();
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "--validate=false", "-f", example]);
+    assert!(ok, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, out) = kubectl(
+            &kubeconfig,
+            &[
+                "get",
+                "pods",
+                "-l",
+                "app=web",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.spec.nodeName}{\"\\n\"}{end}",
+            ],
+        );
+        let running: std::collections::BTreeSet<&str> = out
+            .lines()
+            .filter_map(|l| {
+                let mut f = l.split(' ');
+                let (name, phase, node) = (f.next()?, f.next()?, f.next()?);
+                (phase == "Running" && !before.contains(name)).then_some(node)
+            })
+            .collect();
+        if ok && running.len() == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web replicas not running on 3 nodes: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (ok, out) = kubectl(&kubeconfig, &["delete", "deployment", "web"]);
+    assert!(ok, "{out}");
+    drop(_up);
+    // workloads outlive their agents by design; this test's must not outlive it
+    meridian_agent::runtime::process::kill_leftovers(dir.path());
 }

@@ -141,6 +141,7 @@ pub struct World {
     pub agents: Vec<(String, Option<Proc>, Proxy)>,
     pub client: kube::Client,
     opts: RegionOpts,
+    cities: std::collections::HashMap<String, String>,
 }
 
 pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
@@ -184,6 +185,7 @@ impl World {
             ))
             .unwrap(),
             opts,
+            cities: Default::default(),
         };
         w.start_server().await;
         w.client = admin_client(&w.path("global")).await;
@@ -283,8 +285,14 @@ impl World {
 
     /// Starts an agent behind its own proxy; waits until its Node is Ready.
     pub async fn add_agent(&mut self, name: &str) {
+        self.add_agent_in(name, "Paris").await;
+    }
+
+    /// Starts an agent in `city` behind its own proxy; waits until its Node is Ready.
+    pub async fn add_agent_in(&mut self, name: &str, city: &str) {
         let proxy = Proxy::start(self.region_port).await;
         self.agents.push((name.to_owned(), None, proxy));
+        self.cities.insert(name.to_owned(), city.to_owned());
         let i = self.agents.len() - 1;
         self.start_agent(i);
         self.wait_node(name, "True").await;
@@ -292,6 +300,10 @@ impl World {
 
     pub fn start_agent(&mut self, i: usize) {
         let (name, _, proxy) = &self.agents[i];
+        let labels = format!(
+            "meridian.io/city={},meridian.io/country=FR",
+            self.cities.get(name).map(String::as_str).unwrap_or("Paris")
+        );
         let data = self.path(&format!("agent-{name}"));
         let region = format!("http://127.0.0.1:{}", proxy.port);
         let p = Proc::start(
@@ -310,7 +322,7 @@ impl World {
                 "--reconnect-max",
                 "1s",
                 "--labels",
-                "meridian.io/city=Paris,meridian.io/country=FR",
+                &labels,
                 "--coordinates",
                 "48.8534,2.3488",
             ],
@@ -439,6 +451,16 @@ pub fn alive(pid: u32) -> bool {
 /// state dir, and that shim's child): stale pid files may name recycled pids.
 impl Drop for World {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            for f in ["server", "region"] {
+                let text = std::fs::read_to_string(self.log(f)).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!("--- last lines of {f}.log ---");
+                for l in &lines[lines.len().saturating_sub(40)..] {
+                    eprintln!("{l}");
+                }
+            }
+        }
         for a in &mut self.agents {
             if let Some(p) = a.1.as_mut() {
                 p.kill9();

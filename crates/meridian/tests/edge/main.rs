@@ -3,6 +3,7 @@
 
 mod harness;
 mod hostile;
+mod workloads;
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,149 @@
+//! The ReplicaSet controller.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use rand::Rng;
+use serde_json::json;
+
+use crate::{Stores, controller_of, is_active, is_ready, owner_ref};
+
+/// At most this many pods created or deleted per ReplicaSet per tick.
+const BURST: usize = 500;
+
+fn suffix() -> String {
+    const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    (0..5)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
+    let mut owned: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+    for p in s.pods.state() {
+        if let Some(o) = controller_of(&p.metadata)
+            && o.kind == "ReplicaSet"
+        {
+            owned.entry(o.uid.clone()).or_default().push(p.clone());
+        }
+    }
+    for rs in s.replicasets.state() {
+        if rs.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let uid = rs.metadata.uid.clone().unwrap_or_default();
+        let pods = owned.remove(&uid).unwrap_or_default();
+        reconcile(client, s, &rs, &uid, pods).await;
+    }
+}
+
+async fn reconcile(
+    client: &kube::Client,
+    s: &Stores,
+    rs: &ReplicaSet,
+    uid: &str,
+    pods: Vec<Arc<Pod>>,
+) {
+    let ns = rs.metadata.namespace.clone().unwrap_or_default();
+    let name = rs.metadata.name.clone().unwrap_or_default();
+    let want = rs
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1)
+        .max(0) as usize;
+    let mut active: Vec<Arc<Pod>> = pods.iter().filter(|p| is_active(p)).cloned().collect();
+    let pod_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let waiting = {
+        let mut ex = s.expectations.lock().unwrap_or_else(|e| e.into_inner());
+        match ex.get(uid) {
+            Some(&(target, up, t))
+                if t.elapsed() < std::time::Duration::from_secs(5)
+                    && ((up && active.len() < target) || (!up && active.len() > target)) =>
+            {
+                true
+            }
+            _ => {
+                ex.remove(uid);
+                false
+            }
+        }
+    };
+    let expect = |target: usize, up: bool| {
+        s.expectations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.to_owned(), (target, up, std::time::Instant::now()));
+    };
+    if waiting {
+        // The watch has not caught up with our last changes yet.
+    } else if active.len() < want {
+        let Some(template) = rs.spec.as_ref().and_then(|s| s.template.clone()) else {
+            return;
+        };
+        let mut meta = template.metadata.clone().unwrap_or_default();
+        meta.namespace = Some(ns.clone());
+        meta.owner_references = Some(vec![owner_ref("ReplicaSet", &rs.metadata)]);
+        let n = (want - active.len()).min(BURST);
+        expect(active.len() + n, true);
+        for _ in 0..n {
+            let pod = Pod {
+                metadata: ObjectMeta {
+                    name: Some(format!("{name}-{}", suffix())),
+                    ..meta.clone()
+                },
+                spec: template.spec.clone(),
+                status: None,
+            };
+            if let Err(e) = pod_api.create(&PostParams::default(), &pod).await {
+                tracing::warn!(replicaset = %name, "cannot create pod: {e}");
+                break;
+            }
+        }
+    } else if active.len() > want {
+        // Delete the least useful first: unscheduled, not ready, then the newest.
+        active.sort_by_key(|p| {
+            let scheduled = p.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
+            let created = p.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            (scheduled, is_ready(p), std::cmp::Reverse(created))
+        });
+        let n = (active.len() - want).min(BURST);
+        expect(active.len() - n, false);
+        for p in active.iter().take(n) {
+            let pname = p.metadata.name.clone().unwrap_or_default();
+            if let Err(e) = pod_api.delete(&pname, &Default::default()).await {
+                tracing::warn!(replicaset = %name, pod = %pname, "cannot delete pod: {e}");
+            }
+        }
+    }
+    let ready = active.iter().filter(|p| is_ready(p)).count() as i32;
+    let status = ReplicaSetStatus {
+        replicas: active.len() as i32,
+        fully_labeled_replicas: Some(active.len() as i32),
+        ready_replicas: Some(ready),
+        available_replicas: Some(ready),
+        observed_generation: rs.metadata.generation,
+        ..Default::default()
+    };
+    let current = rs.status.clone().unwrap_or_default();
+    if current.replicas != status.replicas
+        || current.ready_replicas.unwrap_or(0) != ready
+        || current.available_replicas.unwrap_or(0) != ready
+        || current.observed_generation != status.observed_generation
+    {
+        let api: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
+        let patch = json!({"status": status});
+        if let Err(e) = api
+            .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            tracing::debug!(replicaset = %name, "status: {e}");
+        }
+    }
+}

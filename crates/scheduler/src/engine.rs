@@ -1,0 +1,595 @@
+//! The placement engine: pure, synchronous, no I/O. Given the fleet and a pod, find
+//! the best feasible node, or say why none fits, counted by cause.
+//!
+//! Filters: schedulable (Ready, not cordoned), nodeSelector, required node affinity,
+//! taints/tolerations, resources (cpu, memory, ephemeral-storage, pods,
+//! `nvidia.com/gpu`) against allocatable minus what is bound, required pod
+//! anti-affinity on hostname, topology spread (`DoNotSchedule`). Scoring: least
+//! allocated, plus spread. Placements are incremental: each one updates the fleet,
+//! so many replicas of one workload spread correctly in one pass.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{
+    Node, NodeSelectorRequirement, Pod, Taint, Toleration, TopologySpreadConstraint,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resources {
+    pub cpu_milli: i64,
+    pub memory: i64,
+    pub ephemeral: i64,
+    pub pods: i64,
+    pub gpu: i64,
+}
+
+impl Resources {
+    fn add(&mut self, o: &Resources) {
+        self.cpu_milli += o.cpu_milli;
+        self.memory += o.memory;
+        self.ephemeral += o.ephemeral;
+        self.pods += o.pods;
+        self.gpu += o.gpu;
+    }
+
+    fn sub(&mut self, o: &Resources) {
+        self.cpu_milli -= o.cpu_milli;
+        self.memory -= o.memory;
+        self.ephemeral -= o.ephemeral;
+        self.pods -= o.pods;
+        self.gpu -= o.gpu;
+    }
+
+    fn from_map(
+        m: Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>,
+    ) -> Self {
+        let get = |k: &str| {
+            m.and_then(|m| m.get(k))
+                .and_then(|q| meridian_api::quantity::parse_milli(&q.0).ok())
+                .unwrap_or(0)
+        };
+        Resources {
+            cpu_milli: get("cpu") as i64,
+            memory: (get("memory") / 1000) as i64,
+            ephemeral: (get("ephemeral-storage") / 1000) as i64,
+            pods: (get("pods") / 1000) as i64,
+            gpu: (get("nvidia.com/gpu") / 1000) as i64,
+        }
+    }
+}
+
+/// Why a node was rejected for a pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    NotReady,
+    Cordoned,
+    NodeSelector,
+    Affinity,
+    Taint,
+    Cpu,
+    Memory,
+    Ephemeral,
+    Pods,
+    Gpu,
+    AntiAffinity,
+    Spread,
+}
+
+impl Reason {
+    pub fn text(self) -> &'static str {
+        match self {
+            Reason::NotReady => "node(s) not ready",
+            Reason::Cordoned => "node(s) were unschedulable",
+            Reason::NodeSelector => "node(s) didn't match Pod's node selector",
+            Reason::Affinity => "node(s) didn't match Pod's node affinity",
+            Reason::Taint => "node(s) had untolerated taint",
+            Reason::Cpu => "Insufficient cpu",
+            Reason::Memory => "Insufficient memory",
+            Reason::Ephemeral => "Insufficient ephemeral-storage",
+            Reason::Pods => "Too many pods",
+            Reason::Gpu => "Insufficient nvidia.com/gpu",
+            Reason::AntiAffinity => "node(s) didn't satisfy pod anti-affinity rules",
+            Reason::Spread => "node(s) didn't match pod topology spread constraints",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: Labels,
+    pub taints: Vec<Taint>,
+    pub allocatable: Resources,
+    pub used: Resources,
+    pub ready: bool,
+    pub cordoned: bool,
+    /// Labels of the pods bound here (for spread and anti-affinity).
+    pub pods: Vec<Arc<Labels>>,
+}
+
+impl NodeInfo {
+    pub fn from_node(n: &Node) -> NodeInfo {
+        let status = n.status.as_ref();
+        let ready = status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == "True");
+        let spec = n.spec.as_ref();
+        NodeInfo {
+            name: n.metadata.name.clone().unwrap_or_default(),
+            labels: n.metadata.labels.clone().unwrap_or_default(),
+            taints: spec.and_then(|s| s.taints.clone()).unwrap_or_default(),
+            allocatable: Resources::from_map(status.and_then(|s| s.allocatable.as_ref())),
+            used: Resources::default(),
+            ready,
+            cordoned: spec.and_then(|s| s.unschedulable).unwrap_or(false),
+            pods: Vec::new(),
+        }
+    }
+}
+
+/// What the engine needs to know of a pod.
+#[derive(Clone, Debug, Default)]
+pub struct PodRequest {
+    pub labels: Arc<Labels>,
+    pub requests: Resources,
+    pub node_selector: Labels,
+    /// OR of terms, each an AND of requirements.
+    pub required_terms: Vec<Vec<NodeSelectorRequirement>>,
+    pub tolerations: Vec<Toleration>,
+    pub spread: Vec<TopologySpreadConstraint>,
+    /// Required anti-affinity on `kubernetes.io/hostname` (its label selector).
+    pub anti_affinity: Vec<LabelSelector>,
+}
+
+impl PodRequest {
+    pub fn from_pod(pod: &Pod) -> PodRequest {
+        let spec = pod.spec.clone().unwrap_or_default();
+        let mut requests = Resources {
+            pods: 1,
+            ..Default::default()
+        };
+        for c in &spec.containers {
+            let r = c.resources.as_ref();
+            // Requests default to limits, as in Kubernetes.
+            let m = r
+                .and_then(|r| r.requests.as_ref())
+                .or(r.and_then(|r| r.limits.as_ref()));
+            let mut add = Resources::from_map(m);
+            add.pods = 0;
+            requests.add(&add);
+        }
+        let affinity = spec.affinity.as_ref();
+        let required_terms = affinity
+            .and_then(|a| a.node_affinity.as_ref())
+            .and_then(|n| {
+                n.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })
+            .map(|r| {
+                r.node_selector_terms
+                    .iter()
+                    .map(|t| t.match_expressions.clone().unwrap_or_default())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let anti_affinity = affinity
+            .and_then(|a| a.pod_anti_affinity.as_ref())
+            .and_then(|p| {
+                p.required_during_scheduling_ignored_during_execution
+                    .as_ref()
+            })
+            .map(|terms| {
+                terms
+                    .iter()
+                    .filter(|t| t.topology_key == "kubernetes.io/hostname")
+                    .filter_map(|t| t.label_selector.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        PodRequest {
+            labels: Arc::new(pod.metadata.labels.clone().unwrap_or_default()),
+            requests,
+            node_selector: spec.node_selector.clone().unwrap_or_default(),
+            required_terms,
+            tolerations: spec.tolerations.clone().unwrap_or_default(),
+            spread: spec.topology_spread_constraints.clone().unwrap_or_default(),
+            anti_affinity,
+        }
+    }
+}
+
+pub fn selector_matches(sel: &LabelSelector, labels: &Labels) -> bool {
+    if let Some(ml) = &sel.match_labels
+        && !ml.iter().all(|(k, v)| labels.get(k) == Some(v))
+    {
+        return false;
+    }
+    for e in sel.match_expressions.iter().flatten() {
+        let v = labels.get(&e.key);
+        let values = e.values.as_deref().unwrap_or_default();
+        let ok = match e.operator.as_str() {
+            "In" => v.is_some_and(|v| values.contains(v)),
+            "NotIn" => !v.is_some_and(|v| values.contains(v)),
+            "Exists" => v.is_some(),
+            "DoesNotExist" => v.is_none(),
+            _ => false,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+fn requirement_matches(r: &NodeSelectorRequirement, labels: &Labels) -> bool {
+    let v = labels.get(&r.key);
+    let values = r.values.as_deref().unwrap_or_default();
+    match r.operator.as_str() {
+        "In" => v.is_some_and(|v| values.contains(v)),
+        "NotIn" => !v.is_some_and(|v| values.contains(v)),
+        "Exists" => v.is_some(),
+        "DoesNotExist" => v.is_none(),
+        "Gt" | "Lt" => {
+            let (Some(v), Some(w)) = (
+                v.and_then(|v| v.parse::<i64>().ok()),
+                values.first().and_then(|w| w.parse::<i64>().ok()),
+            ) else {
+                return false;
+            };
+            if r.operator == "Gt" { v > w } else { v < w }
+        }
+        _ => false,
+    }
+}
+
+fn tolerates(tolerations: &[Toleration], t: &Taint) -> bool {
+    if t.effect == "PreferNoSchedule" {
+        return true;
+    }
+    tolerations.iter().any(|tol| {
+        let key_ok = match tol.key.as_deref() {
+            None | Some("") => tol.operator.as_deref() == Some("Exists"),
+            Some(k) => k == t.key,
+        };
+        let value_ok = match tol.operator.as_deref() {
+            Some("Exists") => true,
+            _ => tol.value.as_deref().unwrap_or("") == t.value.as_deref().unwrap_or(""),
+        };
+        let effect_ok = tol
+            .effect
+            .as_deref()
+            .is_none_or(|e| e.is_empty() || e == t.effect);
+        key_ok && value_ok && effect_ok
+    })
+}
+
+/// The fleet as the engine sees it.
+#[derive(Default)]
+pub struct Fleet {
+    pub nodes: Vec<NodeInfo>,
+    index: HashMap<String, usize>,
+}
+
+/// Result of placing one pod.
+#[derive(Debug)]
+pub enum Placement {
+    Node(String),
+    Unschedulable(String),
+}
+
+impl Fleet {
+    pub fn new(nodes: Vec<NodeInfo>) -> Fleet {
+        let index = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect();
+        Fleet { nodes, index }
+    }
+
+    /// Records a pod already bound to `node`.
+    pub fn bind(&mut self, node: &str, req: &PodRequest) {
+        if let Some(&i) = self.index.get(node) {
+            let n = &mut self.nodes[i];
+            n.used.add(&req.requests);
+            n.pods.push(req.labels.clone());
+        }
+    }
+
+    /// Forgets a bound pod (the inverse of [`Fleet::bind`]).
+    pub fn unbind(&mut self, node: &str, req: &PodRequest) {
+        if let Some(&i) = self.index.get(node) {
+            let n = &mut self.nodes[i];
+            n.used.sub(&req.requests);
+            if let Some(p) = n
+                .pods
+                .iter()
+                .position(|l| Arc::ptr_eq(l, &req.labels) || **l == *req.labels)
+            {
+                n.pods.swap_remove(p);
+            }
+        }
+    }
+
+    fn filter(&self, n: &NodeInfo, req: &PodRequest) -> Result<(), Reason> {
+        if !n.ready {
+            return Err(Reason::NotReady);
+        }
+        if n.cordoned {
+            return Err(Reason::Cordoned);
+        }
+        if !req
+            .node_selector
+            .iter()
+            .all(|(k, v)| n.labels.get(k) == Some(v))
+        {
+            return Err(Reason::NodeSelector);
+        }
+        if !req.required_terms.is_empty()
+            && !req
+                .required_terms
+                .iter()
+                .any(|t| t.iter().all(|r| requirement_matches(r, &n.labels)))
+        {
+            return Err(Reason::Affinity);
+        }
+        if n.taints.iter().any(|t| !tolerates(&req.tolerations, t)) {
+            return Err(Reason::Taint);
+        }
+        let free = |alloc: i64, used: i64| alloc - used;
+        let r = &req.requests;
+        let (a, u) = (&n.allocatable, &n.used);
+        if r.cpu_milli > 0 && free(a.cpu_milli, u.cpu_milli) < r.cpu_milli {
+            return Err(Reason::Cpu);
+        }
+        if r.memory > 0 && free(a.memory, u.memory) < r.memory {
+            return Err(Reason::Memory);
+        }
+        if r.ephemeral > 0 && free(a.ephemeral, u.ephemeral) < r.ephemeral {
+            return Err(Reason::Ephemeral);
+        }
+        if free(a.pods, u.pods) < r.pods {
+            return Err(Reason::Pods);
+        }
+        if r.gpu > 0 && free(a.gpu, u.gpu) < r.gpu {
+            return Err(Reason::Gpu);
+        }
+        if req
+            .anti_affinity
+            .iter()
+            .any(|sel| n.pods.iter().any(|p| selector_matches(sel, p)))
+        {
+            return Err(Reason::AntiAffinity);
+        }
+        Ok(())
+    }
+
+    /// Matching pods per topology domain, over the given candidate nodes.
+    fn domain_counts(
+        &self,
+        c: &TopologySpreadConstraint,
+        candidates: &[usize],
+    ) -> HashMap<String, i64> {
+        let sel = c.label_selector.clone().unwrap_or_default();
+        let mut counts: HashMap<String, i64> = HashMap::new();
+        for &i in candidates {
+            let n = &self.nodes[i];
+            let Some(domain) = n.labels.get(&c.topology_key) else {
+                continue;
+            };
+            let matching = n.pods.iter().filter(|p| selector_matches(&sel, p)).count() as i64;
+            *counts.entry(domain.clone()).or_insert(0) += matching;
+        }
+        counts
+    }
+
+    /// Places one pod and records it on the chosen node.
+    pub fn place(&mut self, req: &PodRequest) -> Placement {
+        let mut rejected: BTreeMap<Reason, usize> = BTreeMap::new();
+        let mut feasible = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            match self.filter(n, req) {
+                Ok(()) => feasible.push(i),
+                Err(r) => *rejected.entry(r).or_insert(0) += 1,
+            }
+        }
+        // Topology spread: hard constraints remove nodes; all add to the score.
+        let mut spread_penalty = vec![0i64; self.nodes.len()];
+        for c in &req.spread {
+            let counts = self.domain_counts(c, &feasible);
+            let min = counts.values().copied().min().unwrap_or(0);
+            let hard = c.when_unsatisfiable == "DoNotSchedule";
+            feasible.retain(|&i| {
+                let Some(domain) = self.nodes[i].labels.get(&c.topology_key) else {
+                    if hard {
+                        *rejected.entry(Reason::Spread).or_insert(0) += 1;
+                    }
+                    return !hard;
+                };
+                let count = counts.get(domain).copied().unwrap_or(0);
+                spread_penalty[i] += count;
+                if hard && count + 1 - min > i64::from(c.max_skew) {
+                    *rejected.entry(Reason::Spread).or_insert(0) += 1;
+                    return false;
+                }
+                true
+            });
+        }
+        let best = feasible.iter().copied().max_by_key(|&i| {
+            let n = &self.nodes[i];
+            let frac = |a: i64, u: i64| if a <= 0 { 0 } else { ((a - u) * 1000) / a };
+            let least_allocated =
+                (frac(
+                    n.allocatable.cpu_milli,
+                    n.used.cpu_milli + req.requests.cpu_milli,
+                ) + frac(n.allocatable.memory, n.used.memory + req.requests.memory))
+                    / 2;
+            // Spread dominates, then free capacity, then a stable tie-break.
+            (
+                -spread_penalty[i],
+                least_allocated,
+                std::cmp::Reverse(n.name.clone()),
+            )
+        });
+        match best {
+            Some(i) => {
+                let name = self.nodes[i].name.clone();
+                self.bind(&name, req);
+                Placement::Node(name)
+            }
+            None => {
+                let parts: Vec<String> = rejected
+                    .iter()
+                    .map(|(r, n)| format!("{n} {}", r.text()))
+                    .collect();
+                Placement::Unschedulable(format!(
+                    "0/{} nodes are available: {}.",
+                    self.nodes.len(),
+                    if parts.is_empty() {
+                        "no nodes".to_owned()
+                    } else {
+                        parts.join(", ")
+                    }
+                ))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, city: &str, cpu: i64) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            labels: Labels::from([
+                ("meridian.io/city".into(), city.into()),
+                ("kubernetes.io/hostname".into(), name.into()),
+            ]),
+            taints: vec![],
+            allocatable: Resources {
+                cpu_milli: cpu,
+                memory: 8 << 30,
+                ephemeral: 100 << 30,
+                pods: 110,
+                gpu: 0,
+            },
+            used: Resources::default(),
+            ready: true,
+            cordoned: false,
+            pods: vec![],
+        }
+    }
+
+    fn pod(cpu: i64, app: &str) -> PodRequest {
+        PodRequest {
+            labels: Arc::new(Labels::from([("app".into(), app.into())])),
+            requests: Resources {
+                cpu_milli: cpu,
+                pods: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn never_overcommits_and_explains_by_cause() {
+        let mut f = Fleet::new(vec![node("a", "Paris", 1000), node("b", "Tokyo", 1000)]);
+        for _ in 0..4 {
+            assert!(matches!(f.place(&pod(500, "x")), Placement::Node(_)));
+        }
+        match f.place(&pod(500, "x")) {
+            Placement::Unschedulable(m) => {
+                assert_eq!(m, "0/2 nodes are available: 2 Insufficient cpu.")
+            }
+            p => panic!("{p:?}"),
+        }
+        assert!(
+            f.nodes
+                .iter()
+                .all(|n| n.used.cpu_milli <= n.allocatable.cpu_milli)
+        );
+    }
+
+    #[test]
+    fn spreads_replicas_across_cities_within_max_skew() {
+        let mut f = Fleet::new(vec![
+            node("p1", "Paris", 8000),
+            node("p2", "Paris", 8000),
+            node("t1", "Tokyo", 8000),
+            node("n1", "NYC", 8000),
+        ]);
+        let mut req = pod(100, "web");
+        req.spread = vec![TopologySpreadConstraint {
+            topology_key: "meridian.io/city".into(),
+            max_skew: 1,
+            when_unsatisfiable: "DoNotSchedule".into(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([("app".into(), "web".into())])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+        let mut per_city: BTreeMap<String, i32> = BTreeMap::new();
+        for _ in 0..9 {
+            let Placement::Node(n) = f.place(&req) else {
+                panic!("unschedulable")
+            };
+            let city =
+                f.nodes.iter().find(|x| x.name == n).unwrap().labels["meridian.io/city"].clone();
+            *per_city.entry(city).or_default() += 1;
+        }
+        assert_eq!(
+            per_city.values().copied().collect::<Vec<_>>(),
+            vec![3, 3, 3]
+        );
+    }
+
+    #[test]
+    fn honours_selectors_taints_cordons_and_anti_affinity() {
+        let mut tainted = node("gpu-1", "Paris", 4000);
+        tainted.taints = vec![Taint {
+            key: "gpu".into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        }];
+        let mut cordoned = node("c-1", "Paris", 4000);
+        cordoned.cordoned = true;
+        let mut f = Fleet::new(vec![tainted, cordoned, node("ok-1", "Tokyo", 4000)]);
+        let mut req = pod(100, "db");
+        req.anti_affinity = vec![LabelSelector {
+            match_labels: Some(BTreeMap::from([("app".into(), "db".into())])),
+            ..Default::default()
+        }];
+        assert!(matches!(f.place(&req), Placement::Node(n) if n == "ok-1"));
+        match f.place(&req) {
+            Placement::Unschedulable(m) => {
+                assert!(m.contains("1 node(s) were unschedulable"), "{m}");
+                assert!(m.contains("1 node(s) had untolerated taint"), "{m}");
+                assert!(
+                    m.contains("1 node(s) didn't satisfy pod anti-affinity rules"),
+                    "{m}"
+                );
+            }
+            p => panic!("{p:?}"),
+        }
+        req.tolerations = vec![Toleration {
+            key: Some("gpu".into()),
+            operator: Some("Exists".into()),
+            ..Default::default()
+        }];
+        assert!(matches!(f.place(&req), Placement::Node(n) if n == "gpu-1"));
+        let mut sel = pod(100, "x");
+        sel.node_selector = Labels::from([("meridian.io/city".into(), "Mars".into())]);
+        assert!(
+            matches!(f.place(&sel), Placement::Unschedulable(m) if m.contains("node selector"))
+        );
+    }
+}
