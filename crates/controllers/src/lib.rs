@@ -10,14 +10,17 @@
 //! - Garbage collection (background): pods and ReplicaSets whose controlling owner
 //!   is gone are deleted.
 
+pub mod daemonset;
 pub mod deployment;
+pub mod job;
 pub mod replicaset;
 
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Api;
 use kube::runtime::reflector::Store;
@@ -27,6 +30,9 @@ pub struct Stores {
     pub pods: Store<Pod>,
     pub replicasets: Store<ReplicaSet>,
     pub deployments: Store<Deployment>,
+    pub daemonsets: Store<DaemonSet>,
+    pub jobs: Store<Job>,
+    pub nodes: Store<Node>,
     /// Creations/deletions made but not yet seen by the watch, per ReplicaSet uid:
     /// (active pod count we expect, growing?, when). Keeps a lagging watch from
     /// causing duplicate pods.
@@ -60,11 +66,17 @@ pub async fn run(client: kube::Client) {
         pods: reflect(&client),
         replicasets: reflect(&client),
         deployments: reflect(&client),
+        daemonsets: reflect(&client),
+        jobs: reflect(&client),
+        nodes: reflect(&client),
         expectations: Default::default(),
     };
     if stores.pods.wait_until_ready().await.is_err()
         || stores.replicasets.wait_until_ready().await.is_err()
         || stores.deployments.wait_until_ready().await.is_err()
+        || stores.daemonsets.wait_until_ready().await.is_err()
+        || stores.jobs.wait_until_ready().await.is_err()
+        || stores.nodes.wait_until_ready().await.is_err()
     {
         return;
     }
@@ -73,6 +85,8 @@ pub async fn run(client: kube::Client) {
         tick.tick().await;
         deployment::reconcile_all(&client, &stores).await;
         replicaset::reconcile_all(&client, &stores).await;
+        daemonset::reconcile_all(&client, &stores).await;
+        job::reconcile_all(&client, &stores).await;
         collect_garbage(&client, &stores).await;
     }
 }
@@ -120,10 +134,20 @@ async fn collect_garbage(client: &kube::Client, s: &Stores) {
         .iter()
         .filter_map(|d| d.metadata.uid.clone())
         .collect();
+    let other_uids: std::collections::HashSet<String> = s
+        .daemonsets
+        .state()
+        .iter()
+        .filter_map(|d| d.metadata.uid.clone())
+        .chain(s.jobs.state().iter().filter_map(|j| j.metadata.uid.clone()))
+        .collect();
     for p in s.pods.state() {
         if let Some(o) = controller_of(&p.metadata)
-            && o.kind == "ReplicaSet"
-            && !rs_uids.contains(&o.uid)
+            && match o.kind.as_str() {
+                "ReplicaSet" => !rs_uids.contains(&o.uid),
+                "DaemonSet" | "Job" => !other_uids.contains(&o.uid),
+                _ => false,
+            }
             && p.metadata.deletion_timestamp.is_none()
             && older_than(&p.metadata, 10)
         {

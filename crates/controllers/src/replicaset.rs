@@ -16,7 +16,7 @@ use crate::{Stores, controller_of, is_active, is_ready, owner_ref};
 /// At most this many pods created or deleted per ReplicaSet per tick.
 const BURST: usize = 500;
 
-fn suffix() -> String {
+pub(crate) fn suffix() -> String {
     const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut rng = rand::rng();
     (0..5)

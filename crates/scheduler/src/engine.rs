@@ -316,6 +316,22 @@ impl Fleet {
         }
     }
 
+    /// Whether `n` admits the pod by placement rules alone (node selector, required
+    /// affinity, taints), ignoring readiness and capacity: what a DaemonSet asks.
+    pub fn admits(n: &NodeInfo, req: &PodRequest) -> bool {
+        req.node_selector
+            .iter()
+            .all(|(k, v)| n.labels.get(k) == Some(v))
+            && (req.required_terms.is_empty()
+                || req
+                    .required_terms
+                    .iter()
+                    .any(|t| t.iter().all(|r| requirement_matches(r, &n.labels))))
+            && n.taints
+                .iter()
+                .all(|t| t.effect == "PreferNoSchedule" || tolerates(&req.tolerations, t))
+    }
+
     fn filter(&self, n: &NodeInfo, req: &PodRequest) -> Result<(), Reason> {
         if !n.ready {
             return Err(Reason::NotReady);

@@ -211,3 +211,171 @@ async fn a_pod_that_fits_nowhere_is_unschedulable_with_the_causes_counted() {
         .unwrap();
     w.wait_running_ready("anywhere").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_of_a_node_lost_past_the_grace_are_replaced_on_other_nodes() {
+    // lease 2s, grace 2s, 0.5 nodes/s; three nodes so one lost node is 33% < 55%
+    let mut w = World::start(RegionOpts {
+        grace: "2s",
+        ..Default::default()
+    })
+    .await;
+    for n in ["fo-1", "fo-2", "fo-3"] {
+        w.add_agent(n).await;
+    }
+    let deploy = serde_json::json!({
+        "metadata": {"name": "svc"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "svc"}}, "template": {
+            "metadata": {"labels": {"app": "svc"}},
+            "spec": {
+                "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                    {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "svc"}}}]}},
+                "containers": [{"name": "main", "image": "busybox", "command": ["/bin/sleep", "3600"]}]}}},
+    });
+    let deploys: Api<Deployment> = Api::namespaced(w.client.clone(), "edge");
+    deploys
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(deploy).unwrap(),
+        )
+        .await
+        .unwrap();
+    let pods = w.pods();
+    let lp = ListParams::default().labels("app=svc");
+    let running_nodes = |list: &[Pod]| -> BTreeSet<String> {
+        list.iter()
+            .filter(|p| ready(p))
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .collect()
+    };
+    eventually("2 replicas on 2 nodes", Duration::from_secs(60), || {
+        let (pods, lp) = (pods.clone(), lp.clone());
+        async move { running_nodes(&pods.list(&lp).await.unwrap().items).len() == 2 }
+    })
+    .await;
+    let before = running_nodes(&pods.list(&lp).await.unwrap().items);
+    let lost = before.iter().next().unwrap().clone();
+    let i = w.agent(&lost);
+    w.agents[i].2.cut();
+    eventually(
+        "a replacement runs on a node that was not lost",
+        Duration::from_secs(60),
+        || {
+            let (pods, lp, lost) = (pods.clone(), lp.clone(), lost.clone());
+            async move {
+                let list = pods.list(&lp).await.unwrap().items;
+                let marked = list.iter().any(|p| {
+                    is_marked(p)
+                        && p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                            == Some(lost.as_str())
+                });
+                let nodes = running_nodes(&list);
+                marked && nodes.len() == 2 && !nodes.contains(&lost)
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemonsets_cover_matching_nodes_including_late_joiners_and_jobs_complete_or_fail() {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use k8s_openapi::api::batch::v1::Job;
+    let mut w = World::start(RegionOpts::default()).await;
+    w.add_agent_in("cdn-1", "Paris").await;
+    w.add_agent_in("cdn-2", "Lyon").await;
+    let ds = serde_json::json!({
+        "metadata": {"name": "logs"},
+        "spec": {"selector": {"matchLabels": {"app": "logs"}}, "template": {
+            "metadata": {"labels": {"app": "logs"}},
+            "spec": {"nodeSelector": {"meridian.io/country": "FR"},
+                "containers": [{"name": "main", "image": "busybox", "command": ["/bin/sleep", "3600"]}]}}},
+    });
+    let dsapi: Api<DaemonSet> = Api::namespaced(w.client.clone(), "edge");
+    dsapi
+        .create(&PostParams::default(), &serde_json::from_value(ds).unwrap())
+        .await
+        .unwrap();
+    let pods = w.pods();
+    let on_nodes = |pods: Api<Pod>, label: &'static str| async move {
+        let list = pods
+            .list(&ListParams::default().labels(label))
+            .await
+            .unwrap()
+            .items;
+        list.iter()
+            .filter(|p| ready(p))
+            .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+            .collect::<BTreeSet<String>>()
+    };
+    eventually("a logs pod on both nodes", Duration::from_secs(30), || {
+        let pods = pods.clone();
+        async move { on_nodes(pods, "app=logs").await.len() == 2 }
+    })
+    .await;
+    w.add_agent_in("cdn-3", "Nice").await;
+    eventually(
+        "the node that joined later gets one too",
+        Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            async move { on_nodes(pods, "app=logs").await.contains("cdn-3") }
+        },
+    )
+    .await;
+    let st = dsapi.get("logs").await.unwrap().status.unwrap();
+    assert_eq!(st.desired_number_scheduled, 3);
+
+    let jobs: Api<Job> = Api::namespaced(w.client.clone(), "edge");
+    let job = |name: &str, cmd: &str, completions: i32| {
+        serde_json::from_value::<Job>(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"completions": completions, "parallelism": 2, "backoffLimit": 1, "template": {"spec": {
+                "restartPolicy": "Never",
+                "containers": [{"name": "main", "image": "busybox", "command": ["/bin/sh", "-c", cmd]}]}}},
+        }))
+        .unwrap()
+    };
+    jobs.create(
+        &PostParams::default(),
+        &job("batch", "echo work; sleep 0.2", 3),
+    )
+    .await
+    .unwrap();
+    jobs.create(&PostParams::default(), &job("broken", "exit 2", 3))
+        .await
+        .unwrap();
+    let cond = |jobs: Api<Job>, name: &'static str| async move {
+        jobs.get(name)
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .find(|c| c.status == "True")
+            .map(|c| (c.type_.clone(), c.reason.clone().unwrap_or_default()))
+    };
+    eventually(
+        "the batch job completes 3 of 3",
+        Duration::from_secs(60),
+        || {
+            let jobs = jobs.clone();
+            async move { cond(jobs, "batch").await.is_some_and(|c| c.0 == "Complete") }
+        },
+    )
+    .await;
+    let s = jobs.get("batch").await.unwrap().status.unwrap();
+    assert_eq!(s.succeeded, Some(3));
+    eventually(
+        "the broken job fails after its backoff limit",
+        Duration::from_secs(60),
+        || {
+            let jobs = jobs.clone();
+            async move {
+                cond(jobs, "broken").await == Some(("Failed".into(), "BackoffLimitExceeded".into()))
+            }
+        },
+    )
+    .await;
+}
