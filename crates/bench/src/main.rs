@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bytes::Bytes;
 mod edge;
+mod place;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
@@ -35,6 +36,17 @@ enum Backend {
 
 #[derive(Subcommand)]
 enum Mode {
+    /// The placement engine alone (one core): replicas of mixed workloads onto nodes.
+    Place {
+        #[arg(long, default_value_t = 10_000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 100_000)]
+        replicas: usize,
+        #[arg(long, default_value_t = 1_000)]
+        workloads: usize,
+        #[arg(long, default_value_t = 200)]
+        cities: usize,
+    },
     /// One region process holding N hollow nodes (real gRPC streams) at a heartbeat.
     Region {
         #[arg(long, default_value_t = 100_000)]
@@ -430,6 +442,12 @@ async fn main() -> Result<()> {
             .await
         }
         Mode::AgentMemory { pods } => edge::agent_memory(pods).await,
+        Mode::Place {
+            nodes,
+            replicas,
+            workloads,
+            cities,
+        } => place::run(nodes, replicas, workloads, cities),
         Mode::PodStart { pods } => edge::pod_start(pods).await,
     }
 }

@@ -268,11 +268,20 @@ fn tolerates(tolerations: &[Toleration], t: &Taint) -> bool {
     })
 }
 
+/// Matching-pod counts per topology domain for one (topology key, selector),
+/// maintained incrementally on every bind/unbind once first asked for.
+struct SpreadCounts {
+    key: String,
+    selector: LabelSelector,
+    counts: HashMap<String, i64>,
+}
+
 /// The fleet as the engine sees it.
 #[derive(Default)]
 pub struct Fleet {
     pub nodes: Vec<NodeInfo>,
     index: HashMap<String, usize>,
+    spread: HashMap<String, SpreadCounts>,
 }
 
 /// Result of placing one pod.
@@ -289,7 +298,16 @@ impl Fleet {
             .enumerate()
             .map(|(i, n)| (n.name.clone(), i))
             .collect();
-        Fleet { nodes, index }
+        Fleet {
+            nodes,
+            index,
+            spread: HashMap::new(),
+        }
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> Option<&NodeInfo> {
+        self.index.get(name).map(|&i| &self.nodes[i])
     }
 
     /// Records a pod already bound to `node`.
@@ -298,6 +316,13 @@ impl Fleet {
             let n = &mut self.nodes[i];
             n.used.add(&req.requests);
             n.pods.push(req.labels.clone());
+            for sc in self.spread.values_mut() {
+                if let Some(d) = n.labels.get(&sc.key)
+                    && selector_matches(&sc.selector, &req.labels)
+                {
+                    *sc.counts.entry(d.clone()).or_insert(0) += 1;
+                }
+            }
         }
     }
 
@@ -385,23 +410,39 @@ impl Fleet {
         Ok(())
     }
 
-    /// Matching pods per topology domain, over the given candidate nodes.
-    fn domain_counts(
-        &self,
-        c: &TopologySpreadConstraint,
-        candidates: &[usize],
-    ) -> HashMap<String, i64> {
-        let sel = c.label_selector.clone().unwrap_or_default();
-        let mut counts: HashMap<String, i64> = HashMap::new();
-        for &i in candidates {
-            let n = &self.nodes[i];
-            let Some(domain) = n.labels.get(&c.topology_key) else {
-                continue;
-            };
-            let matching = n.pods.iter().filter(|p| selector_matches(&sel, p)).count() as i64;
-            *counts.entry(domain.clone()).or_insert(0) += matching;
-        }
-        counts
+    /// Matching pods per topology domain for a constraint (all nodes), kept up to
+    /// date incrementally after the first call.
+    fn domain_counts(&mut self, c: &TopologySpreadConstraint) -> &HashMap<String, i64> {
+        let selector = c.label_selector.clone().unwrap_or_default();
+        let id = format!(
+            "{}\u{0}{}",
+            c.topology_key,
+            serde_json::to_string(&selector).unwrap_or_default()
+        );
+        let nodes = &self.nodes;
+        &self
+            .spread
+            .entry(id)
+            .or_insert_with(|| {
+                let mut counts: HashMap<String, i64> = HashMap::new();
+                for n in nodes {
+                    let Some(domain) = n.labels.get(&c.topology_key) else {
+                        continue;
+                    };
+                    let matching = n
+                        .pods
+                        .iter()
+                        .filter(|p| selector_matches(&selector, p))
+                        .count() as i64;
+                    *counts.entry(domain.clone()).or_insert(0) += matching;
+                }
+                SpreadCounts {
+                    key: c.topology_key.clone(),
+                    selector,
+                    counts,
+                }
+            })
+            .counts
     }
 
     /// Places one pod and records it on the chosen node.
@@ -417,7 +458,14 @@ impl Fleet {
         // Topology spread: hard constraints remove nodes; all add to the score.
         let mut spread_penalty = vec![0i64; self.nodes.len()];
         for c in &req.spread {
-            let counts = self.domain_counts(c, &feasible);
+            let all = self.domain_counts(c).clone();
+            // Kubernetes semantics: the minimum is over the domains of eligible nodes.
+            let mut counts: HashMap<&str, i64> = HashMap::new();
+            for &i in &feasible {
+                if let Some(d) = self.nodes[i].labels.get(&c.topology_key) {
+                    counts.insert(d.as_str(), all.get(d).copied().unwrap_or(0));
+                }
+            }
             let min = counts.values().copied().min().unwrap_or(0);
             let hard = c.when_unsatisfiable == "DoNotSchedule";
             feasible.retain(|&i| {
@@ -427,7 +475,7 @@ impl Fleet {
                     }
                     return !hard;
                 };
-                let count = counts.get(domain).copied().unwrap_or(0);
+                let count = counts.get(domain.as_str()).copied().unwrap_or(0);
                 spread_penalty[i] += count;
                 if hard && count + 1 - min > i64::from(c.max_skew) {
                     *rejected.entry(Reason::Spread).or_insert(0) += 1;
