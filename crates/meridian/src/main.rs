@@ -212,6 +212,12 @@ async fn up(args: ServerArgs) -> Result<()> {
     );
     wait_for_signal().await;
     drop(world);
+    // A real node's workloads outlive its agent; the demo's should not outlive `up`.
+    // They come back from the nodes' caches on the next `meridian up`.
+    let stopped = meridian_agent::runtime::process::kill_leftovers(&args.data_dir.join("nodes"));
+    if stopped > 0 {
+        println!("stopped {stopped} demo container(s)");
+    }
     server.shutdown(Duration::from_secs(5)).await;
     Ok(())
 }
