@@ -121,6 +121,7 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     let d = dir.path().to_str().unwrap().to_owned();
     let listen = format!("127.0.0.1:{}", free_port());
     let url = format!("https://{listen}");
+    let _reaper = Reaper(dir.path());
     let _up = meridian(&["up", "--data-dir", &d, "--listen", &listen]);
     wait_ready(&url, dir.path()).await;
     let kubeconfig = dir.path().join("tenants/demo.kubeconfig");
@@ -238,7 +239,14 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     }
     let (ok, out) = kubectl(&kubeconfig, &["delete", "deployment", "web"]);
     assert!(ok, "{out}");
-    drop(_up);
-    // workloads outlive their agents by design; this test's must not outlive it
-    meridian_agent::runtime::process::kill_leftovers(dir.path());
+}
+
+/// Workloads outlive their agents by design; a test's must not outlive the test,
+/// whether it passes or panics.
+struct Reaper<'a>(&'a Path);
+
+impl Drop for Reaper<'_> {
+    fn drop(&mut self) {
+        meridian_agent::runtime::process::kill_leftovers(self.0);
+    }
 }
