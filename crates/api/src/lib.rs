@@ -2,7 +2,9 @@
 //! are validated), Kubernetes `Status` errors, label and field selectors, and our own
 //! kinds in `meridian.io/v1alpha1`. No I/O and no async here.
 
+pub mod duration;
 pub mod error;
+pub mod events;
 pub mod meridian;
 pub mod quantity;
 pub mod resources;

@@ -14,7 +14,7 @@ use meridian_scheduler::engine::{Fleet, NodeInfo, PodRequest};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::{Stores, controller_of, is_active, is_ready, owner_ref};
+use crate::{Stores, is_active, is_ready, owner_ref};
 
 pub const REVISION_LABEL: &str = "controller-revision-hash";
 
@@ -31,14 +31,7 @@ pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
         .iter()
         .map(|n| NodeInfo::from_node(n))
         .collect();
-    let mut owned: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
-    for p in s.pods.state() {
-        if let Some(o) = controller_of(&p.metadata)
-            && o.kind == "DaemonSet"
-        {
-            owned.entry(o.uid.clone()).or_default().push(p.clone());
-        }
-    }
+    let mut owned = crate::owned_pods(s, "DaemonSet");
     for ds in s.daemonsets.state() {
         if ds.metadata.deletion_timestamp.is_some() {
             continue;

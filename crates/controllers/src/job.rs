@@ -2,7 +2,6 @@
 //! at once; fails the Job after `backoffLimit` failed pods or past
 //! `activeDeadlineSeconds`. Its pods are placed by the scheduler like any other.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
@@ -13,7 +12,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use crate::{Stores, controller_of, is_active};
+use crate::{Stores, is_active};
 
 fn phase(p: &Pod) -> &str {
     p.status
@@ -33,14 +32,7 @@ fn finished(j: &Job) -> bool {
 }
 
 pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
-    let mut owned: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
-    for p in s.pods.state() {
-        if let Some(o) = controller_of(&p.metadata)
-            && o.kind == "Job"
-        {
-            owned.entry(o.uid.clone()).or_default().push(p.clone());
-        }
-    }
+    let mut owned = crate::owned_pods(s, "Job");
     for job in s.jobs.state() {
         if job.metadata.deletion_timestamp.is_some() {
             continue;

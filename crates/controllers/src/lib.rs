@@ -177,6 +177,22 @@ async fn collect_garbage(client: &kube::Client, s: &Stores) {
     }
 }
 
+/// Pods grouped by the uid of their controlling owner of `kind`.
+pub fn owned_pods(
+    s: &Stores,
+    kind: &str,
+) -> std::collections::HashMap<String, Vec<std::sync::Arc<Pod>>> {
+    let mut owned: std::collections::HashMap<String, Vec<std::sync::Arc<Pod>>> = Default::default();
+    for p in s.pods.state() {
+        if let Some(o) = controller_of(&p.metadata)
+            && o.kind == kind
+        {
+            owned.entry(o.uid.clone()).or_default().push(p.clone());
+        }
+    }
+    owned
+}
+
 pub fn is_active(p: &Pod) -> bool {
     p.metadata.deletion_timestamp.is_none()
         && !matches!(

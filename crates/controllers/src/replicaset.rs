@@ -1,6 +1,5 @@
 //! The ReplicaSet controller.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
@@ -11,7 +10,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use rand::Rng;
 use serde_json::json;
 
-use crate::{Stores, controller_of, is_active, is_ready, owner_ref};
+use crate::{Stores, is_active, is_ready, owner_ref};
 
 /// At most this many pods created or deleted per ReplicaSet per tick.
 const BURST: usize = 500;
@@ -25,14 +24,7 @@ pub(crate) fn suffix() -> String {
 }
 
 pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
-    let mut owned: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
-    for p in s.pods.state() {
-        if let Some(o) = controller_of(&p.metadata)
-            && o.kind == "ReplicaSet"
-        {
-            owned.entry(o.uid.clone()).or_default().push(p.clone());
-        }
-    }
+    let mut owned = crate::owned_pods(s, "ReplicaSet");
     for rs in s.replicasets.state() {
         if rs.metadata.deletion_timestamp.is_some() {
             continue;

@@ -14,27 +14,7 @@ use meridian_apiserver::Server;
 use meridian_apiserver::auth::SystemRole;
 use meridian_region::{Region, RegionConfig};
 
-/// Parses `300ms`, `10s`, `5m`, `1h`, or bare seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => {
-            return Err(format!(
-                "invalid duration unit in {s:?} (use ms, s, m or h)"
-            ));
-        }
-    };
-    Ok(Duration::from_secs_f64(secs))
-}
+pub use meridian_api::duration::parse as parse_duration;
 
 /// Parses `LAT,LON` in degrees.
 pub fn parse_coordinates(s: &str) -> Result<(f64, f64), String> {

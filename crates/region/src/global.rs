@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Event, EventSource, Node, NodeCondition, ObjectReference, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Event, Node, NodeCondition, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
@@ -226,7 +226,7 @@ fn apply_pod(
     // Status-only changes (most of them are our own uploads) do not change what the
     // agent should run: skip the push when the desired view is unchanged.
     let unchanged = pods.by_uid.get(&uid).is_some_and(|old| {
-        old.gone == cached.gone && old.node == cached.node && same_spec(&old.json, pod)
+        old.gone == cached.gone && old.node == cached.node && old.desired == cached.desired
     });
     puts.push((uid.clone(), cached.json.clone()));
     let node = cached.node.clone();
@@ -237,17 +237,6 @@ fn apply_pod(
     }
     if !unchanged {
         touched.insert(node);
-    }
-}
-
-fn same_spec(old_json: &[u8], pod: &Pod) -> bool {
-    match serde_json::from_slice::<Pod>(old_json) {
-        Ok(old) => {
-            old.spec == pod.spec
-                && old.metadata.labels == pod.metadata.labels
-                && old.metadata.annotations == pod.metadata.annotations
-        }
-        Err(_) => false,
     }
 }
 
@@ -356,47 +345,26 @@ async fn upload_statuses(
 }
 
 async fn upload_events(shared: &Arc<Shared>, events: Vec<(String, meridian_proto::PodEvent)>) {
-    let now = jiff::Timestamp::now();
+    let _now = jiff::Timestamp::now();
     futures::stream::iter(events)
         .for_each_concurrent(16, |(node, e)| {
             let client = shared.client.clone();
             async move {
                 let api: Api<Event> = Api::namespaced(client, &e.namespace);
-                let ev = Event {
-                    metadata: ObjectMeta {
-                        generate_name: Some(format!("{}.", e.name)),
-                        namespace: Some(e.namespace.clone()),
-                        ..Default::default()
-                    },
-                    involved_object: ObjectReference {
-                        api_version: Some("v1".into()),
-                        kind: Some("Pod".into()),
-                        name: Some(e.name.clone()),
-                        namespace: Some(e.namespace.clone()),
-                        uid: Some(e.uid.clone()),
-                        ..Default::default()
-                    },
-                    reason: Some(e.reason.clone()),
-                    message: Some(e.message.clone()),
-                    type_: Some(
-                        if e.r#type == "Warning" {
-                            "Warning"
-                        } else {
-                            "Normal"
-                        }
-                        .into(),
-                    ),
-                    source: Some(EventSource {
-                        component: Some("meridian-agent".into()),
-                        host: Some(node),
-                    }),
-                    first_timestamp: Some(Time(now)),
-                    last_timestamp: Some(Time(now)),
-                    event_time: Some(MicroTime(now)),
-                    reporting_component: Some("meridian-agent".into()),
-                    count: Some(1),
-                    ..Default::default()
+                let pod = meridian_api::events::PodRef {
+                    namespace: &e.namespace,
+                    name: &e.name,
+                    uid: Some(&e.uid),
                 };
+                let warning = e.r#type == "Warning";
+                let ev = meridian_api::events::pod_event(
+                    pod,
+                    "meridian-agent",
+                    Some(node),
+                    warning,
+                    &e.reason,
+                    &e.message,
+                );
                 if let Err(err) = api.create(&PostParams::default(), &ev).await {
                     tracing::debug!(pod = %e.name, "event upload: {err}");
                 }

@@ -215,15 +215,7 @@ pub fn parse_grace(s: &str) -> Option<Option<Duration>> {
     if s.eq_ignore_ascii_case("never") {
         return Some(None);
     }
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().ok()?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return None,
-    };
-    Some(Some(Duration::from_secs(secs)))
+    meridian_api::duration::parse(s).ok().map(Some)
 }
 
 #[cfg(test)]

@@ -106,6 +106,9 @@ pub struct CachedPod {
     pub marked: bool,
     /// `None` inside: never reschedule; outer `None`: the default grace.
     pub grace: Option<Option<Duration>>,
+    /// Hash of what the agent acts on (spec, labels, annotations): a status-only
+    /// change — most watch events, our own uploads echoing back — keeps it.
+    pub desired: u64,
 }
 
 #[derive(Default)]
@@ -196,6 +199,15 @@ impl CachedPod {
                 gone: marked || pod.metadata.deletion_timestamp.is_some(),
                 marked,
                 grace: pod_grace(pod),
+                desired: {
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::collections::hash_map::DefaultHasher::new();
+                    let m = &pod.metadata;
+                    serde_json::to_vec(&(&pod.spec, &m.labels, &m.annotations))
+                        .unwrap_or_default()
+                        .hash(&mut h);
+                    h.finish()
+                },
             },
         ))
     }

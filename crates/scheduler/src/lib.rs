@@ -12,8 +12,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Event, EventSource, Node, ObjectReference, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
@@ -185,33 +184,18 @@ async fn report_unschedulable(client: &kube::Client, p: &Pod, msg: &str) {
         tracing::debug!(pod = %name, "unschedulable status: {e}");
     }
     let events: Api<Event> = Api::namespaced(client.clone(), &ns);
-    let ev = Event {
-        metadata: ObjectMeta {
-            generate_name: Some(format!("{name}.")),
-            namespace: Some(ns.clone()),
-            ..Default::default()
-        },
-        involved_object: ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(name.clone()),
-            namespace: Some(ns),
-            uid: p.metadata.uid.clone(),
-            ..Default::default()
-        },
-        reason: Some("FailedScheduling".into()),
-        message: Some(msg.to_owned()),
-        type_: Some("Warning".into()),
-        source: Some(EventSource {
-            component: Some("meridian-scheduler".into()),
-            host: None,
-        }),
-        first_timestamp: Some(Time(now)),
-        last_timestamp: Some(Time(now)),
-        event_time: Some(MicroTime(now)),
-        reporting_component: Some("meridian-scheduler".into()),
-        count: Some(1),
-        ..Default::default()
+    let pod = meridian_api::events::PodRef {
+        namespace: &ns,
+        name: &name,
+        uid: p.metadata.uid.as_deref(),
     };
+    let ev = meridian_api::events::pod_event(
+        pod,
+        "meridian-scheduler",
+        None,
+        true,
+        "FailedScheduling",
+        msg,
+    );
     let _ = events.create(&PostParams::default(), &ev).await;
 }
