@@ -23,15 +23,25 @@ pub struct HollowStats {
     pub errors: AtomicU64,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct HollowConfig {
     pub heartbeat: Duration,
     pub start_delay: Duration,
     pub labels: Vec<(String, String)>,
+    pub taints: Vec<String>,
+    pub gpus: i32,
+    pub coordinates: Option<(f64, f64)>,
+    /// Pods that do not restart (`restartPolicy` Never or OnFailure) succeed after
+    /// this long; `None`: they run forever like the others.
+    pub run_for: Option<Duration>,
 }
 
-fn facts() -> NodeFacts {
+fn facts(cfg: &HollowConfig) -> NodeFacts {
     NodeFacts {
+        gpus: cfg.gpus,
+        has_coordinates: cfg.coordinates.is_some(),
+        latitude: cfg.coordinates.map_or(0.0, |c| c.0),
+        longitude: cfg.coordinates.map_or(0.0, |c| c.1),
         cpu_millis: 4000,
         memory_bytes: 8 << 30,
         ephemeral_storage_bytes: 100 << 30,
@@ -71,9 +81,10 @@ async fn session(
     let reg = Register {
         node_name: name.to_owned(),
         labels: cfg.labels.iter().cloned().collect(),
-        facts: Some(facts()),
+        facts: Some(facts(cfg)),
         running_pods: vec![],
         agent_version: "hollow".into(),
+        taints: cfg.taints.clone(),
     };
     tx.send(AgentMessage {
         msg: Some(agent_message::Msg::Register(reg)),
@@ -91,8 +102,25 @@ async fn session(
         Duration::from_millis(rand::random::<u64>() % cfg.heartbeat.as_millis().max(1) as u64);
     let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + offset, cfg.heartbeat);
     let mut seq = 0;
+    // Pods that will succeed: (when, final status).
+    let mut finishing: std::collections::VecDeque<(tokio::time::Instant, PodStatusUpdate)> =
+        Default::default();
+    let mut finish_tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
+            _ = finish_tick.tick(), if !finishing.is_empty() => {
+                let now = tokio::time::Instant::now();
+                let mut updates = Vec::new();
+                while finishing.front().is_some_and(|(t, _)| *t <= now) {
+                    if let Some((_, u)) = finishing.pop_front() {
+                        updates.push(u);
+                    }
+                }
+                if !updates.is_empty() {
+                    let batch = PodStatusBatch { updates };
+                    tx.send(AgentMessage { msg: Some(agent_message::Msg::PodStatus(batch)) }).await.map_err(|_| "closed")?;
+                }
+            }
             m = inbound.message() => {
                 let Some(m) = m.map_err(|s| s.message().to_owned())? else { return Ok(()) };
                 match m.msg {
@@ -105,6 +133,10 @@ async fn session(
                             if running.insert(p.uid.clone()) {
                                 let Ok(pod) = serde_json::from_slice::<serde_json::Value>(&p.pod_json) else { continue };
                                 updates.push(running_status(&p.uid, &pod));
+                                let restarts = pod["spec"]["restartPolicy"].as_str().unwrap_or("Always") == "Always";
+                                if let (Some(d), false) = (cfg.run_for, restarts) {
+                                    finishing.push_back((tokio::time::Instant::now() + cfg.start_delay + d, succeeded_status(&p.uid, &pod)));
+                                }
                             }
                         }
                         if !updates.is_empty() {
@@ -127,27 +159,52 @@ async fn session(
     }
 }
 
-fn running_status(uid: &str, pod: &serde_json::Value) -> PodStatusUpdate {
-    let now = jiff::Timestamp::now().to_string();
-    let containers: Vec<serde_json::Value> = pod["spec"]["containers"]
+/// One status per container of the pod, all in `state`.
+fn containers(
+    pod: &serde_json::Value,
+    running: bool,
+    state: serde_json::Value,
+) -> serde_json::Value {
+    let list: Vec<serde_json::Value> = pod["spec"]["containers"]
         .as_array()
         .map(|cs| {
             cs.iter()
                 .map(|c| {
                     serde_json::json!({
-                        "name": c["name"], "image": c["image"], "imageID": "", "ready": true,
-                        "started": true, "restartCount": 0, "state": {"running": {"startedAt": now}},
+                        "name": c["name"], "image": c["image"], "imageID": "", "ready": running,
+                        "started": running, "restartCount": 0, "state": state,
                     })
                 })
                 .collect()
         })
         .unwrap_or_default();
+    serde_json::Value::Array(list)
+}
+
+fn succeeded_status(uid: &str, pod: &serde_json::Value) -> PodStatusUpdate {
+    let now = jiff::Timestamp::now().to_string();
+    let state = serde_json::json!({"terminated": {"exitCode": 0, "reason": "Completed", "finishedAt": now}});
+    let status = serde_json::json!({
+        "phase": "Succeeded",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted", "lastTransitionTime": now}],
+        "containerStatuses": containers(pod, false, state),
+    });
+    update(uid, pod, status)
+}
+
+fn running_status(uid: &str, pod: &serde_json::Value) -> PodStatusUpdate {
+    let now = jiff::Timestamp::now().to_string();
+    let state = serde_json::json!({"running": {"startedAt": now}});
     let status = serde_json::json!({
         "phase": "Running",
         "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now}],
-        "containerStatuses": containers,
+        "containerStatuses": containers(pod, true, state),
         "startTime": now,
     });
+    update(uid, pod, status)
+}
+
+fn update(uid: &str, pod: &serde_json::Value, status: serde_json::Value) -> PodStatusUpdate {
     PodStatusUpdate {
         uid: uid.to_owned(),
         namespace: pod["metadata"]["namespace"]

@@ -50,6 +50,8 @@ pub struct AgentConfig {
     pub regions: Vec<String>,
     pub node_name: String,
     pub labels: BTreeMap<String, String>,
+    /// Taints for the Node, `key=value:Effect`.
+    pub taints: Vec<String>,
     pub data_dir: PathBuf,
     pub heartbeat: Duration,
     /// The address pods and probes use (process runtime pods share the host network).
@@ -68,6 +70,7 @@ impl AgentConfig {
             regions,
             node_name: node_name.into(),
             labels: BTreeMap::new(),
+            taints: Vec::new(),
             data_dir,
             heartbeat: Duration::from_secs(10),
             node_ip: "127.0.0.1".into(),
@@ -196,6 +199,7 @@ impl Agent {
             facts: Some(self.facts.clone()),
             running_pods: self.manager.running().await,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            taints: self.cfg.taints.clone(),
         };
         let _ = tx.send(msg(agent_message::Msg::Register(register))).await;
         let mut inbound = client

@@ -5,6 +5,7 @@
 pub mod duration;
 pub mod error;
 pub mod events;
+pub mod geo;
 pub mod meridian;
 pub mod quantity;
 pub mod resources;

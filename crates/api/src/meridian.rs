@@ -1,6 +1,6 @@
 //! Our own kinds, group `meridian.io`, version `v1alpha1`.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::{Deserialize, Serialize};
 
 pub const GROUP: &str = "meridian.io";
@@ -93,3 +93,269 @@ pub struct EdgeClusterSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub draining: bool,
 }
+
+/// Where and how a workload's replicas go: "N replicas across these cities".
+/// Namespaced; applies to the workloads it names and to pods its selector matches.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementPolicy {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: PlacementPolicySpec,
+    /// Written by the scheduler: where replicas are and which objectives are unmet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<PlacementPolicyStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementPolicySpec {
+    /// Workloads by kind and name (Deployment, ReplicaSet, DaemonSet, Job).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workloads: Vec<WorkloadRef>,
+    /// Pods by label, whatever created them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locations: Option<Locations>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distribution: Option<Distribution>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<Spread>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency: Option<LatencyObjective>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<Failover>,
+    /// Scoring preferences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scoring: Option<Scoring>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    pub kind: String,
+    pub name: String,
+}
+
+/// Which nodes may run the replicas: any `include` term (all nodes when empty),
+/// and no `exclude` term.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Locations {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub include: Vec<LocationTerm>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude: Vec<LocationTerm>,
+}
+
+/// A set of nodes: every non-empty field must match (each field is a list of
+/// accepted values).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocationTerm {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub countries: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub isps: Vec<String>,
+    /// cdn | ens | third-party
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
+    /// physical | vm | arm-array
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<String>,
+}
+
+/// How many replicas go where. Exactly one of the three.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Distribution {
+    /// Exact replica counts per location; they must add up to the workload's replicas.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub counts: Vec<LocationShare>,
+    /// Static weights per location; replicas are divided in proportion.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub weights: Vec<LocationShare>,
+    /// Dynamic weights: replicas divided in proportion to the free cpu of each
+    /// domain of this topology key (e.g. `topology.kubernetes.io/region`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by_capacity: Option<String>,
+}
+
+/// One location (exactly one of region, country, city) and its share.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocationShare {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    /// For `counts`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// For `weights`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i32>,
+}
+
+impl LocationShare {
+    /// (node label key, value) this location selects.
+    pub fn label(&self) -> Option<(&'static str, String)> {
+        match (&self.region, &self.country, &self.city) {
+            (Some(r), None, None) => Some((REGION_KEY, r.clone())),
+            (None, Some(c), None) => Some((COUNTRY_KEY, c.clone())),
+            (None, None, Some(c)) => Some((CITY_KEY, crate::geo::city_label(c))),
+            _ => None,
+        }
+    }
+}
+
+/// Spread over the domains of a topology key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Spread {
+    /// Default `topology.meridian.io/city`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology_key: Option<String>,
+    /// Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_skew: Option<i32>,
+    /// Use at least this many domains (when that many are feasible).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_groups: Option<i32>,
+    /// Never use more than this many domains.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_groups: Option<i32>,
+}
+
+/// "Users in these areas must have a replica within `maxRttMs`."
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LatencyObjective {
+    pub max_rtt_ms: f64,
+    pub areas: Vec<Area>,
+}
+
+/// A city of `world-cities.csv`, or a point and radius.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Area {
+    /// Defaults to the city name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lat: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lon: Option<f64>,
+    /// Users up to this far from the point (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub radius_km: Option<f64>,
+}
+
+impl Area {
+    /// (name, (lat, lon), radius km), or why not.
+    pub fn resolve(&self) -> Result<(String, (f64, f64), f64), String> {
+        let radius = self.radius_km.unwrap_or(0.0);
+        match (&self.city, self.lat, self.lon) {
+            (Some(c), None, None) => {
+                let city = crate::geo::city(c).ok_or_else(|| {
+                    format!(
+                        "unknown city {c:?} (not in world-cities.csv); give lat and lon instead"
+                    )
+                })?;
+                Ok((
+                    self.name.clone().unwrap_or_else(|| city.name.clone()),
+                    (city.lat, city.lon),
+                    radius,
+                ))
+            }
+            (None, Some(lat), Some(lon)) => Ok((
+                self.name.clone().unwrap_or_else(|| format!("{lat},{lon}")),
+                (lat, lon),
+                radius,
+            )),
+            _ => Err("give either city, or lat and lon".into()),
+        }
+    }
+}
+
+/// What happens when a replica's node stops answering.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Failover {
+    /// Seconds NotReady before the replica is replaced elsewhere (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after_seconds: Option<u32>,
+    /// Never move: wait for the node to come back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pin: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Scoring {
+    /// `LeastAllocated` (spread load, the default) or `MostAllocated` (bin-pack).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<String>,
+    /// Prefer nodes with a lower `node.meridian.io/bandwidth-price` label.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub prefer_cheap_bandwidth: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementPolicyStatus {
+    /// Active replicas per city of the selected pods.
+    #[serde(default)]
+    pub replicas_by_city: std::collections::BTreeMap<String, i32>,
+    /// Active replicas (bound or pending).
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub pending: i32,
+    /// One entry per objective (counts, spread, latency area).
+    #[serde(default)]
+    pub objectives: Vec<ObjectiveStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectiveStatus {
+    /// `Count`, `MinGroups`, `Latency`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// The location or area.
+    pub target: String,
+    pub met: bool,
+    pub message: String,
+}
+
+pub const REGION_KEY: &str = "topology.kubernetes.io/region";
+pub const ZONE_KEY: &str = "topology.kubernetes.io/zone";
+pub const COUNTRY_KEY: &str = "topology.meridian.io/country";
+pub const CITY_KEY: &str = "topology.meridian.io/city";
+pub const ISP_KEY: &str = "topology.meridian.io/isp";
+pub const SOURCE_KEY: &str = "node.meridian.io/source";
+pub const MACHINE_KEY: &str = "node.meridian.io/machine";
+pub const BANDWIDTH_PRICE_KEY: &str = "node.meridian.io/bandwidth-price";
+/// Pod annotation: how long the pod's node may be unreachable before the pod is
+/// replaced (`300s`, or `never`). Set from the policy's `failover` at binding.
+pub const RESCHEDULE_GRACE_ANNOTATION: &str = "meridian.io/reschedule-grace";
+/// Pod annotation: the node whose lost pod this one replaces (placement prefers
+/// the same zone, then city, then region).
+pub const REPLACES_NODE_ANNOTATION: &str = "meridian.io/replaces-node";

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::{ApiError, Cause};
-use crate::meridian::{self, EdgeCluster, Tenant};
+use crate::meridian::{self, EdgeCluster, PlacementPolicy, Tenant};
 use crate::validation::{self as v, NameRule};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -396,6 +396,17 @@ pub static RESOURCES: &[Resource] = &[
         normalize: |v, c| typed::<EdgeCluster>(v, c, check_edgecluster),
         ..COMMON
     },
+    Resource {
+        group: meridian::GROUP,
+        version: meridian::VERSION,
+        kind: "PlacementPolicy",
+        plural: "placementpolicies",
+        singular: "placementpolicy",
+        short_names: &["pp"],
+        has_status: true,
+        normalize: |v, c| typed::<PlacementPolicy>(v, c, check_placement_policy),
+        ..COMMON
+    },
 ];
 
 fn check_edgecluster(e: &EdgeCluster, c: &mut Vec<Cause>) {
@@ -407,6 +418,170 @@ fn check_edgecluster(e: &EdgeCluster, c: &mut Vec<Cause>) {
             "spec.endpoint",
             ep,
             "must be an http:// or https:// URL",
+        ));
+    }
+}
+
+fn check_placement_policy(p: &PlacementPolicy, c: &mut Vec<Cause>) {
+    let s = &p.spec;
+    if s.workloads.is_empty() && s.selector.is_none() {
+        c.push(Cause::required("spec.workloads"));
+    }
+    for (i, w) in s.workloads.iter().enumerate() {
+        if !matches!(
+            w.kind.as_str(),
+            "Deployment" | "ReplicaSet" | "DaemonSet" | "Job"
+        ) {
+            c.push(Cause::invalid(
+                format!("spec.workloads[{i}].kind"),
+                &w.kind,
+                "must be Deployment, ReplicaSet, DaemonSet or Job",
+            ));
+        }
+        if w.name.is_empty() {
+            c.push(Cause::required(format!("spec.workloads[{i}].name")));
+        }
+    }
+    if let Some(d) = &s.distribution {
+        let modes = usize::from(!d.counts.is_empty())
+            + usize::from(!d.weights.is_empty())
+            + usize::from(d.by_capacity.is_some());
+        if modes != 1 {
+            c.push(Cause::invalid(
+                "spec.distribution",
+                "",
+                "give exactly one of counts, weights or byCapacity",
+            ));
+        }
+        for (list, field, what) in [
+            (&d.counts, "counts", "replicas"),
+            (&d.weights, "weights", "weight"),
+        ] {
+            let mut seen = std::collections::BTreeSet::new();
+            for (i, e) in list.iter().enumerate() {
+                let path = format!("spec.distribution.{field}[{i}]");
+                match e.label() {
+                    None => c.push(Cause::invalid(
+                        &path,
+                        "",
+                        "give exactly one of region, country or city",
+                    )),
+                    Some(l) => {
+                        if !seen.insert(l.clone()) {
+                            c.push(Cause::duplicate(&path, &l.1));
+                        }
+                    }
+                }
+                let n = if what == "replicas" {
+                    e.replicas
+                } else {
+                    e.weight
+                };
+                match n {
+                    None => c.push(Cause::required(format!("{path}.{what}"))),
+                    Some(n) if n < 0 => c.push(Cause::invalid(
+                        format!("{path}.{what}"),
+                        &n.to_string(),
+                        "must be zero or more",
+                    )),
+                    _ => {}
+                }
+            }
+        }
+        if !d.weights.is_empty() && d.weights.iter().all(|w| w.weight.unwrap_or(0) == 0) {
+            c.push(Cause::invalid(
+                "spec.distribution.weights",
+                "",
+                "at least one weight must be positive",
+            ));
+        }
+        if let Some(k) = &d.by_capacity
+            && k.is_empty()
+        {
+            c.push(Cause::required("spec.distribution.byCapacity"));
+        }
+    }
+    if let Some(sp) = &s.spread {
+        if sp.max_skew.is_some_and(|m| m < 1) {
+            c.push(Cause::invalid(
+                "spec.spread.maxSkew",
+                &sp.max_skew.unwrap_or(0).to_string(),
+                "must be at least 1",
+            ));
+        }
+        if let (Some(lo), Some(hi)) = (sp.min_groups, sp.max_groups)
+            && lo > hi
+        {
+            c.push(Cause::invalid(
+                "spec.spread.minGroups",
+                &lo.to_string(),
+                format!("must not exceed maxGroups ({hi})"),
+            ));
+        }
+        for (f, v) in [("minGroups", sp.min_groups), ("maxGroups", sp.max_groups)] {
+            if v.is_some_and(|v| v < 1) {
+                c.push(Cause::invalid(
+                    format!("spec.spread.{f}"),
+                    &v.unwrap_or(0).to_string(),
+                    "must be at least 1",
+                ));
+            }
+        }
+    }
+    if let Some(l) = &s.latency {
+        if !(l.max_rtt_ms.is_finite() && l.max_rtt_ms > 0.0) {
+            c.push(Cause::invalid(
+                "spec.latency.maxRttMs",
+                &l.max_rtt_ms.to_string(),
+                "must be a positive number of milliseconds",
+            ));
+        }
+        if l.areas.is_empty() {
+            c.push(Cause::required("spec.latency.areas"));
+        }
+        for (i, a) in l.areas.iter().enumerate() {
+            match a.resolve() {
+                Err(why) => c.push(Cause::invalid(
+                    format!("spec.latency.areas[{i}]"),
+                    a.city.as_deref().unwrap_or_default(),
+                    why,
+                )),
+                Ok((_, (lat, lon), r)) => {
+                    if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+                        c.push(Cause::invalid(
+                            format!("spec.latency.areas[{i}]"),
+                            &format!("{lat},{lon}"),
+                            "is not on Earth",
+                        ));
+                    }
+                    if !(r.is_finite() && r >= 0.0) {
+                        c.push(Cause::invalid(
+                            format!("spec.latency.areas[{i}].radiusKm"),
+                            &r.to_string(),
+                            "must be zero or more",
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(f) = &s.failover
+        && f.pin
+        && f.after_seconds.is_some()
+    {
+        c.push(Cause::invalid(
+            "spec.failover",
+            "",
+            "give afterSeconds or pin, not both",
+        ));
+    }
+    if let Some(st) = s.scoring.as_ref().and_then(|s| s.strategy.as_deref())
+        && !matches!(st, "LeastAllocated" | "MostAllocated")
+    {
+        c.push(Cause::invalid(
+            "spec.scoring.strategy",
+            st,
+            "must be LeastAllocated or MostAllocated",
         ));
     }
 }

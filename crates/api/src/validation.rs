@@ -375,3 +375,49 @@ mod tests {
         assert!(label_value_problem("no spaces").is_some());
     }
 }
+
+/// Parses a taint written `key=value:Effect` or `key:Effect` (as `kubectl taint`).
+pub fn parse_taint(s: &str) -> Result<k8s_openapi::api::core::v1::Taint, String> {
+    let (kv, effect) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("taint {s:?}: write key=value:Effect"))?;
+    if !matches!(effect, "NoSchedule" | "PreferNoSchedule" | "NoExecute") {
+        return Err(format!(
+            "taint {s:?}: effect must be NoSchedule, PreferNoSchedule or NoExecute"
+        ));
+    }
+    let (key, value) = match kv.split_once('=') {
+        Some((k, v)) => (k, Some(v)),
+        None => (kv, None),
+    };
+    if let Some(p) = label_key_problem(key).or_else(|| value.and_then(label_value_problem)) {
+        return Err(format!("taint {s:?}: {p}"));
+    }
+    Ok(k8s_openapi::api::core::v1::Taint {
+        key: key.to_owned(),
+        value: value.map(str::to_owned),
+        effect: effect.to_owned(),
+        time_added: None,
+    })
+}
+
+#[cfg(test)]
+mod taint_tests {
+    #[test]
+    fn parses_taints_like_kubectl() {
+        let t = super::parse_taint("node.meridian.io/simulated=true:NoSchedule").unwrap();
+        assert_eq!(
+            (t.key.as_str(), t.value.as_deref(), t.effect.as_str()),
+            ("node.meridian.io/simulated", Some("true"), "NoSchedule")
+        );
+        assert!(super::parse_taint("gpu:NoExecute").unwrap().value.is_none());
+        for bad in [
+            "gpu",
+            "gpu=x:Sometimes",
+            "bad key=x:NoSchedule",
+            ":NoSchedule",
+        ] {
+            assert!(super::parse_taint(bad).is_err(), "{bad}");
+        }
+    }
+}

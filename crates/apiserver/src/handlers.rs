@@ -188,7 +188,14 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
             if e.code() >= 500 {
                 tracing::warn!(%path, error = %e.message, "request failed");
             }
-            error_response(&e)
+            let mut r = error_response(&e);
+            if e.code() == 413 {
+                // The rest of the body was never read: the connection cannot carry
+                // another request, so tell HTTP/1 clients not to reuse it.
+                r.headers_mut()
+                    .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            r
         }
     };
     state.metrics.observe(
@@ -476,6 +483,7 @@ fn admit_create(cx: &Ctx<'_>, snap: &Snapshot, obj: &Value) -> Result<(), ApiErr
             }
         }
     }
+    crate::placement::check(snap, r, obj)?;
     if is_namespaces(r) {
         let name = obj["metadata"]["name"].as_str().unwrap_or_default();
         if let (Some(t), _) = tenancy::split_physical(name) {
@@ -802,6 +810,9 @@ async fn write_update(
         _ => {}
     }
     let new = normalize_and_store_form(cx, new)?;
+    if sub.is_none() {
+        crate::placement::check(&cx.state.cache.snapshot(), r, &new)?;
+    }
     let mut next = match sub {
         Some("status") => {
             let mut next = old.clone();
@@ -1309,6 +1320,14 @@ async fn bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
             return Err(cx.conflict("pod is being deleted, cannot be assigned to a host"));
         }
         pod["spec"]["nodeName"] = Value::String(node.clone());
+        // As in Kubernetes, the Binding's annotations are copied to the pod.
+        if let Some(ann) = binding["metadata"]["annotations"].as_object() {
+            for (k, v) in ann {
+                if let Some(v) = v.as_str() {
+                    pod["metadata"]["annotations"][k] = Value::String(v.to_owned());
+                }
+            }
+        }
         let cond =
             json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": crate::now()});
         let conditions = pod["status"]["conditions"]

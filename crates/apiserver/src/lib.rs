@@ -15,6 +15,7 @@ pub mod kubeconfig;
 mod logs;
 pub mod metrics;
 mod namespaces;
+mod placement;
 pub mod route;
 pub mod tenancy;
 pub mod tls;

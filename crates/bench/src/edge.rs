@@ -192,7 +192,8 @@ pub async fn region(
     let cfg = HollowConfig {
         heartbeat,
         start_delay: Duration::ZERO,
-        labels: vec![("meridian.io/city".into(), "Frankfurt".into())],
+        labels: vec![("topology.meridian.io/city".into(), "Frankfurt".into())],
+        ..Default::default()
     };
     let conns = nodes.div_ceil(per_conn);
     let endpoint = format!("http://127.0.0.1:{}", plane.region_port);

@@ -41,7 +41,7 @@ pub fn run(nodes: usize, replicas: usize, workloads: usize, max_cities: usize) -
             NodeInfo {
                 name: format!("node-{i:06}"),
                 labels: Labels::from([
-                    ("meridian.io/city".into(), city.clone()),
+                    ("topology.meridian.io/city".into(), city.clone()),
                     ("meridian.io/region".into(), region.clone()),
                     ("kubernetes.io/hostname".into(), format!("node-{i:06}")),
                 ]),
@@ -57,6 +57,7 @@ pub fn run(nodes: usize, replicas: usize, workloads: usize, max_cities: usize) -
                 ready: true,
                 cordoned: false,
                 pods: vec![],
+                ..Default::default()
             }
         })
         .collect();
@@ -85,7 +86,7 @@ pub fn run(nodes: usize, replicas: usize, workloads: usize, max_cities: usize) -
                 }
                 1 => {
                     r.spread = vec![TopologySpreadConstraint {
-                        topology_key: "meridian.io/city".into(),
+                        topology_key: "topology.meridian.io/city".into(),
                         max_skew: 1,
                         when_unsatisfiable: "ScheduleAnyway".into(),
                         label_selector: Some(LabelSelector {

@@ -17,14 +17,13 @@ pub mod replicaset;
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Api;
 use kube::runtime::reflector::Store;
-use kube::runtime::{WatchStreamExt, reflector, watcher};
+use meridian_scheduler::reflect;
 
 pub struct Stores {
     pub pods: Store<Pod>,
@@ -38,26 +37,6 @@ pub struct Stores {
     /// causing duplicate pods.
     pub expectations:
         std::sync::Mutex<std::collections::HashMap<String, (usize, bool, std::time::Instant)>>,
-}
-
-fn reflect<K>(client: &kube::Client) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store::<K>();
-    let api: Api<K> = Api::all(client.clone());
-    tokio::spawn(
-        reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff()
-            .for_each(|_| async {}),
-    );
-    store
 }
 
 /// Runs every controller until the task is dropped.

@@ -10,7 +10,40 @@ use kube::api::{Patch, PatchParams, PostParams};
 use rand::Rng;
 use serde_json::json;
 
+use meridian_api::meridian::REPLACES_NODE_ANNOTATION;
+
 use crate::{Stores, is_active, is_ready, owner_ref};
+
+/// Nodes of pods the region marked lost (`Failed`, reason `NodeLost`) that no
+/// active pod replaces yet: one entry per lost pod, newest first.
+fn unreplaced_lost_nodes(pods: &[Arc<Pod>], active: &[Arc<Pod>]) -> Vec<String> {
+    let mut lost: Vec<(Option<k8s_openapi::jiff::Timestamp>, String)> = pods
+        .iter()
+        .filter(|p| {
+            let st = p.status.as_ref();
+            st.and_then(|s| s.phase.as_deref()) == Some("Failed")
+                && st.and_then(|s| s.reason.as_deref()) == Some("NodeLost")
+        })
+        .filter_map(|p| {
+            let node = p.spec.as_ref()?.node_name.clone()?;
+            Some((p.metadata.creation_timestamp.as_ref().map(|t| t.0), node))
+        })
+        .collect();
+    lost.sort_by_key(|l| std::cmp::Reverse(l.0));
+    let mut lost: Vec<String> = lost.into_iter().map(|(_, n)| n).collect();
+    for p in active {
+        if let Some(n) = p
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(REPLACES_NODE_ANNOTATION))
+            && let Some(i) = lost.iter().position(|l| l == n)
+        {
+            lost.remove(i);
+        }
+    }
+    lost
+}
 
 /// At most this many pods created or deleted per ReplicaSet per tick.
 const BURST: usize = 500;
@@ -84,11 +117,19 @@ async fn reconcile(
         meta.owner_references = Some(vec![owner_ref("ReplicaSet", &rs.metadata)]);
         let n = (want - active.len()).min(BURST);
         expect(active.len() + n, true);
+        let mut lost = unreplaced_lost_nodes(&pods, &active).into_iter();
         for _ in 0..n {
+            let mut meta = meta.clone();
+            // A replacement for a pod of a lost node: placement prefers its place.
+            if let Some(node) = lost.next() {
+                meta.annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(REPLACES_NODE_ANNOTATION.into(), node);
+            }
             let pod = Pod {
                 metadata: ObjectMeta {
                     name: Some(format!("{name}-{}", suffix())),
-                    ..meta.clone()
+                    ..meta
                 },
                 spec: template.spec.clone(),
                 status: None,

@@ -8,29 +8,22 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
+use meridian_agent::hollow::{HollowConfig, HollowStats, run_node};
 use meridian_agent::runtime::Runtime;
 use meridian_agent::{Agent, AgentConfig};
+use meridian_api::meridian::{
+    BANDWIDTH_PRICE_KEY, CITY_KEY, COUNTRY_KEY, ISP_KEY, MACHINE_KEY, SOURCE_KEY, ZONE_KEY,
+};
 use meridian_apiserver::Server;
 use meridian_apiserver::auth::SystemRole;
 use meridian_region::{Region, RegionConfig};
 
 pub use meridian_api::duration::parse as parse_duration;
 
-/// Parses `LAT,LON` in degrees.
-pub fn parse_coordinates(s: &str) -> Result<(f64, f64), String> {
-    let (lat, lon) = s.split_once(',').ok_or("coordinates are LAT,LON")?;
-    let lat: f64 = lat
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad latitude {lat:?}"))?;
-    let lon: f64 = lon
-        .trim()
-        .parse()
-        .map_err(|_| format!("bad longitude {lon:?}"))?;
-    if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
-        return Err(format!("{lat},{lon} is not on Earth"));
-    }
-    Ok((lat, lon))
+pub use meridian_api::geo::parse_coordinates;
+
+fn check_taint(s: &str) -> Result<String, String> {
+    meridian_api::validation::parse_taint(s).map(|_| s.to_owned())
 }
 
 /// Parses `k=v,k2=v2`.
@@ -157,9 +150,12 @@ pub struct AgentArgs {
     region: Vec<String>,
     #[arg(long)]
     node_name: String,
-    /// Node labels, k=v,... (e.g. meridian.io/city=Paris).
+    /// Node labels, k=v,... (e.g. topology.meridian.io/city=Paris).
     #[arg(long, default_value = "", value_parser = parse_labels)]
     labels: BTreeMap<String, String>,
+    /// Node taints, key=value:Effect,... (applied when the Node is created).
+    #[arg(long, value_delimiter = ',', value_parser = check_taint)]
+    taints: Vec<String>,
     #[arg(long, value_enum, default_value = "process")]
     runtime: RuntimeKind,
     #[arg(long, default_value = ".meridian-agent")]
@@ -206,6 +202,7 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
         args.data_dir.clone(),
     );
     cfg.labels = args.labels;
+    cfg.taints = args.taints;
     cfg.heartbeat = args.heartbeat;
     cfg.node_ip = args.node_ip;
     cfg.max_pods = args.max_pods;
@@ -253,6 +250,64 @@ const DEMO: &[(&str, &[DemoNode])] = &[
 pub struct DemoWorld {
     regions: Vec<Region>,
     agents: Vec<tokio::task::JoinHandle<()>>,
+    simulated: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Taint and label of the demo's simulated (hollow) nodes.
+pub const SIMULATED_KEY: &str = "node.meridian.io/simulated";
+/// Cities per region in the simulated fleet.
+const SIMULATED_CITIES: usize = 8;
+
+/// The simulated nodes of one demo region: two per city for the first cities of
+/// the region in `world-cities.csv` (a CDN PoP and an edge VM; in ap-northeast the
+/// second is a GPU box), with the labels a real fleet carries.
+pub fn simulated_nodes(region: &str) -> Vec<(String, HollowConfig)> {
+    const ISPS: &[&str] = &["telco-a", "telco-b", "cable-c"];
+    let mut out = Vec::new();
+    let cities = meridian_api::geo::cities()
+        .iter()
+        .filter(|c| c.region == region && c.country_code != "KP")
+        .take(SIMULATED_CITIES);
+    for (j, c) in cities.enumerate() {
+        let city = meridian_api::geo::city_label(&c.name);
+        let slug = city.to_lowercase();
+        let gpu_box = region == "ap-northeast";
+        for (k, (kind, source, machine)) in [
+            ("cdn", "cdn", "physical"),
+            if gpu_box {
+                ("gpu", "ens", "physical")
+            } else {
+                ("vm", if j % 2 == 0 { "ens" } else { "third-party" }, "vm")
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let labels = [
+                (CITY_KEY, city.clone()),
+                (COUNTRY_KEY, c.country_code.clone()),
+                (ZONE_KEY, format!("{region}-{slug}-{kind}")),
+                (ISP_KEY, ISPS[(j + k) % ISPS.len()].to_owned()),
+                (SOURCE_KEY, source.to_owned()),
+                (MACHINE_KEY, machine.to_owned()),
+                (BANDWIDTH_PRICE_KEY, format!("{}", 1 + (j + 2 * k) % 5)),
+                (SIMULATED_KEY, "true".to_owned()),
+            ];
+            out.push((
+                format!("sim-{slug}-{kind}"),
+                HollowConfig {
+                    heartbeat: Duration::from_secs(10),
+                    start_delay: Duration::from_millis(200),
+                    labels: labels.map(|(k, v)| (k.to_owned(), v)).to_vec(),
+                    taints: vec![format!("{SIMULATED_KEY}=true:NoSchedule")],
+                    gpus: if kind == "gpu" { 2 } else { 0 },
+                    coordinates: Some((c.lat, c.lon)),
+                    run_for: Some(Duration::from_secs(10)),
+                },
+            ));
+        }
+    }
+    out
 }
 
 impl DemoWorld {
@@ -263,17 +318,18 @@ impl DemoWorld {
             .map(|r| format!("{} ({})", r.shared.cfg.name, r.addr))
             .collect();
         format!(
-            "{} regions [{}], {} process-runtime nodes",
+            "{} regions [{}], {} process-runtime nodes, {} simulated nodes",
             r.len(),
             r.join(", "),
-            self.agents.len()
+            self.agents.len(),
+            self.simulated.len()
         )
     }
 }
 
 impl Drop for DemoWorld {
     fn drop(&mut self) {
-        for a in &self.agents {
+        for a in self.agents.iter().chain(&self.simulated) {
             a.abort();
         }
         for r in &self.regions {
@@ -282,8 +338,13 @@ impl Drop for DemoWorld {
     }
 }
 
-/// Starts three regions and five process-runtime agents in this process.
-pub async fn start_demo_world(server: &Server, data_dir: &Path) -> Result<DemoWorld> {
+/// Starts three regions and five process-runtime agents in this process, plus,
+/// when `simulated`, the simulated fleet of [`simulated_nodes`].
+pub async fn start_demo_world(
+    server: &Server,
+    data_dir: &Path,
+    simulated: bool,
+) -> Result<DemoWorld> {
     let token = server.system_token(SystemRole::Region).await?;
     let yaml =
         meridian_apiserver::kubeconfig::render("region", &server.url, &server.ca_pem, &token, None);
@@ -292,7 +353,9 @@ pub async fn start_demo_world(server: &Server, data_dir: &Path) -> Result<DemoWo
     let mut world = DemoWorld {
         regions: Vec::new(),
         agents: Vec::new(),
+        simulated: Vec::new(),
     };
+    let stats = Arc::new(HollowStats::default());
     for (region, nodes) in DEMO {
         let global = kube::Config::from_custom_kubeconfig(kc.clone(), &Default::default()).await?;
         let mut cfg = RegionConfig::new(
@@ -314,8 +377,14 @@ pub async fn start_demo_world(server: &Server, data_dir: &Path) -> Result<DemoWo
             );
             cfg.coordinates = Some((*lat, *lon));
             cfg.labels = BTreeMap::from([
-                ("meridian.io/city".to_owned(), city.replace(' ', "-")),
-                ("meridian.io/country".to_owned(), country.to_string()),
+                (
+                    "topology.meridian.io/city".to_owned(),
+                    city.replace(' ', "-"),
+                ),
+                (
+                    "topology.meridian.io/country".to_owned(),
+                    country.to_string(),
+                ),
                 (
                     "topology.kubernetes.io/zone".to_owned(),
                     format!("{region}-{}", city.to_lowercase().replace(' ', "-")),
@@ -325,6 +394,17 @@ pub async fn start_demo_world(server: &Server, data_dir: &Path) -> Result<DemoWo
                 .await
                 .with_context(|| format!("starting agent {node}"))?;
             world.agents.push(tokio::spawn(agent.run()));
+        }
+        if simulated {
+            let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?.connect_lazy();
+            for (name, cfg) in simulated_nodes(region) {
+                world.simulated.push(tokio::spawn(run_node(
+                    channel.clone(),
+                    name,
+                    cfg,
+                    stats.clone(),
+                )));
+            }
         }
         world.regions.push(r);
     }

@@ -53,12 +53,22 @@ struct ServerArgs {
     region_timeout: Duration,
 }
 
+#[derive(clap::Args)]
+struct UpArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    /// Skip the simulated fleet (hollow nodes in 23 cities that run nothing, for
+    /// the placement examples).
+    #[arg(long)]
+    no_simulated: bool,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the global API server.
     Server(ServerArgs),
     /// Run a whole small edge cloud on this machine and print what to try next.
-    Up(ServerArgs),
+    Up(UpArgs),
     /// Manage tenants (virtual clusters).
     Tenant {
         #[command(subcommand)]
@@ -171,10 +181,11 @@ async fn start_server(args: &ServerArgs) -> Result<Server> {
         .with_context(|| format!("starting the API server on {}", args.listen))
 }
 
-async fn up(args: ServerArgs) -> Result<()> {
-    let server = start_server(&args).await?;
+async fn up(up: UpArgs) -> Result<()> {
+    let args = &up.server;
+    let server = start_server(args).await?;
     let kubeconfig = tenant::create_tenant(&args.data_dir, "demo", None).await?;
-    let world = edge::start_demo_world(&server, &args.data_dir).await?;
+    let world = edge::start_demo_world(&server, &args.data_dir, !up.no_simulated).await?;
     let _loops = edge::spawn_global_loops(&server, args.region_timeout).await?;
     let examples = std::env::current_dir()?.join("examples");
     println!();
@@ -196,7 +207,12 @@ async fn up(args: ServerArgs) -> Result<()> {
         examples.join("web-deployment.yaml").display()
     );
     println!("  kubectl get deployments,namespaces -o wide");
-    println!("  kubectl get nodes -L meridian.io/city,meridian.io/region");
+    println!("  kubectl get nodes -L topology.meridian.io/city,topology.kubernetes.io/region");
+    println!(
+        "  kubectl apply --validate=false -f {}   # GPU servers, players within 10 ms",
+        examples.join("cloud-gaming.yaml").display()
+    );
+    println!("  kubectl get placementpolicy game-server -o yaml");
     println!(
         "  kubectl apply --validate=false -f {}   # a pod bound to {}",
         examples.join("hello-pod.yaml").display(),

@@ -118,21 +118,9 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn meridian_up_then_kubectl_apply_the_example() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path().to_str().unwrap().to_owned();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let url = format!("https://{listen}");
     let _reaper = Reaper(dir.path());
-    let _up = meridian(&["up", "--data-dir", &d, "--listen", &listen]);
-    wait_ready(&url, dir.path()).await;
-    let kubeconfig = dir.path().join("tenants/demo.kubeconfig");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !kubeconfig.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "meridian up wrote no tenant kubeconfig"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let _log = LogOnPanic(dir.path().join("up.log"));
+    let (_up, kubeconfig) = up(dir.path()).await;
     let example = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../examples/web-deployment.yaml"
@@ -166,16 +154,18 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let (ok, out) = kubectl(&kubeconfig, &["get", "nodes", "-o", "name"]);
-        if ok && out.lines().count() == 5 {
+        if ok && out.lines().count() == 5 + SIMULATED {
             assert!(
-                out.contains("node/paris-1") && out.contains("node/tokyo-1"),
+                out.contains("node/paris-1")
+                    && out.contains("node/tokyo-1")
+                    && out.contains("node/sim-seoul-gpu"),
                 "{out}"
             );
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "meridian up did not bring 5 nodes: {out}"
+            "meridian up did not bring 5 + {SIMULATED} nodes: {out}"
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -239,6 +229,225 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     }
     let (ok, out) = kubectl(&kubeconfig, &["delete", "deployment", "web"]);
     assert!(ok, "{out}");
+}
+
+/// Simulated nodes of `meridian up`: two per city, 7 cities in eu-west, 8 in
+/// ap-northeast and us-east.
+const SIMULATED: usize = 46;
+
+/// Starts `meridian up`; returns its data dir and the demo tenant's kubeconfig.
+async fn up(dir: &Path) -> (Proc, std::path::PathBuf) {
+    let d = dir.to_str().unwrap().to_owned();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let url = format!("https://{listen}");
+    let log = std::fs::File::create(dir.join("up.log")).unwrap();
+    let p = Proc(
+        Command::new(env!("CARGO_BIN_EXE_meridian"))
+            .args(["up", "--data-dir", &d, "--listen", &listen])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start meridian"),
+    );
+    wait_ready(&url, dir).await;
+    let kubeconfig = dir.join("tenants/demo.kubeconfig");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !kubeconfig.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "meridian up wrote no tenant kubeconfig"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (p, kubeconfig)
+}
+
+/// `kubectl get -o json`, parsed.
+fn get_json(kubeconfig: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["get"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["-o", "json"]);
+    let (ok, out) = kubectl(kubeconfig, &a);
+    assert!(ok, "{out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Waits up to `secs` for `check` to say yes, showing its last answer on timeout.
+async fn wait_for(what: &str, secs: u64, mut check: impl FnMut() -> Result<(), String>) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        match check() {
+            Ok(()) => return,
+            Err(last) => assert!(Instant::now() < deadline, "{what}: {last}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn example(name: &str) -> String {
+    format!("{}/../../examples/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meridian_up_gives_each_placement_example_its_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let _reaper = Reaper(dir.path());
+    let _log = LogOnPanic(dir.path().join("up.log"));
+    let (_up, kc) = up(dir.path()).await;
+    let kc = kc.as_path();
+    // node -> labels, once every node is there
+    let mut nodes: std::collections::BTreeMap<String, serde_json::Value> = Default::default();
+    wait_for("all nodes registered", 60, || {
+        let list = get_json(kc, &["nodes"]);
+        nodes = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["metadata"]["name"].as_str().unwrap().to_owned(),
+                    n["metadata"]["labels"].clone(),
+                )
+            })
+            .collect();
+        (nodes.len() == 5 + SIMULATED)
+            .then_some(())
+            .ok_or(format!("{} nodes", nodes.len()))
+    })
+    .await;
+    let label = |node: &str, key: &str| -> String {
+        nodes
+            .get(node)
+            .and_then(|l| l[key].as_str())
+            .unwrap_or("")
+            .to_owned()
+    };
+    for f in [
+        "cloud-gaming.yaml",
+        "api-two-regions.yaml",
+        "cdn-log-daemonset.yaml",
+        "load-test-job.yaml",
+    ] {
+        let (ok, out) = kubectl(kc, &["apply", "--validate=false", "-f", &example(f)]);
+        assert!(ok, "{f}: {out}");
+    }
+    // (node, phase) of the pods with this label
+    let pods = |sel: &str| -> Vec<(String, String, serde_json::Value)> {
+        get_json(kc, &["pods", "-l", sel])["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p["spec"]["nodeName"].as_str().unwrap_or("").to_owned(),
+                    p["status"]["phase"].as_str().unwrap_or("").to_owned(),
+                    p["metadata"]["annotations"].clone(),
+                )
+            })
+            .collect()
+    };
+
+    // Cloud gaming: 4 GPU servers, each player city within 10 ms of one.
+    wait_for("game servers on GPU nodes, latency met", 90, || {
+        let p = pods("app=game-server");
+        let running: Vec<_> = p.iter().filter(|p| p.1 == "Running").collect();
+        if running.len() != 4 {
+            return Err(format!("{p:?}"));
+        }
+        for (node, _, ann) in &running {
+            assert!(node.ends_with("-gpu"), "{node} has no GPU");
+            assert_eq!(ann["meridian.io/reschedule-grace"], "60s", "failover grace");
+        }
+        let pp = get_json(kc, &["placementpolicy", "game-server"]);
+        let objectives = pp["status"]["objectives"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let met = objectives
+            .iter()
+            .filter(|o| o["type"] == "Latency" && o["met"] == true)
+            .count();
+        (met == 4).then_some(()).ok_or(format!("{}", pp["status"]))
+    })
+    .await;
+
+    // API: one replica in every city of eu-west and us-east, nowhere else.
+    wait_for("api in every city of two regions", 90, || {
+        let p = pods("app=api");
+        let running: Vec<_> = p.iter().filter(|p| p.1 == "Running").collect();
+        let cities: std::collections::BTreeSet<String> = running
+            .iter()
+            .map(|p| label(&p.0, "topology.meridian.io/city"))
+            .collect();
+        for (node, _, _) in &running {
+            let r = label(node, "topology.kubernetes.io/region");
+            assert!(r == "eu-west" || r == "us-east", "api pod on {node} in {r}");
+        }
+        (running.len() == 15 && cities.len() == 15)
+            .then_some(())
+            .ok_or(format!("{} running in {cities:?}", running.len()))
+    })
+    .await;
+
+    // Log pre-processor: on every CDN node of eu-west and only there.
+    let cdn: std::collections::BTreeSet<String> = nodes
+        .keys()
+        .filter(|n| {
+            label(n, "node.meridian.io/source") == "cdn"
+                && label(n, "topology.kubernetes.io/region") == "eu-west"
+        })
+        .cloned()
+        .collect();
+    assert_eq!(cdn.len(), 7);
+    wait_for("log pre-processor on every eu-west CDN node", 90, || {
+        let p = pods("app=log-preprocessor");
+        let on: std::collections::BTreeSet<String> = p
+            .iter()
+            .filter(|p| p.1 == "Running")
+            .map(|p| p.0.clone())
+            .collect();
+        (on == cdn && p.len() == cdn.len())
+            .then_some(())
+            .ok_or(format!("{p:?}"))
+    })
+    .await;
+
+    // Load test: 200 workers, 10 in each of exactly 20 cities, all succeeded.
+    wait_for("load test completed over 20 cities", 120, || {
+        let p = pods("app=load-test");
+        let done: Vec<_> = p.iter().filter(|p| p.1 == "Succeeded").collect();
+        let mut per_city: std::collections::BTreeMap<String, usize> = Default::default();
+        for (node, _, _) in &done {
+            *per_city
+                .entry(label(node, "topology.meridian.io/city"))
+                .or_default() += 1;
+        }
+        let job = get_json(kc, &["job", "load-test"]);
+        if job["status"]["succeeded"] != 200 {
+            return Err(format!("{}; {per_city:?}", job["status"]));
+        }
+        assert_eq!(per_city.len(), 20, "{per_city:?}");
+        assert!(per_city.values().all(|n| *n == 10), "{per_city:?}");
+        Ok(())
+    })
+    .await;
+}
+
+/// Prints the end of a log when the test fails.
+struct LogOnPanic(std::path::PathBuf);
+
+impl Drop for LogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.0).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- last lines of {}:", self.0.display());
+            for l in &lines[lines.len().saturating_sub(60)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
 }
 
 /// Workloads outlive their agents by design; a test's must not outlive the test,

@@ -125,6 +125,12 @@ fn validate(reg: &Register) -> Result<String, String> {
             return Err(format!("label {k:?}={v:?}: {p}"));
         }
     }
+    if reg.taints.len() > 32 {
+        return Err("at most 32 taints per node".into());
+    }
+    for t in &reg.taints {
+        meridian_api::validation::parse_taint(t)?;
+    }
     let Some(f) = &reg.facts else {
         return Err("registration carries no node facts".into());
     };
@@ -148,6 +154,7 @@ pub fn node_object(
     region: &str,
     name: &str,
     labels: &BTreeMap<String, String>,
+    taints: &[String],
     f: &NodeFacts,
 ) -> Node {
     let mut l = labels.clone();
@@ -200,7 +207,18 @@ pub fn node_object(
             annotations: Some(annotations),
             ..Default::default()
         },
-        spec: Some(NodeSpec::default()),
+        // Declared taints apply when the Node is created; later changes are the
+        // operator's (kubectl taint), never overwritten.
+        spec: Some(NodeSpec {
+            taints: Some(
+                taints
+                    .iter()
+                    .filter_map(|t| meridian_api::validation::parse_taint(t).ok())
+                    .collect(),
+            )
+            .filter(|t: &Vec<_>| !t.is_empty()),
+            ..Default::default()
+        }),
         status: Some(NodeStatus {
             allocatable: Some(capacity.clone()),
             capacity: Some(capacity),
@@ -256,7 +274,7 @@ impl Hub {
     async fn register(&self, name: &str, reg: Register, session: Session) -> bool {
         let labels: BTreeMap<String, String> = reg.labels.into_iter().collect();
         let facts = reg.facts.unwrap_or_default();
-        let node = node_object(&self.shared.cfg.name, name, &labels, &facts);
+        let node = node_object(&self.shared.cfg.name, name, &labels, &reg.taints, &facts);
         let now = Instant::now();
         let (known, old) = {
             let mut nodes = lock(&self.shared.nodes);

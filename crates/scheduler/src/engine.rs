@@ -15,6 +15,12 @@ use k8s_openapi::api::core::v1::{
     Node, NodeSelectorRequirement, Pod, Taint, Toleration, TopologySpreadConstraint,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use meridian_api::geo;
+use meridian_api::meridian::{
+    BANDWIDTH_PRICE_KEY, CITY_KEY, REGION_KEY, REPLACES_NODE_ANNOTATION, ZONE_KEY,
+};
+
+use crate::policy::{self, PolicyRules};
 
 pub type Labels = BTreeMap<String, String>;
 
@@ -77,6 +83,8 @@ pub enum Reason {
     Gpu,
     AntiAffinity,
     Spread,
+    Policy,
+    Distribution,
 }
 
 impl Reason {
@@ -94,11 +102,15 @@ impl Reason {
             Reason::Gpu => "Insufficient nvidia.com/gpu",
             Reason::AntiAffinity => "node(s) didn't satisfy pod anti-affinity rules",
             Reason::Spread => "node(s) didn't match pod topology spread constraints",
+            Reason::Policy => "node(s) excluded by placement policy locations",
+            Reason::Distribution => {
+                "node(s) in locations that already have their share of replicas"
+            }
         }
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct NodeInfo {
     pub name: String,
     pub labels: Labels,
@@ -109,6 +121,12 @@ pub struct NodeInfo {
     pub cordoned: bool,
     /// Labels of the pods bound here (for spread and anti-affinity).
     pub pods: Vec<Arc<Labels>>,
+    /// Declared coordinates (annotation `meridian.io/coordinates`).
+    pub coordinates: Option<(f64, f64)>,
+    /// Measured round-trip times to named areas (annotation `meridian.io/measured-rtt`).
+    pub measured_rtt: Vec<(String, f64)>,
+    /// Label `node.meridian.io/bandwidth-price` (price per GB), when set.
+    pub bandwidth_price: Option<f64>,
 }
 
 impl NodeInfo {
@@ -119,9 +137,22 @@ impl NodeInfo {
             .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
             .is_some_and(|c| c.status == "True");
         let spec = n.spec.as_ref();
+        let ann = n.metadata.annotations.as_ref();
+        let labels = n.metadata.labels.clone().unwrap_or_default();
         NodeInfo {
             name: n.metadata.name.clone().unwrap_or_default(),
-            labels: n.metadata.labels.clone().unwrap_or_default(),
+            coordinates: ann
+                .and_then(|a| a.get(geo::COORDINATES_ANNOTATION))
+                .and_then(|c| geo::parse_coordinates(c).ok()),
+            measured_rtt: ann
+                .and_then(|a| a.get(geo::MEASURED_RTT_ANNOTATION))
+                .map(|m| geo::parse_measured_rtt(m))
+                .unwrap_or_default(),
+            bandwidth_price: labels
+                .get(BANDWIDTH_PRICE_KEY)
+                .and_then(|p| p.parse::<f64>().ok())
+                .filter(|p| p.is_finite()),
+            labels,
             taints: spec.and_then(|s| s.taints.clone()).unwrap_or_default(),
             allocatable: Resources::from_map(status.and_then(|s| s.allocatable.as_ref())),
             used: Resources::default(),
@@ -144,6 +175,14 @@ pub struct PodRequest {
     pub spread: Vec<TopologySpreadConstraint>,
     /// Required anti-affinity on `kubernetes.io/hostname` (its label selector).
     pub anti_affinity: Vec<LabelSelector>,
+    /// The replica group (uid of the controlling owner): what policies count.
+    pub group: Option<Arc<str>>,
+    /// How many replicas the group wants (distribution targets are shares of it).
+    pub group_size: i64,
+    /// The placement policy that applies, if any.
+    pub policy: Option<Arc<PolicyRules>>,
+    /// The node whose lost pod this one replaces.
+    pub replaces: Option<String>,
 }
 
 impl PodRequest {
@@ -155,11 +194,10 @@ impl PodRequest {
         };
         for c in &spec.containers {
             let r = c.resources.as_ref();
-            // Requests default to limits, as in Kubernetes.
-            let m = r
-                .and_then(|r| r.requests.as_ref())
-                .or(r.and_then(|r| r.limits.as_ref()));
-            let mut add = Resources::from_map(m);
+            // A resource's request defaults to its limit, as in Kubernetes.
+            let mut m = r.and_then(|r| r.limits.clone()).unwrap_or_default();
+            m.extend(r.and_then(|r| r.requests.clone()).unwrap_or_default());
+            let mut add = Resources::from_map(Some(&m));
             add.pods = 0;
             requests.add(&add);
         }
@@ -199,6 +237,21 @@ impl PodRequest {
             tolerations: spec.tolerations.clone().unwrap_or_default(),
             spread: spec.topology_spread_constraints.clone().unwrap_or_default(),
             anti_affinity,
+            group: pod
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.controller == Some(true))
+                .map(|o| Arc::from(o.uid.as_str())),
+            group_size: 0,
+            policy: None,
+            replaces: pod
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(REPLACES_NODE_ANNOTATION))
+                .cloned(),
         }
     }
 }
@@ -282,6 +335,10 @@ pub struct Fleet {
     pub nodes: Vec<NodeInfo>,
     index: HashMap<String, usize>,
     spread: HashMap<String, SpreadCounts>,
+    /// Pods per node of each replica group.
+    groups: HashMap<Arc<str>, HashMap<usize, i64>>,
+    /// Latency coverage mask per node, per policy key.
+    coverage: HashMap<String, Arc<Vec<u64>>>,
 }
 
 /// Result of placing one pod.
@@ -292,7 +349,9 @@ pub enum Placement {
 }
 
 impl Fleet {
-    pub fn new(nodes: Vec<NodeInfo>) -> Fleet {
+    pub fn new(mut nodes: Vec<NodeInfo>) -> Fleet {
+        // Sorted by name: ties between equal nodes break the same way every time.
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
         let index = nodes
             .iter()
             .enumerate()
@@ -302,6 +361,8 @@ impl Fleet {
             nodes,
             index,
             spread: HashMap::new(),
+            groups: HashMap::new(),
+            coverage: HashMap::new(),
         }
     }
 
@@ -316,6 +377,14 @@ impl Fleet {
             let n = &mut self.nodes[i];
             n.used.add(&req.requests);
             n.pods.push(req.labels.clone());
+            if let Some(g) = &req.group {
+                *self
+                    .groups
+                    .entry(g.clone())
+                    .or_default()
+                    .entry(i)
+                    .or_insert(0) += 1;
+            }
             for sc in self.spread.values_mut() {
                 if let Some(d) = n.labels.get(&sc.key)
                     && selector_matches(&sc.selector, &req.labels)
@@ -331,12 +400,29 @@ impl Fleet {
         if let Some(&i) = self.index.get(node) {
             let n = &mut self.nodes[i];
             n.used.sub(&req.requests);
+            if let Some(g) = &req.group
+                && let Some(per_node) = self.groups.get_mut(g)
+                && let Some(c) = per_node.get_mut(&i)
+            {
+                *c -= 1;
+                if *c <= 0 {
+                    per_node.remove(&i);
+                }
+            }
             if let Some(p) = n
                 .pods
                 .iter()
                 .position(|l| Arc::ptr_eq(l, &req.labels) || **l == *req.labels)
             {
                 n.pods.swap_remove(p);
+                for sc in self.spread.values_mut() {
+                    if let Some(d) = n.labels.get(&sc.key)
+                        && selector_matches(&sc.selector, &req.labels)
+                        && let Some(c) = sc.counts.get_mut(d)
+                    {
+                        *c -= 1;
+                    }
+                }
             }
         }
     }
@@ -381,6 +467,11 @@ impl Fleet {
         }
         if n.taints.iter().any(|t| !tolerates(&req.tolerations, t)) {
             return Err(Reason::Taint);
+        }
+        if let Some(p) = &req.policy
+            && !p.allows(&n.labels)
+        {
+            return Err(Reason::Policy);
         }
         let free = |alloc: i64, used: i64| alloc - used;
         let r = &req.requests;
@@ -445,6 +536,148 @@ impl Fleet {
             .counts
     }
 
+    /// Latency coverage masks of every node for a policy (cached per policy version).
+    fn coverage(&mut self, rules: &PolicyRules) -> Arc<Vec<u64>> {
+        let nodes = &self.nodes;
+        self.coverage
+            .entry(rules.key.clone())
+            .or_insert_with(|| Arc::new(nodes.iter().map(|n| rules.coverage(n)).collect()))
+            .clone()
+    }
+
+    /// Pods of a replica group per node.
+    pub fn group_nodes(&self, group: &str) -> Option<&HashMap<usize, i64>> {
+        self.groups.get(group)
+    }
+
+    /// Applies a placement policy's distribution, spread and latency rules to the
+    /// feasible nodes: removes what they forbid, scores what they prefer.
+    fn apply_policy(
+        &mut self,
+        req: &PodRequest,
+        rules: &PolicyRules,
+        feasible: &mut Vec<usize>,
+        rejected: &mut BTreeMap<Reason, usize>,
+        score: &mut [PolicyScore],
+    ) {
+        let empty = HashMap::new();
+        let group = req
+            .group
+            .as_ref()
+            .and_then(|g| self.groups.get(g))
+            .unwrap_or(&empty);
+        let placed: i64 = group.values().sum();
+        if let Some(rule) = &rules.distribution {
+            let total = req.group_size.max(placed + 1);
+            let nodes = &self.nodes;
+            let targets = policy::targets(rule, total, |key| {
+                let mut cap: BTreeMap<String, i64> = BTreeMap::new();
+                for &i in feasible.iter() {
+                    if let Some(d) = nodes[i].labels.get(key) {
+                        let n = &nodes[i];
+                        *cap.entry(d.clone()).or_insert(0) +=
+                            (n.allocatable.cpu_milli - n.used.cpu_milli).max(0);
+                    }
+                }
+                for (&i, c) in group {
+                    if let Some(d) = nodes[i].labels.get(key)
+                        && let Some(v) = cap.get_mut(d)
+                    {
+                        *v += c * req.requests.cpu_milli;
+                    }
+                }
+                cap
+            });
+            let entry_of = |n: &NodeInfo| {
+                targets
+                    .iter()
+                    .position(|(k, v, _)| n.labels.get(k) == Some(v))
+            };
+            let mut current = vec![0i64; targets.len()];
+            for (&i, c) in group {
+                if let Some(e) = entry_of(&nodes[i]) {
+                    current[e] += c;
+                }
+            }
+            let deficit: Vec<i64> = targets
+                .iter()
+                .zip(&current)
+                .map(|((_, _, t), c)| t - c)
+                .collect();
+            let room = deficit.iter().any(|d| *d > 0);
+            feasible.retain(|&i| {
+                let ok = match entry_of(&nodes[i]) {
+                    Some(e) => {
+                        score[i].deficit = deficit[e];
+                        !room || deficit[e] > 0
+                    }
+                    None => false,
+                };
+                if !ok {
+                    *rejected.entry(Reason::Distribution).or_insert(0) += 1;
+                }
+                ok
+            });
+        }
+        if let Some(sp) = &rules.spread {
+            let nodes = &self.nodes;
+            let mut counts: HashMap<&str, i64> = HashMap::new();
+            for (&i, c) in group {
+                if let Some(d) = nodes[i].labels.get(&sp.key) {
+                    *counts.entry(d.as_str()).or_insert(0) += c;
+                }
+            }
+            let used = counts.values().filter(|c| **c > 0).count();
+            let capped = sp.max_groups.is_some_and(|m| used >= m);
+            feasible.retain(|&i| {
+                let ok = match nodes[i].labels.get(&sp.key) {
+                    None => false,
+                    Some(d) => !capped || counts.get(d.as_str()).copied().unwrap_or(0) > 0,
+                };
+                if !ok {
+                    *rejected.entry(Reason::Spread).or_insert(0) += 1;
+                }
+                ok
+            });
+            let min = feasible
+                .iter()
+                .filter_map(|&i| nodes[i].labels.get(&sp.key))
+                .map(|d| counts.get(d.as_str()).copied().unwrap_or(0))
+                .min()
+                .unwrap_or(0);
+            let want_new = sp.min_groups.is_some_and(|m| used < m);
+            feasible.retain(|&i| {
+                let d = nodes[i].labels.get(&sp.key).map(String::as_str);
+                let c = d.and_then(|d| counts.get(d)).copied().unwrap_or(0);
+                if c + 1 - min > sp.max_skew {
+                    *rejected.entry(Reason::Spread).or_insert(0) += 1;
+                    return false;
+                }
+                score[i].spread -= c;
+                if want_new && c == 0 {
+                    score[i].new_group = 1;
+                }
+                true
+            });
+        }
+        if rules.latency.is_some() {
+            let cov = self.coverage(rules);
+            let group = req
+                .group
+                .as_ref()
+                .and_then(|g| self.groups.get(g))
+                .unwrap_or(&empty);
+            let covered = group
+                .iter()
+                .filter(|(_, c)| **c > 0)
+                .fold(0u64, |m, (&i, _)| m | cov[i]);
+            for &i in feasible.iter() {
+                score[i].new_areas = i64::from((cov[i] & !covered).count_ones());
+                score[i].in_range = i64::from(cov[i] != 0);
+            }
+        }
+    }
+
     /// Places one pod and records it on the chosen node.
     pub fn place(&mut self, req: &PodRequest) -> Placement {
         let mut rejected: BTreeMap<Reason, usize> = BTreeMap::new();
@@ -484,20 +717,49 @@ impl Fleet {
                 true
             });
         }
+        let mut score = Vec::new();
+        if let Some(rules) = &req.policy {
+            score = vec![PolicyScore::default(); self.nodes.len()];
+            self.apply_policy(req, rules, &mut feasible, &mut rejected, &mut score);
+        }
+        // Where the lost pod this one replaces was: same zone, city, region.
+        let lost = req
+            .replaces
+            .as_deref()
+            .and_then(|n| self.node(n))
+            .map(|n| [ZONE_KEY, CITY_KEY, REGION_KEY].map(|k| n.labels.get(k).cloned()));
+        let most = req.policy.as_ref().is_some_and(|p| p.most_allocated);
+        let cheap = req.policy.as_ref().is_some_and(|p| p.cheap_bandwidth);
         let best = feasible.iter().copied().max_by_key(|&i| {
             let n = &self.nodes[i];
             let frac = |a: i64, u: i64| if a <= 0 { 0 } else { ((a - u) * 1000) / a };
-            let least_allocated =
-                (frac(
-                    n.allocatable.cpu_milli,
-                    n.used.cpu_milli + req.requests.cpu_milli,
-                ) + frac(n.allocatable.memory, n.used.memory + req.requests.memory))
-                    / 2;
-            // Spread dominates, then free capacity, then a stable tie-break.
+            let mut alloc = (frac(
+                n.allocatable.cpu_milli,
+                n.used.cpu_milli + req.requests.cpu_milli,
+            ) + frac(n.allocatable.memory, n.used.memory + req.requests.memory))
+                / 2;
+            if most {
+                alloc = -alloc;
+            }
+            let locality = lost.as_ref().map_or(0, |l| {
+                l.iter()
+                    .zip([ZONE_KEY, CITY_KEY, REGION_KEY])
+                    .position(|(v, k)| v.is_some() && n.labels.get(k) == v.as_ref())
+                    .map_or(0, |p| 3 - p as i64)
+            });
+            let price = if cheap {
+                -((n.bandwidth_price.unwrap_or(0.0) * 1000.0) as i64)
+            } else {
+                0
+            };
+            let p = score.get(i).copied().unwrap_or_default();
+            // Policy shares first, then latency coverage, new groups, spread, the
+            // lost pod's place, cost, free capacity, and a stable tie-break.
             (
-                -spread_penalty[i],
-                least_allocated,
-                std::cmp::Reverse(n.name.clone()),
+                (p.deficit, p.new_areas, p.new_group),
+                (p.spread - spread_penalty[i], locality, p.in_range, price),
+                alloc,
+                std::cmp::Reverse(i),
             )
         });
         match best {
@@ -511,8 +773,13 @@ impl Fleet {
                     .iter()
                     .map(|(r, n)| format!("{n} {}", r.text()))
                     .collect();
+                let policy = req
+                    .policy
+                    .as_ref()
+                    .map(|p| format!(" (placement policy {})", p.name))
+                    .unwrap_or_default();
                 Placement::Unschedulable(format!(
-                    "0/{} nodes are available: {}.",
+                    "0/{} nodes are available: {}.{policy}",
                     self.nodes.len(),
                     if parts.is_empty() {
                         "no nodes".to_owned()
@@ -525,6 +792,16 @@ impl Fleet {
     }
 }
 
+/// What a policy adds to a node's score for one pod (higher is better).
+#[derive(Clone, Copy, Debug, Default)]
+struct PolicyScore {
+    deficit: i64,
+    new_areas: i64,
+    new_group: i64,
+    spread: i64,
+    in_range: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -533,7 +810,7 @@ mod tests {
         NodeInfo {
             name: name.into(),
             labels: Labels::from([
-                ("meridian.io/city".into(), city.into()),
+                ("topology.meridian.io/city".into(), city.into()),
                 ("kubernetes.io/hostname".into(), name.into()),
             ]),
             taints: vec![],
@@ -548,6 +825,7 @@ mod tests {
             ready: true,
             cordoned: false,
             pods: vec![],
+            ..Default::default()
         }
     }
 
@@ -592,7 +870,7 @@ mod tests {
         ]);
         let mut req = pod(100, "web");
         req.spread = vec![TopologySpreadConstraint {
-            topology_key: "meridian.io/city".into(),
+            topology_key: "topology.meridian.io/city".into(),
             max_skew: 1,
             when_unsatisfiable: "DoNotSchedule".into(),
             label_selector: Some(LabelSelector {
@@ -607,7 +885,8 @@ mod tests {
                 panic!("unschedulable")
             };
             let city =
-                f.nodes.iter().find(|x| x.name == n).unwrap().labels["meridian.io/city"].clone();
+                f.nodes.iter().find(|x| x.name == n).unwrap().labels["topology.meridian.io/city"]
+                    .clone();
             *per_city.entry(city).or_default() += 1;
         }
         assert_eq!(
@@ -651,7 +930,7 @@ mod tests {
         }];
         assert!(matches!(f.place(&req), Placement::Node(n) if n == "gpu-1"));
         let mut sel = pod(100, "x");
-        sel.node_selector = Labels::from([("meridian.io/city".into(), "Mars".into())]);
+        sel.node_selector = Labels::from([("topology.meridian.io/city".into(), "Mars".into())]);
         assert!(
             matches!(f.place(&sel), Placement::Unschedulable(m) if m.contains("node selector"))
         );

@@ -7,18 +7,25 @@
 //! Event counting the causes.
 
 pub mod engine;
+pub mod policy;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
+use meridian_api::meridian::{self as mapi, PlacementPolicy, RESCHEDULE_GRACE_ANNOTATION};
 use serde_json::json;
 
 use engine::{Fleet, NodeInfo, Placement, PodRequest};
+use policy::PolicyRules;
 
 /// Scheduler names this scheduler serves.
 pub const SCHEDULER_NAMES: &[&str] = &["default-scheduler", "meridian"];
@@ -41,25 +48,188 @@ fn unschedulable_message(p: &Pod) -> Option<&str> {
         .as_deref()
 }
 
+/// A store kept up to date by a watch of every `K` (used by the controllers too).
+pub fn reflect<K>(client: &kube::Client) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let api: Api<K> = Api::all(client.clone());
+    tokio::spawn(
+        reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .for_each(|_| async {}),
+    );
+    store
+}
+
+fn policy_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(mapi::GROUP, mapi::VERSION, "PlacementPolicy"),
+        "placementpolicies",
+    )
+}
+
+/// What the scheduler knows of a replica group (a ReplicaSet, Job, DaemonSet...).
+#[derive(Clone)]
+struct Group {
+    /// The workload a policy names: (kind, name); a ReplicaSet of a Deployment
+    /// is the Deployment.
+    workload: (String, String),
+    /// Replicas it wants (0 when unknown).
+    size: i64,
+}
+
+/// A policy as stored, and compiled.
+type Governing = (Arc<PlacementPolicy>, Arc<PolicyRules>);
+
+/// Policies and workloads as of one tick; resolves which policy governs a pod.
+struct Policies {
+    /// Per namespace: (policy, compiled), sorted by name.
+    by_ns: HashMap<String, Vec<Governing>>,
+    groups: HashMap<String, Group>,
+}
+
+impl Policies {
+    fn load(
+        policies: &Store<DynamicObject>,
+        compiled: &mut HashMap<String, Arc<PolicyRules>>,
+        rs: &Store<ReplicaSet>,
+        jobs: &Store<Job>,
+    ) -> Policies {
+        let mut by_ns: HashMap<String, Vec<Governing>> = HashMap::new();
+        let mut live = std::collections::HashSet::new();
+        for o in policies.state() {
+            let Ok(p) =
+                serde_json::to_value(&*o).and_then(serde_json::from_value::<PlacementPolicy>)
+            else {
+                continue;
+            };
+            let rules = PolicyRules::compile(&p);
+            live.insert(rules.key.clone());
+            let rules = compiled
+                .entry(rules.key.clone())
+                .or_insert_with(|| Arc::new(rules))
+                .clone();
+            by_ns
+                .entry(p.metadata.namespace.clone().unwrap_or_default())
+                .or_default()
+                .push((Arc::new(p), rules));
+        }
+        compiled.retain(|k, _| live.contains(k));
+        for v in by_ns.values_mut() {
+            v.sort_by(|a, b| a.0.metadata.name.cmp(&b.0.metadata.name));
+        }
+        let mut groups = HashMap::new();
+        if !by_ns.is_empty() {
+            for r in rs.state() {
+                let owner = r
+                    .metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .find(|o| o.controller == Some(true) && o.kind == "Deployment");
+                let workload = match owner {
+                    Some(o) => ("Deployment".to_owned(), o.name.clone()),
+                    None => (
+                        "ReplicaSet".to_owned(),
+                        r.metadata.name.clone().unwrap_or_default(),
+                    ),
+                };
+                let size = r.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+                groups.insert(
+                    r.metadata.uid.clone().unwrap_or_default(),
+                    Group {
+                        workload,
+                        size: i64::from(size),
+                    },
+                );
+            }
+            for j in jobs.state() {
+                let size = j.spec.as_ref().and_then(|s| s.parallelism).unwrap_or(1);
+                groups.insert(
+                    j.metadata.uid.clone().unwrap_or_default(),
+                    Group {
+                        workload: ("Job".into(), j.metadata.name.clone().unwrap_or_default()),
+                        size: i64::from(size),
+                    },
+                );
+            }
+        }
+        Policies { by_ns, groups }
+    }
+
+    /// The policy governing a pod (by workload name first, then by selector), and
+    /// the size of its replica group.
+    fn resolve(&self, p: &Pod) -> Option<(&Arc<PlacementPolicy>, &Arc<PolicyRules>, i64)> {
+        let list = self.by_ns.get(p.metadata.namespace.as_deref()?)?;
+        let owner = p
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true));
+        let group = owner.and_then(|o| self.groups.get(&o.uid));
+        let workload = match (group, owner) {
+            (Some(g), _) => Some(g.workload.clone()),
+            (None, Some(o)) => Some((o.kind.clone(), o.name.clone())),
+            (None, None) => None,
+        };
+        let labels = p.metadata.labels.clone().unwrap_or_default();
+        let by_name = list.iter().find(|(pp, _)| {
+            workload.as_ref().is_some_and(|(k, n)| {
+                pp.spec
+                    .workloads
+                    .iter()
+                    .any(|w| &w.kind == k && &w.name == n)
+            })
+        });
+        let found = by_name.or_else(|| {
+            list.iter().find(|(pp, _)| {
+                pp.spec
+                    .selector
+                    .as_ref()
+                    .is_some_and(|s| engine::selector_matches(s, &labels))
+            })
+        })?;
+        Some((&found.0, &found.1, group.map_or(0, |g| g.size)))
+    }
+}
+
 /// Runs the scheduler until the task is dropped.
 pub async fn run(client: kube::Client) {
-    let (nodes, node_writer) = reflector::store::<Node>();
-    let (pods, pod_writer) = reflector::store::<Pod>();
-    let node_api: Api<Node> = Api::all(client.clone());
-    let pod_api: Api<Pod> = Api::all(client.clone());
+    let nodes: Store<Node> = reflect(&client);
+    let pods: Store<Pod> = reflect(&client);
+    let replicasets: Store<ReplicaSet> = reflect(&client);
+    let jobs: Store<Job> = reflect(&client);
+    let ar = policy_resource();
+    let policy_writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+    let policies = policy_writer.as_reader();
+    let policy_api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
     tokio::spawn(
-        reflector(node_writer, watcher(node_api, watcher::Config::default()))
-            .default_backoff()
-            .for_each(|_| async {}),
+        reflector(
+            policy_writer,
+            watcher(policy_api, watcher::Config::default()),
+        )
+        .default_backoff()
+        .for_each(|_| async {}),
     );
-    tokio::spawn(
-        reflector(pod_writer, watcher(pod_api, watcher::Config::default()))
-            .default_backoff()
-            .for_each(|_| async {}),
-    );
-    if nodes.wait_until_ready().await.is_err() || pods.wait_until_ready().await.is_err() {
+    if nodes.wait_until_ready().await.is_err()
+        || pods.wait_until_ready().await.is_err()
+        || replicasets.wait_until_ready().await.is_err()
+        || jobs.wait_until_ready().await.is_err()
+        || policies.wait_until_ready().await.is_err()
+    {
         return;
     }
+    let mut compiled: HashMap<String, Arc<PolicyRules>> = HashMap::new();
+    let mut last_report = Instant::now();
     // Pods bound by us that the watch has not shown bound yet.
     let mut inflight: HashMap<String, (String, Instant)> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -72,6 +242,15 @@ pub async fn run(client: kube::Client) {
                 .map(|n| NodeInfo::from_node(n))
                 .collect(),
         );
+        let pol = Policies::load(&policies, &mut compiled, &replicasets, &jobs);
+        let request = |p: &Pod| {
+            let mut r = PodRequest::from_pod(p);
+            if let Some((_, rules, size)) = pol.resolve(p) {
+                r.policy = Some(rules.clone());
+                r.group_size = size;
+            }
+            r
+        };
         let mut pending = Vec::new();
         inflight.retain(|_, (_, t)| t.elapsed() < Duration::from_secs(10));
         for p in pods.state() {
@@ -87,11 +266,11 @@ pub async fn run(client: kube::Client) {
             match node {
                 Some(n) => {
                     inflight.remove(&uid);
-                    fleet.bind(&n, &PodRequest::from_pod(&p));
+                    fleet.bind(&n, &request(&p));
                 }
                 None => {
                     if let Some((n, _)) = inflight.get(&uid) {
-                        fleet.bind(n, &PodRequest::from_pod(&p));
+                        fleet.bind(n, &request(&p));
                         continue;
                     }
                     let name = p
@@ -104,6 +283,10 @@ pub async fn run(client: kube::Client) {
                     }
                 }
             }
+        }
+        if last_report.elapsed() >= Duration::from_secs(2) {
+            last_report = Instant::now();
+            report_policies(&client, &pol, &pods, &fleet).await;
         }
         if pending.is_empty() {
             continue;
@@ -118,13 +301,15 @@ pub async fn run(client: kube::Client) {
         let mut binds = Vec::new();
         let mut failures = Vec::new();
         for p in pending {
-            match fleet.place(&PodRequest::from_pod(&p)) {
+            let req = request(&p);
+            match fleet.place(&req) {
                 Placement::Node(n) => {
                     inflight.insert(
                         p.metadata.uid.clone().unwrap_or_default(),
                         (n.clone(), Instant::now()),
                     );
-                    binds.push((p, n));
+                    let grace = req.policy.as_ref().and_then(|r| r.reschedule_grace.clone());
+                    binds.push((p, n, grace));
                 }
                 Placement::Unschedulable(msg) => {
                     if unschedulable_message(&p) != Some(msg.as_str()) {
@@ -135,8 +320,8 @@ pub async fn run(client: kube::Client) {
         }
         let client = &client;
         futures::stream::iter(binds)
-            .for_each_concurrent(32, |(p, node)| async move {
-                if let Err(e) = bind(client, &p, &node).await {
+            .for_each_concurrent(32, |(p, node, grace)| async move {
+                if let Err(e) = bind(client, &p, &node, grace).await {
                     tracing::warn!(pod = ?p.metadata.name, %node, "bind failed: {e}");
                 }
             })
@@ -149,15 +334,25 @@ pub async fn run(client: kube::Client) {
     }
 }
 
-async fn bind(client: &kube::Client, p: &Pod, node: &str) -> Result<(), kube::Error> {
+/// Binds a pod; annotations on the Binding are copied to the pod (as in
+/// Kubernetes), which is how a policy's failover grace reaches the region.
+async fn bind(
+    client: &kube::Client,
+    p: &Pod,
+    node: &str,
+    grace: Option<String>,
+) -> Result<(), kube::Error> {
     let ns = p.metadata.namespace.clone().unwrap_or_default();
     let name = p.metadata.name.clone().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let body = json!({
+    let mut body = json!({
         "apiVersion": "v1", "kind": "Binding",
         "metadata": {"name": name, "namespace": ns},
         "target": {"apiVersion": "v1", "kind": "Node", "name": node},
     });
+    if let Some(g) = grace {
+        body["metadata"]["annotations"] = json!({ RESCHEDULE_GRACE_ANNOTATION: g });
+    }
     api.create_subresource::<serde_json::Value, serde_json::Value>(
         "binding",
         &name,
@@ -198,4 +393,95 @@ async fn report_unschedulable(client: &kube::Client, p: &Pod, msg: &str) {
         msg,
     );
     let _ = events.create(&PostParams::default(), &ev).await;
+}
+
+/// Writes each policy's status (where its replicas are, which objectives are
+/// met) when it changed.
+async fn report_policies(client: &kube::Client, pol: &Policies, pods: &Store<Pod>, fleet: &Fleet) {
+    if pol.by_ns.is_empty() {
+        return;
+    }
+    struct Acc<'a> {
+        bound: Vec<&'a NodeInfo>,
+        pending: i32,
+        groups: HashMap<String, i64>,
+        loose: i64,
+    }
+    let mut acc: HashMap<(String, String), Acc<'_>> = HashMap::new();
+    let all = pods.state();
+    for p in &all {
+        if is_terminal(p) || p.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let Some((pp, _, size)) = pol.resolve(p) else {
+            continue;
+        };
+        let key = (
+            pp.metadata.namespace.clone().unwrap_or_default(),
+            pp.metadata.name.clone().unwrap_or_default(),
+        );
+        let a = acc.entry(key).or_insert_with(|| Acc {
+            bound: Vec::new(),
+            pending: 0,
+            groups: HashMap::new(),
+            loose: 0,
+        });
+        match p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .and_then(|n| fleet.node(n))
+        {
+            Some(n) => a.bound.push(n),
+            None => a.pending += 1,
+        }
+        match p
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.controller == Some(true))
+        {
+            Some(o) if size > 0 => {
+                a.groups.insert(o.uid.clone(), size);
+            }
+            _ => a.loose += 1,
+        }
+    }
+    for list in pol.by_ns.values() {
+        for (pp, rules) in list {
+            let key = (
+                pp.metadata.namespace.clone().unwrap_or_default(),
+                pp.metadata.name.clone().unwrap_or_default(),
+            );
+            let (bound, pending, desired) = match acc.get(&key) {
+                Some(a) => (
+                    a.bound.as_slice(),
+                    a.pending,
+                    a.groups.values().sum::<i64>() + a.loose,
+                ),
+                None => (&[][..], 0, 0),
+            };
+            let mut status = policy::report(rules, bound, pending, desired);
+            status.observed_generation = pp.metadata.generation;
+            if pp.status.as_ref() == Some(&status) {
+                continue;
+            }
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), &key.0, &policy_resource());
+            let mut patch = json!({ "status": status });
+            // A merge patch keeps map keys it does not mention: clear old cities.
+            for city in pp.status.iter().flat_map(|s| s.replicas_by_city.keys()) {
+                if !status.replicas_by_city.contains_key(city) {
+                    patch["status"]["replicasByCity"][city] = serde_json::Value::Null;
+                }
+            }
+            if let Err(e) = api
+                .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                tracing::debug!(policy = %key.1, "status: {e}");
+            }
+        }
+    }
 }

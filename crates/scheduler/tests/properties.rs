@@ -22,7 +22,7 @@ fn arb_node(i: usize) -> impl Strategy<Value = NodeInfo> {
         .prop_map(move |(city, cpu, gib, gpu, tainted, cordoned)| NodeInfo {
             name: format!("n{i:03}"),
             labels: Labels::from([
-                ("meridian.io/city".into(), CITIES[city].into()),
+                ("topology.meridian.io/city".into(), CITIES[city].into()),
                 ("kubernetes.io/hostname".into(), format!("n{i:03}")),
                 ("gpu".into(), gpu.to_string()),
             ]),
@@ -46,6 +46,7 @@ fn arb_node(i: usize) -> impl Strategy<Value = NodeInfo> {
             ready: true,
             cordoned,
             pods: vec![],
+            ..Default::default()
         })
 }
 
@@ -71,7 +72,7 @@ fn arb_pod() -> impl Strategy<Value = PodRequest> {
                 gpu,
             },
             node_selector: city
-                .map(|c| Labels::from([("meridian.io/city".into(), CITIES[c].into())]))
+                .map(|c| Labels::from([("topology.meridian.io/city".into(), CITIES[c].into())]))
                 .unwrap_or_default(),
             tolerations: if tolerate {
                 vec![Toleration {
@@ -118,7 +119,7 @@ proptest! {
             requests: Resources { pods: 1, ..Default::default() },
             tolerations: vec![Toleration { operator: Some("Exists".into()), ..Default::default() }],
             spread: vec![TopologySpreadConstraint {
-                topology_key: "meridian.io/city".into(),
+                topology_key: "topology.meridian.io/city".into(),
                 max_skew,
                 when_unsatisfiable: "DoNotSchedule".into(),
                 label_selector: Some(LabelSelector {
@@ -132,14 +133,14 @@ proptest! {
         let mut placed: BTreeMap<String, i32> = BTreeMap::new();
         for _ in 0..replicas {
             if let Placement::Node(name) = fleet.place(&req) {
-                let city = fleet.nodes.iter().find(|n| n.name == name).unwrap().labels["meridian.io/city"].clone();
+                let city = fleet.nodes.iter().find(|n| n.name == name).unwrap().labels["topology.meridian.io/city"].clone();
                 *placed.entry(city).or_default() += 1;
             }
         }
         // Domains that can take pods: cities with a schedulable node.
         let domains: std::collections::BTreeSet<String> = fleet.nodes.iter()
             .filter(|n| n.ready && !n.cordoned)
-            .map(|n| n.labels["meridian.io/city"].clone())
+            .map(|n| n.labels["topology.meridian.io/city"].clone())
             .collect();
         let counts: Vec<i32> = domains.iter().map(|d| placed.get(d).copied().unwrap_or(0)).collect();
         if let (Some(max), Some(min)) = (counts.iter().max(), counts.iter().min()) {

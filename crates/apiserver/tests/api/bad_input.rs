@@ -98,7 +98,10 @@ async fn bad_requests_get_status_objects_and_change_nothing() {
         if !c.body.is_empty() {
             req = req.body(c.body.clone());
         }
-        let resp = req.send().await.unwrap();
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e:?}", c.what));
         let code = resp.status().as_u16();
         let status: Value = resp.json().await.unwrap_or(Value::Null);
         assert_eq!(code, c.code, "{}: {status}", c.what);

@@ -2,6 +2,7 @@
 //! by real clients (the `kube` crate; raw HTTPS for malformed input).
 
 mod bad_input;
+mod placement;
 mod tenancy;
 mod verbs;
 mod watch;

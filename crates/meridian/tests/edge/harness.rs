@@ -301,7 +301,7 @@ impl World {
     pub fn start_agent(&mut self, i: usize) {
         let (name, _, proxy) = &self.agents[i];
         let labels = format!(
-            "meridian.io/city={},meridian.io/country=FR",
+            "topology.meridian.io/city={},topology.meridian.io/country=FR",
             self.cities.get(name).map(String::as_str).unwrap_or("Paris")
         );
         let data = self.path(&format!("agent-{name}"));

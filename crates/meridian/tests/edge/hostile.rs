@@ -27,6 +27,7 @@ fn register(name: &str, labels: HashMap<String, String>) -> AgentMessage {
             }),
             running_pods: vec![],
             agent_version: "test".into(),
+            taints: vec![],
         })),
     }
 }
@@ -82,6 +83,15 @@ async fn bad_and_hostile_agent_messages_are_rejected_and_disturb_no_one() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+
+    // a taint that is not a taint
+    let mut reg = register("fine-2", HashMap::new());
+    if let Some(agent_message::Msg::Register(r)) = &mut reg.msg {
+        r.taints = vec!["gpu=yes:Sometimes".into()];
+    }
+    let e = attempt(port, vec![reg]).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("effect must be"), "{}", e.message());
 
     // an oversized message (8 MiB against a 4 MiB limit)
     let labels = HashMap::from([("x".to_owned(), "y".repeat(8 << 20))]);

@@ -30,7 +30,7 @@ async fn a_pod_bound_to_a_node_runs_becomes_ready_and_streams_its_logs() {
     );
     let labels = n.metadata.labels.unwrap_or_default();
     assert_eq!(
-        labels.get("meridian.io/city").map(String::as_str),
+        labels.get("topology.meridian.io/city").map(String::as_str),
         Some("Paris")
     );
     assert_eq!(

@@ -145,7 +145,7 @@ async fn a_pod_that_fits_nowhere_is_unschedulable_with_the_causes_counted() {
     w.add_agent_in("nice-1", "Nice").await;
     let pod = serde_json::json!({
         "metadata": {"name": "on-mars"},
-        "spec": {"nodeSelector": {"meridian.io/city": "Mars"}, "containers": [
+        "spec": {"nodeSelector": {"topology.meridian.io/city": "Mars"}, "containers": [
             {"name": "main", "image": "busybox", "command": ["/bin/sleep", "3600"]}]},
     });
     w.pods()
@@ -213,15 +213,20 @@ async fn a_pod_that_fits_nowhere_is_unschedulable_with_the_causes_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pods_of_a_node_lost_past_the_grace_are_replaced_on_other_nodes() {
-    // lease 2s, grace 2s, 0.5 nodes/s; three nodes so one lost node is 33% < 55%
+async fn pods_of_a_node_lost_past_the_grace_are_replaced_in_the_same_city() {
+    // lease 2s, grace 2s, 0.5 nodes/s; four nodes so one lost node is 25% < 55%
     let mut w = World::start(RegionOpts {
         grace: "2s",
         ..Default::default()
     })
     .await;
-    for n in ["fo-1", "fo-2", "fo-3"] {
-        w.add_agent(n).await;
+    for (n, city) in [
+        ("a-tokyo", "Tokyo"),
+        ("b-paris-1", "Paris"),
+        ("c-lima", "Lima"),
+        ("d-paris-2", "Paris"),
+    ] {
+        w.add_agent_in(n, city).await;
     }
     let deploy = serde_json::json!({
         "metadata": {"name": "svc"},
@@ -230,6 +235,8 @@ async fn pods_of_a_node_lost_past_the_grace_are_replaced_on_other_nodes() {
             "spec": {
                 "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
                     {"topologyKey": "kubernetes.io/hostname", "labelSelector": {"matchLabels": {"app": "svc"}}}]}},
+                "topologySpreadConstraints": [{"topologyKey": "topology.meridian.io/city", "maxSkew": 1,
+                    "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "svc"}}}],
                 "containers": [{"name": "main", "image": "busybox", "command": ["/bin/sleep", "3600"]}]}}},
     });
     let deploys: Api<Deployment> = Api::namespaced(w.client.clone(), "edge");
@@ -254,11 +261,17 @@ async fn pods_of_a_node_lost_past_the_grace_are_replaced_on_other_nodes() {
     })
     .await;
     let before = running_nodes(&pods.list(&lp).await.unwrap().items);
-    let lost = before.iter().next().unwrap().clone();
+    // Spread over cities: one replica in Tokyo, one in Paris (the first by name).
+    assert_eq!(
+        before,
+        BTreeSet::from(["a-tokyo".to_owned(), "b-paris-1".to_owned()])
+    );
+    let lost = "b-paris-1".to_owned();
     let i = w.agent(&lost);
     w.agents[i].2.cut();
+    // Lima is as good for the spread; the lost pod's city wins.
     eventually(
-        "a replacement runs on a node that was not lost",
+        "a replacement runs on the other node in Paris",
         Duration::from_secs(60),
         || {
             let (pods, lp, lost) = (pods.clone(), lp.clone(), lost.clone());
@@ -270,11 +283,25 @@ async fn pods_of_a_node_lost_past_the_grace_are_replaced_on_other_nodes() {
                             == Some(lost.as_str())
                 });
                 let nodes = running_nodes(&list);
-                marked && nodes.len() == 2 && !nodes.contains(&lost)
+                marked && nodes == BTreeSet::from(["a-tokyo".to_owned(), "d-paris-2".to_owned()])
             }
         },
     )
     .await;
+    let list = pods.list(&lp).await.unwrap().items;
+    let replacement = list
+        .iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("d-paris-2"))
+        .unwrap();
+    assert_eq!(
+        replacement
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("meridian.io/replaces-node"))
+            .map(String::as_str),
+        Some("b-paris-1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,7 +315,7 @@ async fn daemonsets_cover_matching_nodes_including_late_joiners_and_jobs_complet
         "metadata": {"name": "logs"},
         "spec": {"selector": {"matchLabels": {"app": "logs"}}, "template": {
             "metadata": {"labels": {"app": "logs"}},
-            "spec": {"nodeSelector": {"meridian.io/country": "FR"},
+            "spec": {"nodeSelector": {"topology.meridian.io/country": "FR"},
                 "containers": [{"name": "main", "image": "busybox", "command": ["/bin/sleep", "3600"]}]}}},
     });
     let dsapi: Api<DaemonSet> = Api::namespaced(w.client.clone(), "edge");

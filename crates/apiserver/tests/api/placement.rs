@@ -1,0 +1,179 @@
+//! PlacementPolicy admission: bad policies are refused with the offending field,
+//! and exact per-location counts must agree with the workloads they name, both
+//! when the policy is written and when the workload is scaled.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::{ApiResource, GroupVersionKind};
+use serde_json::json;
+
+use crate::TestServer;
+
+fn policies(client: &kube::Client) -> Api<DynamicObject> {
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("meridian.io", "v1alpha1", "PlacementPolicy"),
+        "placementpolicies",
+    );
+    Api::namespaced_with(client.clone(), "default", &ar)
+}
+
+fn policy(name: &str, spec: serde_json::Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "meridian.io/v1alpha1", "kind": "PlacementPolicy",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap()
+}
+
+/// The (field, message) of a 422's first cause.
+fn invalid(e: kube::Error) -> (String, String) {
+    match e {
+        kube::Error::Api(s) => {
+            assert_eq!(s.code, 422, "{s:?}");
+            assert_eq!(s.reason, "Invalid");
+            let c = &s.details.unwrap().causes[0];
+            (c.field.clone(), c.message.clone())
+        }
+        e => panic!("expected 422, got {e}"),
+    }
+}
+
+#[tokio::test]
+async fn bad_policies_are_refused_with_the_offending_field() {
+    let s = TestServer::start().await;
+    let api = policies(&s.admin());
+    let pp = PostParams::default();
+    for (spec, field) in [
+        (json!({"spread": {"maxSkew": 1}}), "spec.workloads"),
+        (
+            json!({"workloads": [{"kind": "Pod", "name": "x"}]}),
+            "spec.workloads[0].kind",
+        ),
+        (
+            json!({"workloads": [{"kind": "Deployment", "name": "x"}],
+                   "latency": {"maxRttMs": 10, "areas": [{"city": "Atlantis"}]}}),
+            "spec.latency.areas[0]",
+        ),
+        (
+            json!({"workloads": [{"kind": "Deployment", "name": "x"}],
+                   "latency": {"maxRttMs": -1, "areas": [{"city": "Paris"}]}}),
+            "spec.latency.maxRttMs",
+        ),
+        (
+            json!({"workloads": [{"kind": "Deployment", "name": "x"}],
+                   "distribution": {"counts": [{"city": "Paris", "region": "eu-west", "replicas": 1}]}}),
+            "spec.distribution.counts[0]",
+        ),
+        (
+            json!({"workloads": [{"kind": "Deployment", "name": "x"}],
+                   "distribution": {"counts": [{"city": "Paris", "replicas": 1}], "byCapacity": "topology.kubernetes.io/region"}}),
+            "spec.distribution",
+        ),
+        (
+            json!({"workloads": [{"kind": "Deployment", "name": "x"}],
+                   "spread": {"minGroups": 5, "maxGroups": 2}}),
+            "spec.spread.minGroups",
+        ),
+        (
+            json!({"workloads": [{"kind": "Deployment", "name": "x"}],
+                   "failover": {"afterSeconds": 60, "pin": true}}),
+            "spec.failover",
+        ),
+    ] {
+        let e = api
+            .create(&pp, &policy("bad", spec.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(invalid(e).0, field, "{spec}");
+    }
+    assert!(api.get_opt("bad").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn exact_counts_must_agree_with_the_workload_both_ways() {
+    let s = TestServer::start().await;
+    let client = s.admin();
+    let deploys: Api<Deployment> = Api::namespaced(client.clone(), "default");
+    let pp = PostParams::default();
+    let d = json!({"metadata": {"name": "game"}, "spec": {"replicas": 4,
+        "selector": {"matchLabels": {"app": "game"}},
+        "template": {"metadata": {"labels": {"app": "game"}},
+                     "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+    deploys
+        .create(&pp, &serde_json::from_value(d).unwrap())
+        .await
+        .unwrap();
+    let api = policies(&client);
+    let spec = |a: i32, b: i32| {
+        json!({"workloads": [{"kind": "Deployment", "name": "game"}],
+               "distribution": {"counts": [{"city": "Shanghai", "replicas": a}, {"city": "Frankfurt", "replicas": b}]}})
+    };
+    let (field, msg) = invalid(
+        api.create(&pp, &policy("cities", spec(3, 2)))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(field, "spec.distribution.counts");
+    assert!(
+        msg.contains("add up to 5 replicas but Deployment game wants 4"),
+        "{msg}"
+    );
+    api.create(&pp, &policy("cities", spec(2, 2)))
+        .await
+        .unwrap();
+    // Scaling the workload away from the counts is refused, and changes nothing.
+    let e = deploys
+        .patch_scale(
+            "game",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 5}})),
+        )
+        .await
+        .unwrap_err();
+    let (field, msg) = invalid(e);
+    assert_eq!(field, "spec.replicas");
+    assert!(
+        msg.contains("PlacementPolicy cities places exactly 4 replicas (Shanghai 2, Frankfurt 2)"),
+        "{msg}"
+    );
+    let now = deploys.get("game").await.unwrap();
+    assert_eq!(now.spec.unwrap().replicas, Some(4));
+    // Updating a workload without touching its replicas is fine.
+    deploys
+        .patch(
+            "game",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"tier": "game"}}})),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn binding_annotations_are_copied_to_the_pod() {
+    let s = TestServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(s.admin(), "default");
+    let p =
+        json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "image": "i"}]}});
+    pods.create(&PostParams::default(), &serde_json::from_value(p).unwrap())
+        .await
+        .unwrap();
+    let binding = json!({"apiVersion": "v1", "kind": "Binding",
+        "metadata": {"name": "p", "annotations": {"meridian.io/reschedule-grace": "never"}},
+        "target": {"kind": "Node", "name": "n1"}});
+    pods.create_subresource::<serde_json::Value, serde_json::Value>(
+        "binding",
+        "p",
+        &PostParams::default(),
+        &binding,
+    )
+    .await
+    .unwrap();
+    let p = pods.get("p").await.unwrap();
+    assert_eq!(p.spec.unwrap().node_name.as_deref(), Some("n1"));
+    assert_eq!(
+        p.metadata.annotations.unwrap()["meridian.io/reschedule-grace"],
+        "never"
+    );
+}
