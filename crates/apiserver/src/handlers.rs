@@ -1091,6 +1091,35 @@ async fn delete_one(cx: &Ctx<'_>, cur: &KeyValue, opts: &Value) -> Result<Attemp
                 cur.mod_revision
             )));
     }
+    // Foreground: the object stays (deletionTimestamp + finalizer) until the garbage
+    // collector has deleted its dependents; Orphan: until it has released them.
+    let cascade = match (
+        opts["propagationPolicy"].as_str(),
+        opts["orphanDependents"].as_bool(),
+    ) {
+        (Some("Foreground"), _) => Some("foregroundDeletion"),
+        (Some("Orphan"), _) | (None, Some(true)) => Some("orphan"),
+        _ => None,
+    };
+    // Only owners whose dependents the garbage collector tracks; for any other
+    // kind there is nothing to wait for.
+    if let Some(f) = cascade
+        && matches!(
+            r.plural,
+            "deployments" | "replicasets" | "daemonsets" | "jobs"
+        )
+        && obj["metadata"]["deletionTimestamp"].is_null()
+    {
+        let list = obj["metadata"]["finalizers"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !list.iter().any(|x| x == f) {
+            let mut list = list;
+            list.push(Value::String(f.to_owned()));
+            obj["metadata"]["finalizers"] = Value::Array(list);
+        }
+    }
     let finalizers = obj["metadata"]["finalizers"]
         .as_array()
         .is_some_and(|f| !f.is_empty());

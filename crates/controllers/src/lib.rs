@@ -8,8 +8,9 @@
 //!   `maxSurge`/`maxUnavailable` (or Recreate), revision annotations, history limit,
 //!   `kubectl rollout`-compatible status.
 //! - Garbage collection (background): pods and ReplicaSets whose controlling owner
-//!   is gone are deleted.
+//!   is gone are deleted; foreground and orphan deletion are worked in `cascade`.
 
+pub mod cascade;
 pub mod daemonset;
 pub mod deployment;
 pub mod job;
@@ -67,6 +68,7 @@ pub async fn run(client: kube::Client) {
         daemonset::reconcile_all(&client, &stores).await;
         job::reconcile_all(&client, &stores).await;
         collect_garbage(&client, &stores).await;
+        cascade::run(&client, &stores).await;
     }
 }
 

@@ -406,3 +406,96 @@ async fn daemonsets_cover_matching_nodes_including_late_joiners_and_jobs_complet
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreground_deletion_waits_for_dependents_and_orphan_deletion_releases_them() {
+    use k8s_openapi::api::apps::v1::ReplicaSet;
+    use kube::api::DeleteParams;
+    let w = World::start(RegionOpts::default()).await;
+    let deploys: Api<Deployment> = Api::namespaced(w.client.clone(), "edge");
+    let sets: Api<ReplicaSet> = Api::namespaced(w.client.clone(), "edge");
+    let pods = w.pods();
+    let make = |name: &str| -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "spec": {"replicas": 2, "selector": {"matchLabels": {"app": name}}, "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{"name": "main", "image": "busybox", "command": ["/bin/sleep", "3600"]}]}}},
+        }))
+        .unwrap()
+    };
+    for name in ["fg", "orph"] {
+        deploys
+            .create(&PostParams::default(), &make(name))
+            .await
+            .unwrap();
+        let (pods, lp) = (
+            pods.clone(),
+            ListParams::default().labels(&format!("app={name}")),
+        );
+        eventually(
+            "two pods of the deployment",
+            Duration::from_secs(30),
+            || {
+                let (pods, lp) = (pods.clone(), lp.clone());
+                async move { pods.list(&lp).await.unwrap().items.len() == 2 }
+            },
+        )
+        .await;
+    }
+
+    // Foreground: the Deployment is still there, terminating, while it has dependents;
+    // then everything is gone.
+    let fg = ListParams::default().labels("app=fg");
+    deploys
+        .delete("fg", &DeleteParams::foreground())
+        .await
+        .unwrap();
+    let d = deploys.get("fg").await.unwrap();
+    assert!(d.metadata.deletion_timestamp.is_some());
+    assert!(
+        d.metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&"foregroundDeletion".to_owned())
+    );
+    eventually(
+        "deployment, replicaset and pods gone",
+        Duration::from_secs(30),
+        || {
+            let (deploys, sets, pods, fg) =
+                (deploys.clone(), sets.clone(), pods.clone(), fg.clone());
+            async move {
+                deploys.get_opt("fg").await.unwrap().is_none()
+                    && sets.list(&fg).await.unwrap().items.is_empty()
+                    && pods.list(&fg).await.unwrap().items.is_empty()
+            }
+        },
+    )
+    .await;
+
+    // Orphan: the Deployment goes, its ReplicaSet and pods stay, no longer owned,
+    // and the background collector leaves them alone.
+    let orph = ListParams::default().labels("app=orph");
+    deploys
+        .delete("orph", &DeleteParams::orphan())
+        .await
+        .unwrap();
+    eventually("deployment gone", Duration::from_secs(30), || {
+        let deploys = deploys.clone();
+        async move { deploys.get_opt("orph").await.unwrap().is_none() }
+    })
+    .await;
+    // past the collector's 10 s age threshold
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let rs = sets.list(&orph).await.unwrap().items;
+    assert_eq!(rs.len(), 1);
+    assert!(
+        rs[0]
+            .metadata
+            .owner_references
+            .as_ref()
+            .is_none_or(|o| o.is_empty())
+    );
+    assert_eq!(pods.list(&orph).await.unwrap().items.len(), 2);
+}
