@@ -5,39 +5,27 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use k8s_openapi::api::core::v1::TopologySpreadConstraint;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use meridian_scheduler::engine::{Fleet, Labels, NodeInfo, Placement, PodRequest, Resources};
-
-fn cities() -> Result<Vec<(String, String)>> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/data/world-cities.csv"
-    );
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-    Ok(text
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(',').collect();
-            Some((f.first()?.replace(' ', "-"), f.get(4)?.to_string()))
-        })
-        .collect())
-}
+use meridian_scheduler::policy::{self, PolicyRules};
 
 pub fn run(nodes: usize, replicas: usize, workloads: usize, max_cities: usize) -> Result<()> {
-    let all = cities()?;
-    let cities: Vec<&(String, String)> = all.iter().take(max_cities).collect();
+    let cities: Vec<&meridian_api::geo::City> = meridian_api::geo::cities()
+        .iter()
+        .take(max_cities)
+        .collect();
     let regions: Vec<String> = {
-        let mut r: Vec<String> = cities.iter().map(|c| c.1.clone()).collect();
+        let mut r: Vec<String> = cities.iter().map(|c| c.region.clone()).collect();
         r.sort();
         r.dedup();
         r
     };
     let infos: Vec<NodeInfo> = (0..nodes)
         .map(|i| {
-            let (city, region) = cities[i % cities.len()];
+            let c = cities[i % cities.len()];
+            let (city, region) = (&c.name, &c.region);
             NodeInfo {
                 name: format!("node-{i:06}"),
                 labels: Labels::from([
@@ -57,6 +45,7 @@ pub fn run(nodes: usize, replicas: usize, workloads: usize, max_cities: usize) -
                 ready: true,
                 cordoned: false,
                 pods: vec![],
+                coordinates: Some((c.lat, c.lon)),
                 ..Default::default()
             }
         })
@@ -77,6 +66,28 @@ pub fn run(nodes: usize, replicas: usize, workloads: usize, max_cities: usize) -
                 },
                 ..Default::default()
             };
+            if w % 100 == 99 {
+                // One workload in a hundred: a PlacementPolicy latency objective, four
+                // cities of a region within 15 ms (the engine's general path).
+                let region = &regions[w % regions.len()];
+                let areas: Vec<serde_json::Value> = cities
+                    .iter()
+                    .filter(|c| &c.region == region)
+                    .take(4)
+                    .map(|c| serde_json::json!({"city": c.name}))
+                    .collect();
+                let p: meridian_api::meridian::PlacementPolicy =
+                    serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": format!("w{w}"), "namespace": "bench", "resourceVersion": "1"},
+                        "spec": {"selector": {"matchLabels": {"app": format!("w{w}")}},
+                                 "latency": {"maxRttMs": 15, "areas": areas}},
+                    }))
+                    .expect("policy");
+                r.policy = Some(Arc::new(PolicyRules::compile(&p)));
+                r.group = Some(Arc::from(format!("w{w}").as_str()));
+                r.group_size = (replicas / workloads) as i64;
+                return r;
+            }
             match w % 3 {
                 0 => {
                     r.node_selector = Labels::from([(
@@ -105,24 +116,29 @@ pub fn run(nodes: usize, replicas: usize, workloads: usize, max_cities: usize) -
     let (mut placed, mut failed) = (0usize, 0usize);
     let mut violations = 0usize;
     let mut last = Instant::now();
-    for i in 0..replicas {
-        let req = &reqs[i % workloads];
-        match fleet.place(req) {
-            Placement::Node(name) => {
-                placed += 1;
-                if !req.node_selector.is_empty() {
-                    let n = fleet.node(&name);
-                    if !n.is_some_and(|n| Fleet::admits(n, req)) {
-                        violations += 1;
+    // As the scheduler does: the pending replicas of one workload form one class.
+    let mut where_: Vec<Vec<String>> = vec![Vec::new(); workloads];
+    for (w, req) in reqs.iter().enumerate() {
+        let n = replicas / workloads + usize::from(w < replicas % workloads);
+        for p in fleet.place_class(req, n) {
+            match p {
+                Placement::Node(name) => {
+                    placed += 1;
+                    where_[w].push(name.clone());
+                    if !req.node_selector.is_empty() {
+                        let n = fleet.node(&name);
+                        if !n.is_some_and(|n| Fleet::admits(n, req)) {
+                            violations += 1;
+                        }
                     }
                 }
+                Placement::Unschedulable(_) => failed += 1,
             }
-            Placement::Unschedulable(_) => failed += 1,
         }
         if last.elapsed().as_secs() >= 10 {
             eprintln!(
-                "  ... {i} placed ({:.0}/s)",
-                i as f64 / t0.elapsed().as_secs_f64()
+                "  ... {placed} placed ({:.0}/s)",
+                placed as f64 / t0.elapsed().as_secs_f64()
             );
             last = Instant::now();
         }
@@ -133,12 +149,55 @@ pub fn run(nodes: usize, replicas: usize, workloads: usize, max_cities: usize) -
         .iter()
         .filter(|n| n.used.cpu_milli > n.allocatable.cpu_milli || n.used.pods > n.allocatable.pods)
         .count();
+    // Quality: spread skew over cities, capacity balance, latency coverage.
+    let mut worst_skew = 0i64;
+    let mut covered = (0usize, 0usize);
+    for (w, req) in reqs.iter().enumerate() {
+        let nodes_of: Vec<&NodeInfo> = where_[w].iter().filter_map(|n| fleet.node(n)).collect();
+        if !req.spread.is_empty() {
+            let mut per_city: BTreeMap<&str, i64> =
+                cities.iter().map(|c| (c.name.as_str(), 0)).collect();
+            for n in &nodes_of {
+                *per_city
+                    .entry(n.labels["topology.meridian.io/city"].as_str())
+                    .or_insert(0) += 1;
+            }
+            let (lo, hi) = (
+                per_city.values().min().copied().unwrap_or(0),
+                per_city.values().max().copied().unwrap_or(0),
+            );
+            worst_skew = worst_skew.max(hi - lo);
+        }
+        if let Some(rules) = &req.policy {
+            let st = policy::report(rules, &nodes_of, 0, nodes_of.len() as i64);
+            for o in st.objectives.iter().filter(|o| o.type_ == "Latency") {
+                covered.1 += 1;
+                covered.0 += usize::from(o.met);
+            }
+        }
+    }
+    let utils: Vec<f64> = fleet
+        .nodes
+        .iter()
+        .map(|n| n.used.cpu_milli as f64 / n.allocatable.cpu_milli.max(1) as f64)
+        .collect();
+    let mean = utils.iter().sum::<f64>() / utils.len().max(1) as f64;
+    let sd =
+        (utils.iter().map(|u| (u - mean).powi(2)).sum::<f64>() / utils.len().max(1) as f64).sqrt();
     println!(
         "{replicas} replicas of {workloads} workloads onto {nodes} nodes in {} cities / {} regions: {:.2}s, {:.0} placements/s on one core, {placed} placed, {failed} unschedulable, {violations} violations",
         cities.len(),
         regions.len(),
         secs,
         replicas as f64 / secs
+    );
+    println!(
+        "quality: worst spread skew over {} cities {worst_skew}; cpu use per node mean {:.1}% sd {:.1}%; latency areas met {}/{}",
+        cities.len(),
+        mean * 100.0,
+        sd * 100.0,
+        covered.0,
+        covered.1
     );
     Ok(())
 }

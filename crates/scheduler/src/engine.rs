@@ -329,16 +329,49 @@ struct SpreadCounts {
     counts: HashMap<String, i64>,
 }
 
+/// Each node's domain id for one topology key (`u32::MAX`: none), and the domain
+/// names by id.
+type DomainIndex = (Vec<u32>, Vec<String>);
+
+/// Spread counters a pod with `labels` may count towards.
+fn spread_candidates(
+    by_label: &HashMap<String, HashMap<String, Vec<usize>>>,
+    general: &[usize],
+    labels: &Labels,
+) -> Vec<usize> {
+    let mut out: Vec<usize> = general.to_vec();
+    for (k, v) in labels {
+        if let Some(ids) = by_label.get(k).and_then(|m| m.get(v)) {
+            out.extend_from_slice(ids);
+        }
+    }
+    out
+}
+
 /// The fleet as the engine sees it.
 #[derive(Default)]
 pub struct Fleet {
     pub nodes: Vec<NodeInfo>,
     index: HashMap<String, usize>,
-    spread: HashMap<String, SpreadCounts>,
+    spread: Vec<SpreadCounts>,
+    spread_ids: HashMap<String, usize>,
+    /// Spread counters by the first `matchLabels` pair of their selector (label
+    /// key, value), so a bind only visits the counters that can match it; counters
+    /// without `matchLabels` are in `spread_general`.
+    spread_by_label: HashMap<String, HashMap<String, Vec<usize>>>,
+    spread_general: Vec<usize>,
+    /// Bound pods per node, by pod label (key, value): which nodes a new spread
+    /// counter must look at.
+    pods_by_label: HashMap<String, HashMap<String, HashMap<u32, u32>>>,
     /// Pods per node of each replica group.
     groups: HashMap<Arc<str>, HashMap<usize, i64>>,
     /// Latency coverage mask per node, per policy key.
     coverage: HashMap<String, Arc<Vec<u64>>>,
+    /// Nodes passing the static filters, per static signature of a pod.
+    static_feasible: HashMap<String, Arc<Vec<u32>>>,
+    /// Per topology key: each node's domain id (`u32::MAX`: no such label), and
+    /// the domain names by id.
+    domains: HashMap<String, Arc<DomainIndex>>,
 }
 
 /// Result of placing one pod.
@@ -360,9 +393,15 @@ impl Fleet {
         Fleet {
             nodes,
             index,
-            spread: HashMap::new(),
+            spread: Vec::new(),
+            spread_ids: HashMap::new(),
+            spread_by_label: HashMap::new(),
+            spread_general: Vec::new(),
+            pods_by_label: HashMap::new(),
             groups: HashMap::new(),
             coverage: HashMap::new(),
+            static_feasible: HashMap::new(),
+            domains: HashMap::new(),
         }
     }
 
@@ -377,6 +416,16 @@ impl Fleet {
             let n = &mut self.nodes[i];
             n.used.add(&req.requests);
             n.pods.push(req.labels.clone());
+            for (k, v) in req.labels.iter() {
+                *self
+                    .pods_by_label
+                    .entry(k.clone())
+                    .or_default()
+                    .entry(v.clone())
+                    .or_default()
+                    .entry(i as u32)
+                    .or_insert(0) += 1;
+            }
             if let Some(g) = &req.group {
                 *self
                     .groups
@@ -385,7 +434,8 @@ impl Fleet {
                     .entry(i)
                     .or_insert(0) += 1;
             }
-            for sc in self.spread.values_mut() {
+            for id in spread_candidates(&self.spread_by_label, &self.spread_general, &req.labels) {
+                let sc = &mut self.spread[id];
                 if let Some(d) = n.labels.get(&sc.key)
                     && selector_matches(&sc.selector, &req.labels)
                 {
@@ -415,7 +465,20 @@ impl Fleet {
                 .position(|l| Arc::ptr_eq(l, &req.labels) || **l == *req.labels)
             {
                 n.pods.swap_remove(p);
-                for sc in self.spread.values_mut() {
+                for (k, v) in req.labels.iter() {
+                    if let Some(per_node) = self.pods_by_label.get_mut(k).and_then(|m| m.get_mut(v))
+                        && let Some(c) = per_node.get_mut(&(i as u32))
+                    {
+                        *c -= 1;
+                        if *c == 0 {
+                            per_node.remove(&(i as u32));
+                        }
+                    }
+                }
+                for id in
+                    spread_candidates(&self.spread_by_label, &self.spread_general, &req.labels)
+                {
+                    let sc = &mut self.spread[id];
                     if let Some(d) = n.labels.get(&sc.key)
                         && selector_matches(&sc.selector, &req.labels)
                         && let Some(c) = sc.counts.get_mut(d)
@@ -510,30 +573,54 @@ impl Fleet {
             c.topology_key,
             serde_json::to_string(&selector).unwrap_or_default()
         );
-        let nodes = &self.nodes;
-        &self
-            .spread
-            .entry(id)
-            .or_insert_with(|| {
-                let mut counts: HashMap<String, i64> = HashMap::new();
-                for n in nodes {
-                    let Some(domain) = n.labels.get(&c.topology_key) else {
-                        continue;
-                    };
-                    let matching = n
-                        .pods
-                        .iter()
-                        .filter(|p| selector_matches(&selector, p))
-                        .count() as i64;
-                    *counts.entry(domain.clone()).or_insert(0) += matching;
-                }
-                SpreadCounts {
-                    key: c.topology_key.clone(),
-                    selector,
-                    counts,
-                }
-            })
-            .counts
+        if let Some(&i) = self.spread_ids.get(&id) {
+            return &self.spread[i].counts;
+        }
+        let mut counts: HashMap<String, i64> = HashMap::new();
+        // Only nodes with a pod carrying the selector's first matchLabels pair can
+        // hold a matching pod (all nodes when it has none).
+        let first = selector.match_labels.as_ref().and_then(|m| m.iter().next());
+        let candidates: Vec<usize> = match first {
+            Some((k, v)) => self
+                .pods_by_label
+                .get(k)
+                .and_then(|m| m.get(v))
+                .map(|per_node| per_node.keys().map(|&i| i as usize).collect())
+                .unwrap_or_default(),
+            None => (0..self.nodes.len()).collect(),
+        };
+        for i in candidates {
+            let n = &self.nodes[i];
+            let Some(domain) = n.labels.get(&c.topology_key) else {
+                continue;
+            };
+            let matching = n
+                .pods
+                .iter()
+                .filter(|p| selector_matches(&selector, p))
+                .count() as i64;
+            if matching > 0 {
+                *counts.entry(domain.clone()).or_insert(0) += matching;
+            }
+        }
+        let i = self.spread.len();
+        match selector.match_labels.as_ref().and_then(|m| m.iter().next()) {
+            Some((k, v)) => self
+                .spread_by_label
+                .entry(k.clone())
+                .or_default()
+                .entry(v.clone())
+                .or_default()
+                .push(i),
+            None => self.spread_general.push(i),
+        }
+        self.spread.push(SpreadCounts {
+            key: c.topology_key.clone(),
+            selector,
+            counts,
+        });
+        self.spread_ids.insert(id, i);
+        &self.spread[i].counts
     }
 
     /// Latency coverage masks of every node for a policy (cached per policy version).
@@ -678,6 +765,200 @@ impl Fleet {
         }
     }
 
+    /// The filters that do not depend on what is bound: readiness, cordon, node
+    /// selector, required affinity, taints, policy locations.
+    fn static_ok(n: &NodeInfo, req: &PodRequest) -> bool {
+        n.ready
+            && !n.cordoned
+            && Self::admits(n, req)
+            && req.policy.as_ref().is_none_or(|p| p.allows(&n.labels))
+    }
+
+    /// Nodes passing [`Fleet::static_ok`] for pods like `req` (cached per signature).
+    fn static_feasible(&mut self, req: &PodRequest) -> Arc<Vec<u32>> {
+        let sig = format!(
+            "{:?}|{:?}|{:?}|{}",
+            req.node_selector,
+            req.required_terms,
+            req.tolerations,
+            req.policy.as_ref().map_or("", |p| p.key.as_str())
+        );
+        let nodes = &self.nodes;
+        self.static_feasible
+            .entry(sig)
+            .or_insert_with(|| {
+                Arc::new(
+                    (0..nodes.len() as u32)
+                        .filter(|&i| Self::static_ok(&nodes[i as usize], req))
+                        .collect(),
+                )
+            })
+            .clone()
+    }
+
+    /// Each node's domain id for a topology key, and the domain names by id.
+    fn domain_ids(&mut self, key: &str) -> Arc<DomainIndex> {
+        let nodes = &self.nodes;
+        self.domains
+            .entry(key.to_owned())
+            .or_insert_with(|| {
+                let mut names: Vec<String> = Vec::new();
+                let mut ids: HashMap<&str, u32> = HashMap::new();
+                let per_node = nodes
+                    .iter()
+                    .map(|n| match n.labels.get(key) {
+                        Some(d) => *ids.entry(d.as_str()).or_insert_with(|| {
+                            names.push(d.clone());
+                            names.len() as u32 - 1
+                        }),
+                        None => u32::MAX,
+                    })
+                    .collect();
+                Arc::new((per_node, names))
+            })
+            .clone()
+    }
+
+    /// Whether `place_class` may use its incremental path for pods like `req`:
+    /// at most one topology spread constraint, and no rule that scores a node by
+    /// more than its own load and its spread domain.
+    fn incremental(req: &PodRequest) -> bool {
+        req.spread.len() <= 1
+            && req.replaces.is_none()
+            && req.policy.as_ref().is_none_or(|p| {
+                p.distribution.is_none() && p.spread.is_none() && !p.cheap_bandwidth
+            })
+    }
+
+    fn load_score(n: &NodeInfo, req: &PodRequest, most: bool) -> i64 {
+        let frac = |a: i64, u: i64| if a <= 0 { 0 } else { ((a - u) * 1000) / a };
+        let s = (frac(
+            n.allocatable.cpu_milli,
+            n.used.cpu_milli + req.requests.cpu_milli,
+        ) + frac(n.allocatable.memory, n.used.memory + req.requests.memory))
+            / 2;
+        if most { -s } else { s }
+    }
+
+    /// Places `count` pods of one equivalence class (same template, same owner):
+    /// the same choices as `count` calls of [`Fleet::place`], computed
+    /// incrementally. The static filters run once per class signature; each spread
+    /// domain keeps a heap of its nodes by load score, and a heap of domains by
+    /// (matching pods, best node) picks the next node in O(log n). Only the chosen
+    /// node's score changes with a placement, so the heaps stay exact; a node that
+    /// stops fitting (capacity, anti-affinity) is dropped when it surfaces.
+    pub fn place_class(&mut self, req: &PodRequest, count: usize) -> Vec<Placement> {
+        if count <= 1 || !Self::incremental(req) {
+            return (0..count).map(|_| self.place(req)).collect();
+        }
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        // A latency objective: the first pods cover areas (each covers at least one
+        // new area, or none is coverable any more); after them, nodes in range of
+        // any area rank first, a static preference the heaps can hold.
+        let mut out = Vec::with_capacity(count);
+        let mut in_range: Option<Arc<Vec<u64>>> = None;
+        if let Some(rules) = req.policy.as_ref().filter(|p| p.latency.is_some()) {
+            let areas = rules.latency.as_ref().map_or(0, |l| l.areas.len());
+            for _ in 0..areas.min(count) {
+                out.push(self.place(req));
+            }
+            if out.len() == count {
+                return out;
+            }
+            in_range = Some(self.coverage(rules));
+        }
+        let rank = |i: usize, load: i64| -> i64 {
+            match &in_range {
+                Some(cov) if cov[i] != 0 => load + 1_000_000,
+                _ => load,
+            }
+        };
+        let feasible = self.static_feasible(req);
+        let most = req.policy.as_ref().is_some_and(|p| p.most_allocated);
+        let spread = req.spread.first();
+        let doms = match spread {
+            Some(c) => self.domain_ids(&c.topology_key),
+            None => Arc::new((vec![0; self.nodes.len()], vec![String::new()])),
+        };
+        let (dom_of, names) = (&doms.0, &doms.1);
+        let ndom = names.len();
+        let mut counts = vec![0i64; ndom];
+        let mut self_match = false;
+        if let Some(c) = spread {
+            let all = self.domain_counts(c).clone();
+            for (d, name) in names.iter().enumerate() {
+                counts[d] = all.get(name).copied().unwrap_or(0);
+            }
+            self_match =
+                selector_matches(&c.label_selector.clone().unwrap_or_default(), &req.labels);
+        }
+        let mut per_domain: Vec<Vec<(i64, Reverse<u32>)>> = vec![Vec::new(); ndom];
+        for &i in feasible.iter() {
+            let d = dom_of[i as usize];
+            if d == u32::MAX {
+                // A node outside every domain: the general path decides.
+                return (0..count).map(|_| self.place(req)).collect();
+            }
+            let n = &self.nodes[i as usize];
+            per_domain[d as usize]
+                .push((rank(i as usize, Self::load_score(n, req, most)), Reverse(i)));
+        }
+        // Only the best few nodes of a domain go into its heap; more come from the
+        // reserve when the heap's best falls below the reserve's best.
+        let k = (count / ndom.max(1)).max(1) * 2 + 8;
+        let mut cands: Vec<Candidates> = per_domain
+            .into_iter()
+            .map(|v| Candidates::new(v, k))
+            .collect();
+        type DomKey = (Reverse<i64>, (i64, Reverse<u32>), u32);
+        let mut by_domain: BinaryHeap<DomKey> = cands
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(d, c)| c.top().map(|t| (Reverse(counts[d]), t, d as u32)))
+            .collect();
+        while out.len() < count {
+            let Some((Reverse(c), top, d)) = by_domain.pop() else {
+                break;
+            };
+            let d = d as usize;
+            if c != counts[d] || cands[d].top() != Some(top) {
+                continue; // stale entry
+            }
+            let Some((_, Reverse(i))) = cands[d].heap.pop() else {
+                continue;
+            };
+            let i = i as usize;
+            if self.filter(&self.nodes[i], req).is_ok() {
+                let name = self.nodes[i].name.clone();
+                self.bind(&name, req);
+                if self_match {
+                    counts[d] += 1;
+                }
+                cands[d].heap.push((
+                    rank(i, Self::load_score(&self.nodes[i], req, most)),
+                    Reverse(i as u32),
+                ));
+                out.push(Placement::Node(name));
+            }
+            if let Some(t) = cands[d].top() {
+                by_domain.push((Reverse(counts[d]), t, d as u32));
+            }
+        }
+        // Out of nodes: the general path explains why (and places, if a node that
+        // was dropped for anti-affinity fits after all, which it cannot).
+        while out.len() < count {
+            match self.place(req) {
+                Placement::Node(n) => out.push(Placement::Node(n)),
+                Placement::Unschedulable(m) => {
+                    let left = count - out.len();
+                    out.extend((0..left).map(|_| Placement::Unschedulable(m.clone())));
+                }
+            }
+        }
+        out
+    }
+
     /// Places one pod and records it on the chosen node.
     pub fn place(&mut self, req: &PodRequest) -> Placement {
         let mut rejected: BTreeMap<Reason, usize> = BTreeMap::new();
@@ -732,15 +1013,7 @@ impl Fleet {
         let cheap = req.policy.as_ref().is_some_and(|p| p.cheap_bandwidth);
         let best = feasible.iter().copied().max_by_key(|&i| {
             let n = &self.nodes[i];
-            let frac = |a: i64, u: i64| if a <= 0 { 0 } else { ((a - u) * 1000) / a };
-            let mut alloc = (frac(
-                n.allocatable.cpu_milli,
-                n.used.cpu_milli + req.requests.cpu_milli,
-            ) + frac(n.allocatable.memory, n.used.memory + req.requests.memory))
-                / 2;
-            if most {
-                alloc = -alloc;
-            }
+            let alloc = Self::load_score(n, req, most);
             let locality = lost.as_ref().map_or(0, |l| {
                 l.iter()
                     .zip([ZONE_KEY, CITY_KEY, REGION_KEY])
@@ -792,6 +1065,53 @@ impl Fleet {
     }
 }
 
+/// The candidate nodes of one spread domain for a class: a heap of the best
+/// (score, node) and an unsorted reserve of the rest, whose scores cannot change
+/// (only chosen nodes change, and chosen nodes come from the heap).
+struct Candidates {
+    heap: std::collections::BinaryHeap<(i64, std::cmp::Reverse<u32>)>,
+    reserve: Vec<(i64, std::cmp::Reverse<u32>)>,
+    reserve_best: Option<(i64, std::cmp::Reverse<u32>)>,
+    k: usize,
+}
+
+impl Candidates {
+    fn new(all: Vec<(i64, std::cmp::Reverse<u32>)>, k: usize) -> Candidates {
+        let mut c = Candidates {
+            heap: Default::default(),
+            reserve: all,
+            reserve_best: None,
+            k,
+        };
+        c.refill();
+        c
+    }
+
+    /// Moves the best `k` of the reserve into the heap.
+    fn refill(&mut self) {
+        if self.reserve.len() > self.k {
+            self.reserve.select_nth_unstable_by(self.k, |a, b| b.cmp(a));
+            let rest = self.reserve.split_off(self.k);
+            self.heap.extend(self.reserve.drain(..));
+            self.reserve = rest;
+        } else {
+            self.heap.extend(self.reserve.drain(..));
+        }
+        self.reserve_best = self.reserve.iter().max().copied();
+    }
+
+    /// The best candidate, refilling from the reserve when it holds a better one.
+    fn top(&mut self) -> Option<(i64, std::cmp::Reverse<u32>)> {
+        while let Some(best) = self.reserve_best {
+            match self.heap.peek() {
+                Some(t) if *t >= best => break,
+                _ => self.refill(),
+            }
+        }
+        self.heap.peek().copied()
+    }
+}
+
 /// What a policy adds to a node's score for one pod (higher is better).
 #[derive(Clone, Copy, Debug, Default)]
 struct PolicyScore {
@@ -839,6 +1159,33 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn candidates_yield_every_node_best_first_across_refills() {
+        use std::cmp::Reverse;
+        let all: Vec<(i64, Reverse<u32>)> = (0..50u32)
+            .map(|i| (((i * 37) % 11) as i64, Reverse(i)))
+            .collect();
+        let mut sorted = all.clone();
+        sorted.sort_by(|a, b| b.cmp(a));
+        let mut c = Candidates::new(all, 3);
+        let mut got = Vec::new();
+        while let Some(t) = c.top() {
+            assert_eq!(c.heap.pop(), Some(t));
+            got.push(t);
+        }
+        assert_eq!(got, sorted);
+        // A chosen node comes back with a lower score and is ordered among the rest.
+        let mut c = Candidates::new(vec![(9, Reverse(0)), (8, Reverse(1)), (7, Reverse(2))], 1);
+        let first = c.top().unwrap();
+        c.heap.pop();
+        c.heap.push((first.0 - 5, first.1));
+        assert_eq!(c.top(), Some((8, Reverse(1))));
+        c.heap.pop();
+        assert_eq!(c.top(), Some((7, Reverse(2))));
+        c.heap.pop();
+        assert_eq!(c.top(), Some((4, Reverse(0))));
     }
 
     #[test]

@@ -300,20 +300,48 @@ pub async fn run(client: kube::Client) {
         });
         let mut binds = Vec::new();
         let mut failures = Vec::new();
-        for p in pending {
-            let req = request(&p);
-            match fleet.place(&req) {
-                Placement::Node(n) => {
-                    inflight.insert(
-                        p.metadata.uid.clone().unwrap_or_default(),
-                        (n.clone(), Instant::now()),
-                    );
-                    let grace = req.policy.as_ref().and_then(|r| r.reschedule_grace.clone());
-                    binds.push((p, n, grace));
+        // Consecutive pending pods of one owner are one equivalence class: placed
+        // together by the engine's incremental path.
+        let owner = |p: &Pod| -> Option<String> {
+            let replaces = p
+                .metadata
+                .annotations
+                .as_ref()
+                .is_some_and(|a| a.contains_key(mapi::REPLACES_NODE_ANNOTATION));
+            if replaces {
+                return None;
+            }
+            p.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.controller == Some(true))
+                .map(|o| o.uid.clone())
+        };
+        let mut rest = pending.into_iter().peekable();
+        while let Some(first) = rest.next() {
+            let req = request(&first);
+            let mut class = vec![first];
+            if let Some(uid) = owner(&class[0]) {
+                while let Some(next) = rest.next_if(|p| owner(p).as_deref() == Some(uid.as_str())) {
+                    class.push(next);
                 }
-                Placement::Unschedulable(msg) => {
-                    if unschedulable_message(&p) != Some(msg.as_str()) {
-                        failures.push((p, msg));
+            }
+            let grace = req.policy.as_ref().and_then(|r| r.reschedule_grace.clone());
+            let placed = fleet.place_class(&req, class.len());
+            for (p, placement) in class.into_iter().zip(placed) {
+                match placement {
+                    Placement::Node(n) => {
+                        inflight.insert(
+                            p.metadata.uid.clone().unwrap_or_default(),
+                            (n.clone(), Instant::now()),
+                        );
+                        binds.push((p, n, grace.clone()));
+                    }
+                    Placement::Unschedulable(msg) => {
+                        if unschedulable_message(&p) != Some(msg.as_str()) {
+                            failures.push((p, msg));
+                        }
                     }
                 }
             }

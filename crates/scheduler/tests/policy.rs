@@ -179,3 +179,53 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(100))]
+
+    /// The incremental class path makes the same choices as one-by-one placement
+    /// for policies it handles (locations, latency, bin-packing), with or without
+    /// a topology spread constraint.
+    #[test]
+    fn class_placement_equals_one_by_one_under_policies(
+        nodes in arb_fleet(),
+        areas in prop::collection::btree_set(0..CITIES.len(), 1..4),
+        count in 1i64..40,
+        excluded in prop::option::of(0..CITIES.len()),
+        most in any::<bool>(),
+        spread in any::<bool>(),
+    ) {
+        let names: Vec<&str> = areas.iter().map(|&i| CITIES[i].0).collect();
+        let mut spec = json!({"selector": {"matchLabels": {"app": "g"}},
+            "latency": {"maxRttMs": 10, "areas": names.iter().map(|c| json!({"city": c})).collect::<Vec<_>>()}});
+        if let Some(x) = excluded {
+            spec["locations"] = json!({"exclude": [{"cities": [CITIES[x].0]}]});
+        }
+        if most {
+            spec["scoring"] = json!({"strategy": "MostAllocated"});
+        }
+        let p = rules(spec);
+        let mut req = pod(&p, count, 300);
+        if spread {
+            req.spread = vec![k8s_openapi::api::core::v1::TopologySpreadConstraint {
+                topology_key: "topology.meridian.io/city".into(),
+                max_skew: 1,
+                when_unsatisfiable: "DoNotSchedule".into(),
+                label_selector: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                    match_labels: Some(BTreeMap::from([("app".into(), "g".into())])),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }];
+        }
+        let mut one = Fleet::new(nodes.clone());
+        let mut class = Fleet::new(nodes);
+        let name = |p: Placement| match p {
+            Placement::Node(n) => Some(n),
+            Placement::Unschedulable(_) => None,
+        };
+        let expected: Vec<_> = (0..count).map(|_| name(one.place(&req))).collect();
+        let got: Vec<_> = class.place_class(&req, count as usize).into_iter().map(name).collect();
+        prop_assert_eq!(got, expected);
+    }
+}

@@ -151,3 +151,53 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// The incremental path for a class of identical pods makes exactly the choices
+    /// one-by-one placement makes.
+    #[test]
+    fn placing_a_class_equals_placing_its_pods_one_by_one(
+        nodes in arb_fleet(),
+        base in arb_pod(),
+        count in 1usize..80,
+        spread in prop::option::of((1i32..3, any::<bool>())),
+        anti in prop::bool::weighted(0.2),
+    ) {
+        let mut req = base;
+        let sel = LabelSelector {
+            match_labels: Some(BTreeMap::from([("app".into(), "w".into())])),
+            ..Default::default()
+        };
+        if let Some((max_skew, hard)) = spread {
+            req.spread = vec![TopologySpreadConstraint {
+                topology_key: "topology.meridian.io/city".into(),
+                max_skew,
+                when_unsatisfiable: if hard { "DoNotSchedule" } else { "ScheduleAnyway" }.into(),
+                label_selector: Some(sel.clone()),
+                ..Default::default()
+            }];
+        }
+        if anti {
+            req.anti_affinity = vec![sel];
+        }
+        let mut one = Fleet::new(nodes.clone());
+        let mut class = Fleet::new(nodes);
+        let expected: Vec<Option<String>> = (0..count)
+            .map(|_| match one.place(&req) {
+                Placement::Node(n) => Some(n),
+                Placement::Unschedulable(_) => None,
+            })
+            .collect();
+        let got: Vec<Option<String>> = class
+            .place_class(&req, count)
+            .into_iter()
+            .map(|p| match p {
+                Placement::Node(n) => Some(n),
+                Placement::Unschedulable(_) => None,
+            })
+            .collect();
+        prop_assert_eq!(got, expected);
+    }
+}
