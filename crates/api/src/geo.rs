@@ -58,17 +58,49 @@ pub fn cities() -> &'static [City] {
     &CITIES
 }
 
-/// The label value for a city name: spaces become hyphens (`New-York-City`).
+/// The label value for a city name, always a valid label value: accents dropped,
+/// spaces become hyphens, anything else not alphanumeric dropped
+/// (`New-York-City`, `Sao-Paulo`, `Xian`).
 pub fn city_label(name: &str) -> String {
-    name.replace(' ', "-")
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        let c = match c {
+            'á' | 'à' | 'â' | 'ã' | 'ä' | 'ā' | 'ầ' => 'a',
+            'Á' | 'À' | 'Â' | 'Ã' | 'Ä' | 'Ā' => 'A',
+            'é' | 'è' | 'ê' | 'ë' | 'ē' | 'ế' => 'e',
+            'É' | 'È' | 'Ê' | 'Ë' => 'E',
+            'í' | 'ì' | 'î' | 'ï' | 'ī' | 'ı' => 'i',
+            'Í' | 'İ' => 'I',
+            'ó' | 'ò' | 'ô' | 'õ' | 'ö' | 'ō' | 'ơ' => 'o',
+            'Ó' | 'Ö' => 'O',
+            'ú' | 'ù' | 'û' | 'ü' | 'ū' => 'u',
+            'Ú' | 'Ü' => 'U',
+            'ç' => 'c',
+            'ñ' => 'n',
+            'ş' => 's',
+            ' ' | '-' | '_' | '.' => '-',
+            c if c.is_ascii_alphanumeric() => c,
+            _ => continue,
+        };
+        if c == '-' && (out.is_empty() || out.ends_with('-')) {
+            continue;
+        }
+        out.push(c);
+    }
+    while out.ends_with('-') {
+        out.pop();
+    }
+    out.truncate(63);
+    out
 }
 
 /// A city by name or label value, case-insensitively (`new york city`,
 /// `New-York-City`).
 pub fn city(name: &str) -> Option<&'static City> {
-    let norm = |s: &str| s.to_lowercase().replace(['-', '_'], " ");
-    let want = norm(name);
-    CITIES.iter().find(|c| norm(&c.name) == want)
+    let want = city_label(name).to_lowercase();
+    CITIES
+        .iter()
+        .find(|c| city_label(&c.name).to_lowercase() == want)
 }
 
 /// Parses `LAT,LON` in degrees.
@@ -124,6 +156,25 @@ mod tests {
         assert_eq!(paris.region, "eu-west");
         assert_eq!(city("New-York-City").unwrap().country_code, "US");
         assert!(city("Atlantis").is_none());
+    }
+
+    #[test]
+    fn every_city_has_a_valid_distinct_label() {
+        let mut seen = std::collections::HashSet::new();
+        for c in cities() {
+            let l = city_label(&c.name);
+            assert!(
+                crate::validation::label_value_problem(&l).is_none() && !l.is_empty(),
+                "{} -> {l:?}",
+                c.name
+            );
+            seen.insert(l);
+        }
+        assert_eq!(city_label("São Paulo"), "Sao-Paulo");
+        assert_eq!(city_label("Xi’an"), "Xian");
+        assert_eq!(city("sao paulo").unwrap().name, "São Paulo");
+        assert_eq!(city("Sao-Paulo").unwrap().name, "São Paulo");
+        assert!(seen.len() >= cities().len() - 5, "labels collide");
     }
 
     #[test]

@@ -399,6 +399,17 @@ pub static RESOURCES: &[Resource] = &[
     Resource {
         group: meridian::GROUP,
         version: meridian::VERSION,
+        kind: "BulkBinding",
+        plural: "bulkbindings",
+        singular: "bulkbinding",
+        scope: Scope::Cluster,
+        tenant_access: TenantAccess::None,
+        normalize: |v, _| Ok(v),
+        ..COMMON
+    },
+    Resource {
+        group: meridian::GROUP,
+        version: meridian::VERSION,
         kind: "PlacementPolicy",
         plural: "placementpolicies",
         singular: "placementpolicy",

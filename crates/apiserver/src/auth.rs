@@ -174,6 +174,7 @@ fn system_allows(role: SystemRole, verb: Verb, r: &Resource, sub: Option<&str>) 
         }
         (SystemRole::Scheduler, "leases") => true,
         (SystemRole::Scheduler, "placementpolicies") => read || sub == Some("status"),
+        (SystemRole::Scheduler, "bulkbindings") => verb == Verb::Create,
         (SystemRole::Scheduler, _) => read && !matches!(r.plural, "secrets" | "configmaps"),
         (SystemRole::Controllers, "tenants" | "secrets") => false,
         (SystemRole::Controllers, _) => true,

@@ -296,6 +296,7 @@ async fn run(cx: &Ctx<'_>, verb: Verb, body: Bytes) -> Result<Response, ApiError
         (Verb::Get, Some("log")) => crate::logs::serve(cx).await,
         (Verb::List, _) => list(cx).await,
         (Verb::Watch, _) => crate::watch::serve(cx).await,
+        (Verb::Create, None) if cx.resource().plural == "bulkbindings" => bulk_bind(cx, body).await,
         (Verb::Create, None) => create(cx, body).await,
         (Verb::Create, Some("binding")) => bind(cx, body).await,
         (Verb::Create, Some("token")) => issue_token(cx).await,
@@ -1315,60 +1316,77 @@ async fn patch_scale(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
     Err(cx.conflict("too many concurrent writers; try again"))
 }
 
-/// `POST pods/{name}/binding`: assigns a pod to a node, once.
-async fn bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
-    let binding = parse_body(&cx.headers, &body)?;
-    let node = binding["target"]["name"]
-        .as_str()
-        .filter(|n| !n.is_empty())
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "Binding",
-                "",
-                cx.name(),
-                vec![meridian_api::Cause::required("target.name")],
-            )
-        })?
-        .to_owned();
+/// Assigns a stored pod to `node` (once), copying the Binding's annotations to it
+/// as Kubernetes does. `Err` says why not, for a Conflict.
+fn assign(
+    pod: &mut Value,
+    node: &str,
+    annotations: Option<&serde_json::Map<String, Value>>,
+) -> Result<(), String> {
+    if let Some(existing) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
+        return Err(format!(
+            "pod {} is already assigned to node {existing:?}",
+            pod["metadata"]["name"].as_str().unwrap_or_default()
+        ));
+    }
+    if pod["metadata"]["deletionTimestamp"].is_string() {
+        return Err("pod is being deleted, cannot be assigned to a host".into());
+    }
+    pod["spec"]["nodeName"] = Value::String(node.to_owned());
+    for (k, v) in annotations.into_iter().flatten() {
+        if let Some(v) = v.as_str() {
+            pod["metadata"]["annotations"][k] = Value::String(v.to_owned());
+        }
+    }
+    let cond =
+        json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": crate::now()});
+    let mut conditions: Vec<Value> = pod["status"]["conditions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|c| c["type"] != "PodScheduled")
+        .collect();
+    conditions.push(cond);
+    pod["status"]["conditions"] = Value::Array(conditions);
+    Ok(())
+}
+
+/// Binding annotations must be valid annotation keys.
+fn binding_annotations(b: &Value) -> Result<Option<&serde_json::Map<String, Value>>, String> {
+    let Some(ann) = b["metadata"]["annotations"].as_object() else {
+        return Ok(None);
+    };
+    for (k, v) in ann {
+        if let Some(p) = meridian_api::validation::label_key_problem(k) {
+            return Err(format!("annotation {k:?}: {p}"));
+        }
+        if !v.is_string() {
+            return Err(format!("annotation {k:?}: the value must be a string"));
+        }
+    }
+    Ok(Some(ann))
+}
+
+/// One binding with compare-and-swap retries.
+async fn bind_one(
+    cx: &Ctx<'_>,
+    key: &str,
+    name: &str,
+    node: &str,
+    annotations: Option<&serde_json::Map<String, Value>>,
+) -> Result<(), ApiError> {
     for _ in 0..MAX_ATTEMPTS {
         let cur = cx
             .state
             .store
-            .get(&cx.key())
+            .get(key)
             .await
             .map_err(store_err)?
-            .ok_or_else(|| cx.not_found())?;
+            .ok_or_else(|| ApiError::not_found("pods", "", name))?;
         let mut pod = parse_stored(&cur)?;
-        if let Some(existing) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) {
-            return Err(cx.conflict(&format!(
-                "pod {} is already assigned to node {existing:?}",
-                cx.name()
-            )));
-        }
-        if pod["metadata"]["deletionTimestamp"].is_string() {
-            return Err(cx.conflict("pod is being deleted, cannot be assigned to a host"));
-        }
-        pod["spec"]["nodeName"] = Value::String(node.clone());
-        // As in Kubernetes, the Binding's annotations are copied to the pod.
-        if let Some(ann) = binding["metadata"]["annotations"].as_object() {
-            for (k, v) in ann {
-                if let Some(v) = v.as_str() {
-                    pod["metadata"]["annotations"][k] = Value::String(v.to_owned());
-                }
-            }
-        }
-        let cond =
-            json!({"type": "PodScheduled", "status": "True", "lastTransitionTime": crate::now()});
-        let conditions = pod["status"]["conditions"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        let mut conditions: Vec<Value> = conditions
-            .into_iter()
-            .filter(|c| c["type"] != "PodScheduled")
-            .collect();
-        conditions.push(cond);
-        pod["status"]["conditions"] = Value::Array(conditions);
+        assign(&mut pod, node, annotations)
+            .map_err(|why| ApiError::conflict("pods", "", name, &why))?;
         let value = Bytes::from(serde_json::to_vec(&pod).map_err(internal)?);
         if cx
             .state
@@ -1378,14 +1396,127 @@ async fn bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
             .map_err(store_err)?
             .is_some()
         {
-            let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201});
-            return Ok(json_response(
-                StatusCode::CREATED,
-                Bytes::from(status.to_string()),
-            ));
+            return Ok(());
         }
     }
-    Err(cx.conflict("too many concurrent writers; try again"))
+    Err(ApiError::conflict(
+        "pods",
+        "",
+        name,
+        "too many concurrent writers; try again",
+    ))
+}
+
+/// `POST pods/{name}/binding`: assigns a pod to a node, once.
+async fn bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
+    let binding = parse_body(&cx.headers, &body)?;
+    let invalid = |cause| ApiError::invalid("Binding", "", cx.name(), vec![cause]);
+    let node = binding["target"]["name"]
+        .as_str()
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| invalid(meridian_api::Cause::required("target.name")))?
+        .to_owned();
+    let annotations = binding_annotations(&binding).map_err(|why| {
+        invalid(meridian_api::Cause::invalid(
+            "metadata.annotations",
+            "",
+            why,
+        ))
+    })?;
+    bind_one(cx, &cx.key(), cx.name(), &node, annotations).await?;
+    let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201});
+    Ok(json_response(
+        StatusCode::CREATED,
+        Bytes::from(status.to_string()),
+    ))
+}
+
+async fn bind_item(
+    cx: &Ctx<'_>,
+    i: usize,
+    key: String,
+    name: String,
+    node: String,
+    ann: Option<serde_json::Map<String, Value>>,
+) -> (usize, Result<(), ApiError>) {
+    (i, bind_one(cx, &key, &name, &node, ann.as_ref()).await)
+}
+
+/// Most bindings in one bulk request, and how many are written at once.
+const BULK_MAX: usize = 1000;
+const BULK_CONCURRENCY: usize = 256;
+
+/// `POST /apis/meridian.io/v1alpha1/bulkbindings`: many pod bindings in one
+/// request: `{"items": [{"namespace", "name", "node", "metadata": {"annotations"}}]}`,
+/// each a compare-and-swap of its pod, all in flight together. The answer lists
+/// each item's outcome; a bad item changes nothing.
+async fn bulk_bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
+    let req = parse_body(&cx.headers, &body)?;
+    let items = req["items"]
+        .as_array()
+        .ok_or_else(|| ApiError::bad_request("items: a list of bindings is required"))?;
+    if items.len() > BULK_MAX {
+        return Err(ApiError::bad_request(format!(
+            "items: at most {BULK_MAX} bindings per request"
+        )));
+    }
+    let pods = Resource::find("", "v1", "pods").ok_or_else(|| internal("no pods"))?;
+    let mut out: Vec<Value> = Vec::with_capacity(items.len());
+    let mut seen = std::collections::HashSet::new();
+    // (index, key, node, annotations) of the items to write
+    let mut todo = Vec::new();
+    for (i, it) in items.iter().enumerate() {
+        let (ns, name, node) = (
+            it["namespace"].as_str().unwrap_or_default(),
+            it["name"].as_str().unwrap_or_default(),
+            it["node"].as_str().unwrap_or_default(),
+        );
+        out.push(json!({"namespace": ns, "name": name, "status": "Success"}));
+        let problem = if ns.is_empty() || name.is_empty() || node.is_empty() {
+            Some("namespace, name and node are required".to_owned())
+        } else if !seen.insert((ns, name)) {
+            Some("the pod appears twice in this request".to_owned())
+        } else {
+            binding_annotations(it).err()
+        };
+        if let Some(why) = problem {
+            out[i]["status"] = json!("Failure");
+            out[i]["reason"] = json!("Invalid");
+            out[i]["message"] = json!(why);
+            continue;
+        }
+        let ann = it["metadata"]["annotations"].as_object().cloned();
+        todo.push((
+            i,
+            cx.view().key(pods, Some(ns), name),
+            name.to_owned(),
+            node.to_owned(),
+            ann,
+        ));
+    }
+    // All at once: the embedded store's writer commits concurrent writes in one
+    // transaction and one fsync, each pod at its own revision, so a watch resuming
+    // from any resourceVersion misses none of them.
+    use futures::StreamExt;
+    let results: Vec<(usize, Result<(), ApiError>)> = futures::stream::iter(todo)
+        .map(|(i, key, name, node, ann)| bind_item(cx, i, key, name, node, ann))
+        .buffer_unordered(BULK_CONCURRENCY)
+        .collect()
+        .await;
+    for (i, r) in results {
+        if let Err(e) = r {
+            let st = e.to_status();
+            out[i]["status"] = json!("Failure");
+            out[i]["reason"] = st["reason"].clone();
+            out[i]["message"] = st["message"].clone();
+        }
+    }
+    let body = json!({
+        "apiVersion": "meridian.io/v1alpha1",
+        "kind": "BulkBindingResult",
+        "items": out,
+    });
+    Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())))
 }
 
 /// `POST tenants/{name}/token`: a new bearer token for the tenant, shown once.

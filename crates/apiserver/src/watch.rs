@@ -139,6 +139,10 @@ pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
         state.metrics.watchers.inc();
         let mut live = sub.live;
         let mut progress = after.unwrap_or(sub.snapshot.revision);
+        // Live events up to here are already covered by the snapshot and history.
+        // (Several events can share one revision: a transaction writing several
+        // objects; all of them are sent.)
+        let mut covered = progress;
         let send = |b: Bytes| tx.send(Ok(b));
         let run = async {
             if after.is_none() {
@@ -150,6 +154,7 @@ pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
             }
             for e in &sub.history {
                 progress = e.revision;
+                covered = e.revision;
                 if let Some(line) = watcher.event(e)
                     && send(line).await.is_err()
                 {
@@ -172,7 +177,7 @@ pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
                     }
                     e = live.recv() => match e {
                         Ok(e) => {
-                            if e.revision <= progress {
+                            if e.revision <= covered {
                                 continue;
                             }
                             progress = e.revision;

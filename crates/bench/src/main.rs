@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
+mod e2e;
 mod edge;
 mod place;
 
@@ -36,6 +37,16 @@ enum Backend {
 
 #[derive(Subcommand)]
 enum Mode {
+    /// End to end: Deployments through the API, controllers and scheduler, until
+    /// every pod is bound (Node objects only; no agents).
+    E2e {
+        #[arg(long, default_value_t = 10_000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 100)]
+        deployments: usize,
+        #[arg(long, default_value_t = 1_000)]
+        replicas: usize,
+    },
     /// The placement engine alone (one core): replicas of mixed workloads onto nodes.
     Place {
         #[arg(long, default_value_t = 10_000)]
@@ -449,5 +460,10 @@ async fn main() -> Result<()> {
             cities,
         } => place::run(nodes, replicas, workloads, cities),
         Mode::PodStart { pods } => edge::pod_start(pods).await,
+        Mode::E2e {
+            nodes,
+            deployments,
+            replicas,
+        } => e2e::run(nodes, deployments, replicas).await,
     }
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -47,6 +48,8 @@ fn unreplaced_lost_nodes(pods: &[Arc<Pod>], active: &[Arc<Pod>]) -> Vec<String> 
 
 /// At most this many pods created or deleted per ReplicaSet per tick.
 const BURST: usize = 500;
+/// Requests in flight per ReplicaSet.
+const CONCURRENCY: usize = 64;
 
 pub(crate) fn suffix() -> String {
     const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
@@ -118,26 +121,59 @@ async fn reconcile(
         let n = (want - active.len()).min(BURST);
         expect(active.len() + n, true);
         let mut lost = unreplaced_lost_nodes(&pods, &active).into_iter();
-        for _ in 0..n {
-            let mut meta = meta.clone();
-            // A replacement for a pod of a lost node: placement prefers its place.
-            if let Some(node) = lost.next() {
-                meta.annotations
-                    .get_or_insert_with(Default::default)
-                    .insert(REPLACES_NODE_ANNOTATION.into(), node);
-            }
-            let pod = Pod {
-                metadata: ObjectMeta {
-                    name: Some(format!("{name}-{}", suffix())),
-                    ..meta
-                },
-                spec: template.spec.clone(),
-                status: None,
-            };
-            if let Err(e) = pod_api.create(&PostParams::default(), &pod).await {
-                tracing::warn!(replicaset = %name, "cannot create pod: {e}");
-                break;
-            }
+        let new_pods: Vec<Pod> = (0..n)
+            .map(|_| {
+                let mut meta = meta.clone();
+                // A replacement for a pod of a lost node: placement prefers its place.
+                if let Some(node) = lost.next() {
+                    meta.annotations
+                        .get_or_insert_with(Default::default)
+                        .insert(REPLACES_NODE_ANNOTATION.into(), node);
+                }
+                Pod {
+                    metadata: ObjectMeta {
+                        name: Some(format!("{name}-{}", suffix())),
+                        ..meta
+                    },
+                    spec: template.spec.clone(),
+                    status: None,
+                }
+            })
+            .collect();
+        // Many creations in flight: the store commits them together.
+        let created = futures::stream::iter(new_pods)
+            .map(|mut pod| {
+                let api = pod_api.clone();
+                let base = name.clone();
+                async move {
+                    // Random names collide now and then (1,000 pods of one set:
+                    // ~3% chance): take another name rather than wait a tick.
+                    let mut tries = 0;
+                    loop {
+                        match api.create(&PostParams::default(), &pod).await {
+                            Err(kube::Error::Api(e)) if e.code == 409 && tries < 3 => {
+                                tries += 1;
+                                pod.metadata.name = Some(format!("{base}-{}", suffix()));
+                            }
+                            r => return r,
+                        }
+                    }
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .filter_map(|r| async {
+                match r {
+                    Ok(_) => Some(()),
+                    Err(e) => {
+                        tracing::warn!(replicaset = %name, "cannot create pod: {e}");
+                        None
+                    }
+                }
+            })
+            .count()
+            .await;
+        if created < n {
+            expect(active.len() + created, true);
         }
     } else if active.len() > want {
         // Delete the least useful first: unscheduled, not ready, then the newest.

@@ -405,6 +405,28 @@ impl Fleet {
         }
     }
 
+    /// Applies a node's new capacity, readiness, cordon, coordinates and prices,
+    /// keeping what is bound to it (labels and taints must not have changed: the
+    /// caller rebuilds the fleet for that).
+    pub fn update_node(&mut self, info: NodeInfo) {
+        let Some(&i) = self.index.get(&info.name) else {
+            return;
+        };
+        let n = &mut self.nodes[i];
+        if n.ready != info.ready || n.cordoned != info.cordoned {
+            self.static_feasible.clear();
+        }
+        if n.coordinates != info.coordinates || n.measured_rtt != info.measured_rtt {
+            self.coverage.clear();
+        }
+        n.allocatable = info.allocatable;
+        n.ready = info.ready;
+        n.cordoned = info.cordoned;
+        n.coordinates = info.coordinates;
+        n.measured_rtt = info.measured_rtt;
+        n.bandwidth_price = info.bandwidth_price;
+    }
+
     /// A node by name.
     pub fn node(&self, name: &str) -> Option<&NodeInfo> {
         self.index.get(name).map(|&i| &self.nodes[i])

@@ -27,6 +27,12 @@ use serde_json::json;
 use engine::{Fleet, NodeInfo, Placement, PodRequest};
 use policy::PolicyRules;
 
+/// Bindings per bulk request, and bulk requests in flight.
+const BULK: usize = 500;
+const BULK_CONCURRENCY: usize = 8;
+/// Single binding requests in flight when bulk binding is not available.
+const BIND_CONCURRENCY: usize = 128;
+
 /// Scheduler names this scheduler serves.
 pub const SCHEDULER_NAMES: &[&str] = &["default-scheduler", "meridian"];
 
@@ -202,6 +208,99 @@ impl Policies {
     }
 }
 
+/// The scheduler's fleet, kept across ticks: nodes are updated in place when only
+/// their capacity or readiness changed (rebuilt when nodes come, go or change labels
+/// or taints), and bound pods are bound and released as the watch shows them, each
+/// pod's request computed once.
+#[derive(Default)]
+struct FleetView {
+    fleet: Fleet,
+    /// resourceVersion of each node as last applied.
+    node_rv: HashMap<String, String>,
+    /// Pods holding a place: uid -> (node, request).
+    bound: HashMap<String, (String, Arc<PodRequest>)>,
+    /// Placed this tick (already bound in the fleet), to record in `bound`.
+    placed: Vec<(String, String, Arc<PodRequest>)>,
+}
+
+impl FleetView {
+    fn sync_nodes(&mut self, nodes: &[Arc<Node>]) {
+        let mut rebuild = nodes.len() != self.node_rv.len();
+        let mut changed = Vec::new();
+        for n in nodes {
+            let name = n.metadata.name.as_deref().unwrap_or_default();
+            let rv = n.metadata.resource_version.as_deref().unwrap_or_default();
+            match self.node_rv.get(name) {
+                None => rebuild = true,
+                Some(old) if old != rv => {
+                    let info = NodeInfo::from_node(n);
+                    match self.fleet.node(name) {
+                        Some(cur) if cur.labels == info.labels && cur.taints == info.taints => {
+                            changed.push(info)
+                        }
+                        _ => rebuild = true,
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        if rebuild {
+            self.fleet = Fleet::new(nodes.iter().map(|n| NodeInfo::from_node(n)).collect());
+            for (node, req) in self.bound.values() {
+                self.fleet.bind(node, req);
+            }
+        } else {
+            for info in changed {
+                self.fleet.update_node(info);
+            }
+        }
+        self.node_rv = nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.metadata.name.clone().unwrap_or_default(),
+                    n.metadata.resource_version.clone().unwrap_or_default(),
+                )
+            })
+            .collect();
+    }
+
+    /// A pod the watch shows bound to `node`.
+    fn bound(&mut self, uid: &str, node: &str, request: impl FnOnce() -> PodRequest) {
+        match self.bound.get(uid) {
+            Some((n, _)) if n == node => {}
+            Some((n, req)) => {
+                let req = req.clone();
+                self.fleet.unbind(n, &req);
+                self.fleet.bind(node, &req);
+                self.bound.insert(uid.to_owned(), (node.to_owned(), req));
+            }
+            None => {
+                let req = Arc::new(request());
+                self.fleet.bind(node, &req);
+                self.bound.insert(uid.to_owned(), (node.to_owned(), req));
+            }
+        }
+    }
+
+    fn forget_unseen(&mut self, seen: &std::collections::HashSet<String>) {
+        let fleet = &mut self.fleet;
+        self.bound.retain(|uid, (node, req)| {
+            let keep = seen.contains(uid);
+            if !keep {
+                fleet.unbind(node, req);
+            }
+            keep
+        });
+    }
+
+    fn commit_placed(&mut self) {
+        for (uid, node, req) in self.placed.drain(..) {
+            self.bound.insert(uid, (node, req));
+        }
+    }
+}
+
 /// Runs the scheduler until the task is dropped.
 pub async fn run(client: kube::Client) {
     let nodes: Store<Node> = reflect(&client);
@@ -232,16 +331,11 @@ pub async fn run(client: kube::Client) {
     let mut last_report = Instant::now();
     // Pods bound by us that the watch has not shown bound yet.
     let mut inflight: HashMap<String, (String, Instant)> = HashMap::new();
+    let mut view = FleetView::default();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;
-        let mut fleet = Fleet::new(
-            nodes
-                .state()
-                .iter()
-                .map(|n| NodeInfo::from_node(n))
-                .collect(),
-        );
+        view.sync_nodes(&nodes.state());
         let pol = Policies::load(&policies, &mut compiled, &replicasets, &jobs);
         let request = |p: &Pod| {
             let mut r = PodRequest::from_pod(p);
@@ -253,6 +347,7 @@ pub async fn run(client: kube::Client) {
         };
         let mut pending = Vec::new();
         inflight.retain(|_, (_, t)| t.elapsed() < Duration::from_secs(10));
+        let mut seen: std::collections::HashSet<String> = Default::default();
         for p in pods.state() {
             if is_terminal(&p) || p.metadata.deletion_timestamp.is_some() {
                 continue;
@@ -266,11 +361,12 @@ pub async fn run(client: kube::Client) {
             match node {
                 Some(n) => {
                     inflight.remove(&uid);
-                    fleet.bind(&n, &request(&p));
+                    view.bound(&uid, &n, || request(&p));
+                    seen.insert(uid);
                 }
                 None => {
-                    if let Some((n, _)) = inflight.get(&uid) {
-                        fleet.bind(n, &request(&p));
+                    if inflight.contains_key(&uid) {
+                        seen.insert(uid);
                         continue;
                     }
                     let name = p
@@ -284,9 +380,12 @@ pub async fn run(client: kube::Client) {
                 }
             }
         }
+        // Gone, finished, or a binding that never showed up: release its place.
+        view.forget_unseen(&seen);
+        let fleet = &mut view.fleet;
         if last_report.elapsed() >= Duration::from_secs(2) {
             last_report = Instant::now();
-            report_policies(&client, &pol, &pods, &fleet).await;
+            report_policies(&client, &pol, &pods, fleet).await;
         }
         if pending.is_empty() {
             continue;
@@ -300,8 +399,8 @@ pub async fn run(client: kube::Client) {
         });
         let mut binds = Vec::new();
         let mut failures = Vec::new();
-        // Consecutive pending pods of one owner are one equivalence class: placed
-        // together by the engine's incremental path.
+        // Pending pods of one owner are one equivalence class: placed together by
+        // the engine's incremental path.
         let owner = |p: &Pod| -> Option<String> {
             let replaces = p
                 .metadata
@@ -318,24 +417,32 @@ pub async fn run(client: kube::Client) {
                 .find(|o| o.controller == Some(true))
                 .map(|o| o.uid.clone())
         };
-        let mut rest = pending.into_iter().peekable();
-        while let Some(first) = rest.next() {
-            let req = request(&first);
-            let mut class = vec![first];
-            if let Some(uid) = owner(&class[0]) {
-                while let Some(next) = rest.next_if(|p| owner(p).as_deref() == Some(uid.as_str())) {
-                    class.push(next);
-                }
+        // Pending pods of one owner form a class, in the order of its oldest pod.
+        let mut classes: Vec<Vec<Arc<Pod>>> = Vec::new();
+        let mut class_of: HashMap<String, usize> = HashMap::new();
+        for p in pending {
+            match owner(&p) {
+                Some(uid) => match class_of.get(&uid) {
+                    Some(&c) => classes[c].push(p),
+                    None => {
+                        class_of.insert(uid, classes.len());
+                        classes.push(vec![p]);
+                    }
+                },
+                None => classes.push(vec![p]),
             }
+        }
+        for class in classes {
+            let req = request(&class[0]);
             let grace = req.policy.as_ref().and_then(|r| r.reschedule_grace.clone());
-            let placed = fleet.place_class(&req, class.len());
+            let placed = view.fleet.place_class(&req, class.len());
+            let req_arc = Arc::new(req);
             for (p, placement) in class.into_iter().zip(placed) {
                 match placement {
                     Placement::Node(n) => {
-                        inflight.insert(
-                            p.metadata.uid.clone().unwrap_or_default(),
-                            (n.clone(), Instant::now()),
-                        );
+                        let uid = p.metadata.uid.clone().unwrap_or_default();
+                        inflight.insert(uid.clone(), (n.clone(), Instant::now()));
+                        view.placed.push((uid, n.clone(), req_arc.clone()));
                         binds.push((p, n, grace.clone()));
                     }
                     Placement::Unschedulable(msg) => {
@@ -346,20 +453,70 @@ pub async fn run(client: kube::Client) {
                 }
             }
         }
+        view.commit_placed();
         let client = &client;
-        futures::stream::iter(binds)
-            .for_each_concurrent(32, |(p, node, grace)| async move {
-                if let Err(e) = bind(client, &p, &node, grace).await {
-                    tracing::warn!(pod = ?p.metadata.name, %node, "bind failed: {e}");
-                }
-            })
-            .await;
+        bind_all(client, binds).await;
         futures::stream::iter(failures)
             .for_each_concurrent(16, |(p, msg)| async move {
                 report_unschedulable(client, &p, &msg).await;
             })
             .await;
     }
+}
+
+/// A pod, its node, and the reschedule grace to annotate it with.
+type Bind = (Arc<Pod>, String, Option<String>);
+
+/// Binds pods in bulk (`bulkbindings`: one request and, mostly, one store
+/// transaction per chunk); a chunk whose request fails is bound one pod at a time.
+async fn bind_all(client: &kube::Client, binds: Vec<Bind>) {
+    let chunks: Vec<Vec<Bind>> = binds.chunks(BULK).map(<[_]>::to_vec).collect();
+    futures::stream::iter(chunks)
+        .for_each_concurrent(BULK_CONCURRENCY, |chunk| async move {
+            let items: Vec<serde_json::Value> = chunk
+                .iter()
+                .map(|(p, node, grace)| {
+                    let mut it = json!({
+                        "namespace": p.metadata.namespace, "name": p.metadata.name, "node": node,
+                    });
+                    if let Some(g) = grace {
+                        it["metadata"] = json!({"annotations": {RESCHEDULE_GRACE_ANNOTATION: g}});
+                    }
+                    it
+                })
+                .collect();
+            let body = serde_json::to_vec(&json!({"items": items})).unwrap_or_default();
+            let req = http::Request::post("/apis/meridian.io/v1alpha1/bulkbindings")
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(body);
+            let answer = match req {
+                Ok(r) => client.request::<serde_json::Value>(r).await,
+                Err(e) => {
+                    tracing::warn!("bulk binding request: {e}");
+                    return;
+                }
+            };
+            match answer {
+                Ok(v) => {
+                    for it in v["items"].as_array().into_iter().flatten() {
+                        if it["status"] != "Success" {
+                            tracing::debug!(pod = %it["name"], reason = %it["reason"], "bind failed: {}", it["message"]);
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!("bulk binding unavailable ({e}); binding one by one");
+                    futures::stream::iter(chunk)
+                        .for_each_concurrent(BIND_CONCURRENCY, |(p, node, grace)| async move {
+                            if let Err(e) = bind(client, &p, &node, grace).await {
+                                tracing::warn!(pod = ?p.metadata.name, %node, "bind failed: {e}");
+                            }
+                        })
+                        .await;
+                }
+            }
+        })
+        .await;
 }
 
 /// Binds a pod; annotations on the Binding are copied to the pod (as in

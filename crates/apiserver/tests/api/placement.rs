@@ -177,3 +177,94 @@ async fn binding_annotations_are_copied_to_the_pod() {
         "never"
     );
 }
+
+#[tokio::test]
+async fn bulk_bindings_bind_many_pods_and_report_each_one() {
+    let s = TestServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(s.admin(), "default");
+    for name in ["a", "b", "c"] {
+        let p = json!({"metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": "i"}]}});
+        pods.create(&PostParams::default(), &serde_json::from_value(p).unwrap())
+            .await
+            .unwrap();
+    }
+    let http = s.raw();
+    let url = format!("{}/apis/meridian.io/v1alpha1/bulkbindings", s.server.url);
+    let body = json!({"items": [
+        {"namespace": "default", "name": "a", "node": "n1"},
+        {"namespace": "default", "name": "b", "node": "n2",
+         "metadata": {"annotations": {"meridian.io/reschedule-grace": "never"}}},
+        {"namespace": "default", "name": "a", "node": "n3"},
+        {"namespace": "default", "name": "ghost", "node": "n1"},
+        {"namespace": "default", "name": "c", "node": ""},
+    ]});
+    let r: serde_json::Value = http
+        .post(&url)
+        .bearer_auth(&s.server.admin_token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let st: Vec<(&str, &str)> = r["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["status"].as_str().unwrap(),
+                i["reason"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        st,
+        vec![
+            ("Success", ""),
+            ("Success", ""),
+            ("Failure", "Invalid"),
+            ("Failure", "NotFound"),
+            ("Failure", "Invalid"),
+        ],
+        "{r}"
+    );
+    let node = |p: Pod| p.spec.unwrap().node_name;
+    assert_eq!(node(pods.get("a").await.unwrap()).as_deref(), Some("n1"));
+    let b = pods.get("b").await.unwrap();
+    assert_eq!(
+        b.metadata.annotations.as_ref().unwrap()["meridian.io/reschedule-grace"],
+        "never"
+    );
+    assert_eq!(node(b).as_deref(), Some("n2"));
+    assert_eq!(node(pods.get("c").await.unwrap()), None);
+    // Binding again is a conflict per item; a tenant may not use the endpoint.
+    let again: serde_json::Value = http
+        .post(&url)
+        .bearer_auth(&s.server.admin_token)
+        .json(&json!({"items": [{"namespace": "default", "name": "a", "node": "n9"}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["items"][0]["reason"], "Conflict", "{again}");
+    assert_eq!(node(pods.get("a").await.unwrap()).as_deref(), Some("n1"));
+    let tenant = s.tenant("acme").await;
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("meridian.io", "v1alpha1", "BulkBinding"),
+        "bulkbindings",
+    );
+    let api: Api<DynamicObject> = Api::all_with(tenant, &ar);
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "meridian.io/v1alpha1", "kind": "BulkBinding", "metadata": {"name": "x"},
+        "items": [{"namespace": "default", "name": "c", "node": "n1"}]}))
+    .unwrap();
+    match api.create(&PostParams::default(), &obj).await {
+        Err(kube::Error::Api(e)) => assert!(e.code == 403 || e.code == 404, "{e:?}"),
+        other => panic!("a tenant used bulk bindings: {other:?}"),
+    }
+    assert_eq!(node(pods.get("c").await.unwrap()), None);
+}

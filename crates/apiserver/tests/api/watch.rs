@@ -176,3 +176,36 @@ async fn kube_runtime_watcher_follows_changes() {
         "{seen:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_of_a_multi_object_transaction_is_delivered() {
+    let t = TestServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(t.admin(), "default");
+    let rv = t.revision().await.to_string();
+    let mut w = pods
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    // Two pods written in one store transaction share one revision.
+    let mut txn = meridian_store::Txn::new();
+    for name in ["tx-a", "tx-b"] {
+        let key = format!("/registry/core/pods/default/{name}");
+        let v = json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "uid": name},
+            "spec": {"containers": [{"name": "c", "image": "i"}]}});
+        txn = txn
+            .when(key.clone(), 0)
+            .put(key, serde_json::to_vec(&v).unwrap());
+    }
+    assert!(t.server.state.store.txn(txn).await.unwrap().succeeded);
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        match next(&mut w).await {
+            WatchEvent::Added(p) => names.push(p.metadata.name.unwrap()),
+            e => panic!("{e:?}"),
+        }
+    }
+    names.sort();
+    assert_eq!(names, ["tx-a", "tx-b"]);
+}
