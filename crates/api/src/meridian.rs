@@ -115,7 +115,9 @@ pub struct PlacementPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PlacementPolicySpec {
-    /// Workloads by kind and name (Deployment, ReplicaSet, DaemonSet, Job).
+    /// Workloads by kind and name (Deployment, ReplicaSet, Job; a DaemonSet's
+    /// pods are placed by its controller, one per admitted node, and no policy
+    /// applies to them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<WorkloadRef>,
     /// Pods by label, whatever created them.

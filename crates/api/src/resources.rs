@@ -439,14 +439,18 @@ fn check_placement_policy(p: &PlacementPolicy, c: &mut Vec<Cause>) {
         c.push(Cause::required("spec.workloads"));
     }
     for (i, w) in s.workloads.iter().enumerate() {
-        if !matches!(
-            w.kind.as_str(),
-            "Deployment" | "ReplicaSet" | "DaemonSet" | "Job"
-        ) {
+        if w.kind == "DaemonSet" {
             c.push(Cause::invalid(
                 format!("spec.workloads[{i}].kind"),
                 &w.kind,
-                "must be Deployment, ReplicaSet, DaemonSet or Job",
+                "a DaemonSet runs on every node its nodeSelector and affinity admit; \
+                 choose the nodes there",
+            ));
+        } else if !matches!(w.kind.as_str(), "Deployment" | "ReplicaSet" | "Job") {
+            c.push(Cause::invalid(
+                format!("spec.workloads[{i}].kind"),
+                &w.kind,
+                "must be Deployment, ReplicaSet or Job",
             ));
         }
         if w.name.is_empty() {

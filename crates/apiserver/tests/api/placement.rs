@@ -51,6 +51,10 @@ async fn bad_policies_are_refused_with_the_offending_field() {
             "spec.workloads[0].kind",
         ),
         (
+            json!({"workloads": [{"kind": "DaemonSet", "name": "x"}]}),
+            "spec.workloads[0].kind",
+        ),
+        (
             json!({"workloads": [{"kind": "Deployment", "name": "x"}],
                    "latency": {"maxRttMs": 10, "areas": [{"city": "Atlantis"}]}}),
             "spec.latency.areas[0]",
