@@ -23,6 +23,10 @@ use meridian_store::etcd_server::EtcdServer;
 use meridian_store::{DynStore, EmbeddedStore, EtcdStore, Txn};
 use serde_json::json;
 
+/// The same allocator as the `meridian` binary, so numbers match what it does.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
