@@ -97,10 +97,17 @@ pub fn city_label(name: &str) -> String {
 /// A city by name or label value, case-insensitively (`new york city`,
 /// `New-York-City`).
 pub fn city(name: &str) -> Option<&'static City> {
-    let want = city_label(name).to_lowercase();
-    CITIES
-        .iter()
-        .find(|c| city_label(&c.name).to_lowercase() == want)
+    static BY_LABEL: LazyLock<std::collections::HashMap<String, usize>> = LazyLock::new(|| {
+        let mut m = std::collections::HashMap::new();
+        for (i, c) in CITIES.iter().enumerate() {
+            // The most populous city keeps a label two cities share.
+            m.entry(city_label(&c.name).to_lowercase()).or_insert(i);
+        }
+        m
+    });
+    BY_LABEL
+        .get(&city_label(name).to_lowercase())
+        .map(|&i| &CITIES[i])
 }
 
 /// Parses `LAT,LON` in degrees.

@@ -7,6 +7,7 @@ pub mod error;
 pub mod events;
 pub mod geo;
 pub mod meridian;
+pub mod owners;
 pub mod quantity;
 pub mod resources;
 pub mod selectors;

@@ -88,14 +88,7 @@ async fn reconcile(
     for (node, ps) in &by_node {
         if !eligible.iter().any(|n| &n.name == node) {
             misscheduled += ps.len();
-            for p in ps {
-                let _ = api
-                    .delete(
-                        p.metadata.name.as_deref().unwrap_or_default(),
-                        &Default::default(),
-                    )
-                    .await;
-            }
+            delete_all(&api, ps).await;
         }
     }
     // Rolling update: replace outdated pods, keeping at most maxUnavailable down.
@@ -169,14 +162,7 @@ async fn reconcile(
                 }
                 if !current && !on_delete && budget > 0 {
                     budget -= 1;
-                    for p in ps {
-                        let _ = api
-                            .delete(
-                                p.metadata.name.as_deref().unwrap_or_default(),
-                                &Default::default(),
-                            )
-                            .await;
-                    }
+                    delete_all(&api, ps).await;
                 }
             }
         }
@@ -201,5 +187,16 @@ async fn reconcile(
         {
             tracing::debug!(daemonset = %name, "status: {e}");
         }
+    }
+}
+
+async fn delete_all(api: &Api<Pod>, pods: &[Arc<Pod>]) {
+    for p in pods {
+        let _ = api
+            .delete(
+                p.metadata.name.as_deref().unwrap_or_default(),
+                &Default::default(),
+            )
+            .await;
     }
 }

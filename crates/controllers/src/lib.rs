@@ -72,13 +72,7 @@ pub async fn run(client: kube::Client) {
     }
 }
 
-/// The controlling owner reference of an object.
-pub fn controller_of(meta: &ObjectMeta) -> Option<&OwnerReference> {
-    meta.owner_references
-        .as_ref()?
-        .iter()
-        .find(|o| o.controller == Some(true))
-}
+pub use meridian_api::owners::controller_of;
 
 pub fn owner_ref(kind: &str, meta: &ObjectMeta) -> OwnerReference {
     OwnerReference {
@@ -99,29 +93,25 @@ fn older_than(meta: &ObjectMeta, secs: i64) -> bool {
     })
 }
 
+/// The uids of every object in a store.
+fn uids<K: kube::Resource<DynamicType = ()> + Clone>(
+    store: &Store<K>,
+) -> std::collections::HashSet<String> {
+    store
+        .state()
+        .iter()
+        .filter_map(|o| o.meta().uid.clone())
+        .collect()
+}
+
 /// Background cascading deletion: dependents whose controlling owner no longer
 /// exists are deleted (after a short age, so a watch that is behind never makes
 /// a fresh object look orphaned).
 async fn collect_garbage(client: &kube::Client, s: &Stores) {
-    let rs_uids: std::collections::HashSet<String> = s
-        .replicasets
-        .state()
-        .iter()
-        .filter_map(|r| r.metadata.uid.clone())
-        .collect();
-    let deploy_uids: std::collections::HashSet<String> = s
-        .deployments
-        .state()
-        .iter()
-        .filter_map(|d| d.metadata.uid.clone())
-        .collect();
-    let other_uids: std::collections::HashSet<String> = s
-        .daemonsets
-        .state()
-        .iter()
-        .filter_map(|d| d.metadata.uid.clone())
-        .chain(s.jobs.state().iter().filter_map(|j| j.metadata.uid.clone()))
-        .collect();
+    let rs_uids = uids(&s.replicasets);
+    let deploy_uids = uids(&s.deployments);
+    let mut other_uids = uids(&s.daemonsets);
+    other_uids.extend(uids(&s.jobs));
     for p in s.pods.state() {
         if let Some(o) = controller_of(&p.metadata)
             && match o.kind.as_str() {

@@ -190,7 +190,7 @@ pub fn node_object(
     let mut annotations = BTreeMap::new();
     if f.has_coordinates {
         annotations.insert(
-            "meridian.io/coordinates".into(),
+            meridian_api::geo::COORDINATES_ANNOTATION.into(),
             format!("{:.4},{:.4}", f.latitude, f.longitude),
         );
     }

@@ -32,7 +32,7 @@ pub use state::Shared;
 /// Annotation (on a pod, its workload template, or a Node) overriding how long
 /// after its node became unreachable a pod is marked for rescheduling: a duration
 /// such as `600s`, `10m`, or `never` for pinned workloads.
-pub const GRACE_ANNOTATION: &str = "meridian.io/reschedule-grace";
+pub use meridian_api::meridian::RESCHEDULE_GRACE_ANNOTATION as GRACE_ANNOTATION;
 /// Node label naming the region that manages the node.
 pub const REGION_LABEL: &str = "meridian.io/region";
 /// Pod status reason for pods marked for rescheduling after node loss.

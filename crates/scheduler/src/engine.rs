@@ -19,6 +19,7 @@ use meridian_api::geo;
 use meridian_api::meridian::{
     BANDWIDTH_PRICE_KEY, CITY_KEY, REGION_KEY, REPLACES_NODE_ANNOTATION, ZONE_KEY,
 };
+use meridian_api::owners::controller_of;
 
 use crate::policy::{self, PolicyRules};
 
@@ -237,13 +238,7 @@ impl PodRequest {
             tolerations: spec.tolerations.clone().unwrap_or_default(),
             spread: spec.topology_spread_constraints.clone().unwrap_or_default(),
             anti_affinity,
-            group: pod
-                .metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .find(|o| o.controller == Some(true))
-                .map(|o| Arc::from(o.uid.as_str())),
+            group: controller_of(&pod.metadata).map(|o| Arc::from(o.uid.as_str())),
             group_size: 0,
             policy: None,
             replaces: pod
@@ -334,18 +329,16 @@ struct SpreadCounts {
 type DomainIndex = (Vec<u32>, Vec<String>);
 
 /// Spread counters a pod with `labels` may count towards.
-fn spread_candidates(
-    by_label: &HashMap<String, HashMap<String, Vec<usize>>>,
-    general: &[usize],
-    labels: &Labels,
-) -> Vec<usize> {
-    let mut out: Vec<usize> = general.to_vec();
-    for (k, v) in labels {
-        if let Some(ids) = by_label.get(k).and_then(|m| m.get(v)) {
-            out.extend_from_slice(ids);
-        }
-    }
-    out
+fn spread_candidates<'a>(
+    by_label: &'a HashMap<String, HashMap<String, Vec<usize>>>,
+    general: &'a [usize],
+    labels: &'a Labels,
+) -> impl Iterator<Item = usize> + 'a {
+    let by_labels = labels
+        .iter()
+        .filter_map(|(k, v)| by_label.get(k).and_then(|m| m.get(v)))
+        .flatten();
+    general.iter().chain(by_labels).copied()
 }
 
 /// The fleet as the engine sees it.

@@ -22,6 +22,7 @@ use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams
 use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use meridian_api::meridian::{self as mapi, PlacementPolicy, RESCHEDULE_GRACE_ANNOTATION};
+use meridian_api::owners::controller_of;
 use serde_json::json;
 
 use engine::{Fleet, NodeInfo, Placement, PodRequest};
@@ -117,11 +118,12 @@ impl Policies {
             else {
                 continue;
             };
-            let rules = PolicyRules::compile(&p);
-            live.insert(rules.key.clone());
+            // Compiled once per policy version (resolving areas is not free).
+            let key = PolicyRules::key_of(&p);
+            live.insert(key.clone());
             let rules = compiled
-                .entry(rules.key.clone())
-                .or_insert_with(|| Arc::new(rules))
+                .entry(key)
+                .or_insert_with(|| Arc::new(PolicyRules::compile(&p)))
                 .clone();
             by_ns
                 .entry(p.metadata.namespace.clone().unwrap_or_default())
@@ -135,12 +137,7 @@ impl Policies {
         let mut groups = HashMap::new();
         if !by_ns.is_empty() {
             for r in rs.state() {
-                let owner = r
-                    .metadata
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .find(|o| o.controller == Some(true) && o.kind == "Deployment");
+                let owner = controller_of(&r.metadata).filter(|o| o.kind == "Deployment");
                 let workload = match owner {
                     Some(o) => ("Deployment".to_owned(), o.name.clone()),
                     None => (
@@ -175,12 +172,7 @@ impl Policies {
     /// the size of its replica group.
     fn resolve(&self, p: &Pod) -> Option<(&Arc<PlacementPolicy>, &Arc<PolicyRules>, i64)> {
         let list = self.by_ns.get(p.metadata.namespace.as_deref()?)?;
-        let owner = p
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true));
+        let owner = controller_of(&p.metadata);
         let group = owner.and_then(|o| self.groups.get(&o.uid));
         let workload = match (group, owner) {
             (Some(g), _) => Some(g.workload.clone()),
@@ -410,12 +402,7 @@ pub async fn run(client: kube::Client) {
             if replaces {
                 return None;
             }
-            p.metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .find(|o| o.controller == Some(true))
-                .map(|o| o.uid.clone())
+            controller_of(&p.metadata).map(|o| o.uid.clone())
         };
         // Pending pods of one owner form a class, in the order of its oldest pod.
         let mut classes: Vec<Vec<Arc<Pod>>> = Vec::new();
@@ -620,13 +607,7 @@ async fn report_policies(client: &kube::Client, pol: &Policies, pods: &Store<Pod
             Some(n) => a.bound.push(n),
             None => a.pending += 1,
         }
-        match p
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.controller == Some(true))
-        {
+        match controller_of(&p.metadata) {
             Some(o) if size > 0 => {
                 a.groups.insert(o.uid.clone(), size);
             }

@@ -95,6 +95,16 @@ fn term_matches(t: &Term, labels: &Labels) -> bool {
 }
 
 impl PolicyRules {
+    /// `namespace/name@resourceVersion`: one key per version of a policy.
+    pub fn key_of(p: &PlacementPolicy) -> String {
+        format!(
+            "{}/{}@{}",
+            p.metadata.namespace.as_deref().unwrap_or_default(),
+            p.metadata.name.as_deref().unwrap_or_default(),
+            p.metadata.resource_version.as_deref().unwrap_or_default()
+        )
+    }
+
     /// Compiles a stored (hence validated) policy.
     pub fn compile(p: &PlacementPolicy) -> PolicyRules {
         let ns = p.metadata.namespace.clone().unwrap_or_default();
@@ -140,10 +150,7 @@ impl PolicyRules {
             }
         });
         PolicyRules {
-            key: format!(
-                "{name}@{}",
-                p.metadata.resource_version.clone().unwrap_or_default()
-            ),
+            key: Self::key_of(p),
             name,
             include: s
                 .locations
