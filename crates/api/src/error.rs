@@ -117,6 +117,10 @@ pub struct ApiError {
     pub group: Option<String>,
     pub name: Option<String>,
     pub causes: Vec<Cause>,
+    /// Seconds after which the request may succeed (`details.retryAfterSeconds`).
+    /// Deliberately not a `Retry-After` header: clients would sleep inside the
+    /// request for as long as a deletion budget takes to free up.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -128,6 +132,7 @@ impl ApiError {
             group: None,
             name: None,
             causes: Vec::new(),
+            retry_after: None,
         }
     }
     pub fn bad_request(m: impl Into<String>) -> Self {
@@ -234,6 +239,9 @@ impl ApiError {
             "reason": self.reason.as_str(),
             "code": self.code(),
         });
+        if let Some(s) = self.retry_after {
+            details.insert("retryAfterSeconds".into(), json!(s));
+        }
         if !details.is_empty() {
             status["details"] = Value::Object(details);
         }

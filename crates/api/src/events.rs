@@ -4,7 +4,7 @@ use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 
-/// Who reports, about which pod.
+/// Who reports, about which pod (or other namespaced object).
 pub struct PodRef<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
@@ -20,6 +20,22 @@ pub fn pod_event(
     reason: &str,
     message: &str,
 ) -> Event {
+    object_event("v1", "Pod", pod, component, host, warning, reason, message)
+}
+
+/// A new Event about any namespaced object (`kind` in `api_version`).
+#[allow(clippy::too_many_arguments)]
+pub fn object_event(
+    api_version: &str,
+    kind: &str,
+    obj: PodRef<'_>,
+    component: &str,
+    host: Option<String>,
+    warning: bool,
+    reason: &str,
+    message: &str,
+) -> Event {
+    let pod = obj;
     let now = Timestamp::now();
     Event {
         metadata: ObjectMeta {
@@ -28,8 +44,8 @@ pub fn pod_event(
             ..Default::default()
         },
         involved_object: ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
+            api_version: Some(api_version.into()),
+            kind: Some(kind.into()),
             name: Some(pod.name.to_owned()),
             namespace: Some(pod.namespace.to_owned()),
             uid: pod.uid.map(str::to_owned),

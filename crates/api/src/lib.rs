@@ -2,6 +2,7 @@
 //! are validated), Kubernetes `Status` errors, label and field selectors, and our own
 //! kinds in `meridian.io/v1alpha1`. No I/O and no async here.
 
+pub mod cron;
 pub mod duration;
 pub mod error;
 pub mod events;
@@ -15,3 +16,7 @@ pub mod validation;
 
 pub use error::{ApiError, Cause, Reason};
 pub use resources::{Resource, Scope, TenantAccess};
+
+/// Pod status reason a region sets on pods of a node lost for longer than their
+/// grace: marked for rescheduling (an eviction).
+pub const NODE_LOST_REASON: &str = "NodeLost";

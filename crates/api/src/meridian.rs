@@ -361,3 +361,139 @@ pub const RESCHEDULE_GRACE_ANNOTATION: &str = "meridian.io/reschedule-grace";
 /// Pod annotation: the node whose lost pod this one replaces (placement prefers
 /// the same zone, then city, then region).
 pub const REPLACES_NODE_ANNOTATION: &str = "meridian.io/replaces-node";
+
+/// User-set protection against accidental and runaway deletion. `RiskPolicy` is
+/// namespaced (a tenant's, covering objects of its own namespace);
+/// `ClusterRiskPolicy` is the admin's and may select namespaces and nodes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RiskPolicy {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: RiskPolicySpec,
+    /// Written by the API server: budgets in use and the last denials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<RiskPolicyStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RiskPolicySpec {
+    /// `Enforce` (default) denies; `Audit` allows and records what it would deny.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    #[serde(default)]
+    pub selector: RiskSelector,
+    #[serde(default)]
+    pub rules: RiskRules,
+}
+
+/// Which objects a policy covers; every given criterion must match.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RiskSelector {
+    /// Kinds (`Pod`, `Deployment`, ...); empty: every kind.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kinds: Vec<String>,
+    /// Object names; empty: any name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// Namespaces (ClusterRiskPolicy only); empty: every namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_selector: Option<LabelSelector>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RiskRules {
+    /// No deletion at all inside these windows.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_windows: Vec<DenyWindow>,
+    /// At most `count` deletions per `period`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub max_deletions: Vec<DeletionBudget>,
+    /// Deletion needs an unlock: the annotation `risk.meridian.io/unlock-until` set
+    /// to a time at most 24 hours ahead.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub protect: bool,
+}
+
+/// Either a recurring window (`schedule`, a five-field cron expression for its
+/// start, and `duration`) or an absolute one (`start`, `end`); in `timeZone`
+/// (IANA name, default UTC).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DenyWindow {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_zone: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeletionBudget {
+    pub count: Option<i64>,
+    /// `30m`, `24h`, ...
+    #[serde(default)]
+    pub period: String,
+    /// What one budget covers: `Object`, `Workload` (default: a pod counts against
+    /// its Deployment, ReplicaSet, DaemonSet or Job), `Namespace` or `Policy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RiskPolicyStatus {
+    /// Budgets with deletions inside their period.
+    #[serde(default)]
+    pub budgets: Vec<BudgetStatus>,
+    /// The most recent denials (audit mode: would-be denials), newest first.
+    #[serde(default)]
+    pub last_denials: Vec<DenialRecord>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetStatus {
+    /// `maxDeletions[0]`.
+    pub rule: String,
+    /// `Deployment/web`, `namespace/acme`, ...
+    pub scope: String,
+    pub used: i64,
+    pub limit: i64,
+    /// When the oldest counted deletion leaves the period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frees_at: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DenialRecord {
+    pub time: String,
+    pub user: String,
+    /// `pods/web-1`.
+    pub object: String,
+    pub rule: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit_only: bool,
+}
+
+/// Object annotation that unlocks a protected object until the given time
+/// (RFC 3339, at most 24 hours ahead).
+pub const UNLOCK_ANNOTATION: &str = "risk.meridian.io/unlock-until";

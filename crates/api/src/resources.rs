@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::{ApiError, Cause};
-use crate::meridian::{self, EdgeCluster, PlacementPolicy, Tenant};
+use crate::meridian::{self, EdgeCluster, PlacementPolicy, RiskPolicy, Tenant};
 use crate::validation::{self as v, NameRule};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -418,7 +418,140 @@ pub static RESOURCES: &[Resource] = &[
         normalize: |v, c| typed::<PlacementPolicy>(v, c, check_placement_policy),
         ..COMMON
     },
+    Resource {
+        group: meridian::GROUP,
+        version: meridian::VERSION,
+        kind: "RiskPolicy",
+        plural: "riskpolicies",
+        singular: "riskpolicy",
+        short_names: &["rp"],
+        has_status: true,
+        normalize: |v, c| typed::<RiskPolicy>(v, c, |p, c| check_risk_policy(p, false, c)),
+        ..COMMON
+    },
+    Resource {
+        group: meridian::GROUP,
+        version: meridian::VERSION,
+        kind: "ClusterRiskPolicy",
+        plural: "clusterriskpolicies",
+        singular: "clusterriskpolicy",
+        short_names: &["crp"],
+        scope: Scope::Cluster,
+        has_status: true,
+        tenant_access: TenantAccess::None,
+        normalize: |v, c| typed::<RiskPolicy>(v, c, |p, c| check_risk_policy(p, true, c)),
+        ..COMMON
+    },
 ];
+
+/// Kinds a risk policy may select: everything users delete, not the platform's own
+/// bookkeeping.
+pub const RISK_KINDS: &[&str] = &[
+    "Pod",
+    "Deployment",
+    "ReplicaSet",
+    "DaemonSet",
+    "Job",
+    "Service",
+    "ConfigMap",
+    "Secret",
+    "PlacementPolicy",
+    "Namespace",
+    "Node",
+];
+/// Of those, the ones only a ClusterRiskPolicy may select.
+pub const RISK_CLUSTER_KINDS: &[&str] = &["Namespace", "Node"];
+
+fn check_risk_policy(p: &RiskPolicy, cluster: bool, c: &mut Vec<Cause>) {
+    let s = &p.spec;
+    if let Some(m) = &s.mode
+        && !matches!(m.as_str(), "Enforce" | "Audit")
+    {
+        c.push(Cause::invalid("spec.mode", m, "must be Enforce or Audit"));
+    }
+    for (i, k) in s.selector.kinds.iter().enumerate() {
+        let path = format!("spec.selector.kinds[{i}]");
+        if !RISK_KINDS.contains(&k.as_str()) {
+            c.push(Cause::invalid(
+                &path,
+                k,
+                format!("must be one of {}", RISK_KINDS.join(", ")),
+            ));
+        } else if !cluster && RISK_CLUSTER_KINDS.contains(&k.as_str()) {
+            c.push(Cause::invalid(
+                &path,
+                k,
+                "only a ClusterRiskPolicy can protect namespaces and nodes",
+            ));
+        }
+    }
+    if !cluster && !s.selector.namespaces.is_empty() {
+        c.push(Cause::forbidden(
+            "spec.selector.namespaces",
+            "a RiskPolicy covers its own namespace; use a ClusterRiskPolicy to select namespaces",
+        ));
+    }
+    if let Some(sel) = &s.selector.label_selector
+        && let Err(e) = crate::selectors::LabelSelector::from_k8s(sel)
+    {
+        c.push(Cause::invalid("spec.selector.labelSelector", "", e));
+    }
+    let r = &s.rules;
+    if r.deny_windows.is_empty() && r.max_deletions.is_empty() && !r.protect {
+        c.push(Cause::invalid(
+            "spec.rules",
+            "",
+            "give at least one of denyWindows, maxDeletions or protect",
+        ));
+    }
+    for (i, w) in r.deny_windows.iter().enumerate() {
+        if let Err((field, why)) = crate::cron::Window::from_spec(w) {
+            let value = match field {
+                "schedule" => w.schedule.clone(),
+                "duration" => w.duration.clone(),
+                "start" => w.start.clone(),
+                "end" => w.end.clone(),
+                _ => w.time_zone.clone(),
+            };
+            c.push(Cause::invalid(
+                format!("spec.rules.denyWindows[{i}].{field}"),
+                value.as_deref().unwrap_or_default(),
+                why,
+            ));
+        }
+    }
+    for (i, b) in r.max_deletions.iter().enumerate() {
+        let path = format!("spec.rules.maxDeletions[{i}]");
+        match b.count {
+            None => c.push(Cause::required(format!("{path}.count"))),
+            Some(n) if !(0..=1_000_000).contains(&n) => c.push(Cause::invalid(
+                format!("{path}.count"),
+                &n.to_string(),
+                "must be within 0..1000000",
+            )),
+            _ => {}
+        }
+        match crate::duration::parse(&b.period) {
+            Err(_) if b.period.is_empty() => c.push(Cause::required(format!("{path}.period"))),
+            Err(e) => c.push(Cause::invalid(format!("{path}.period"), &b.period, e)),
+            Ok(d) if d.as_secs() < 1 || d.as_secs() > 366 * 24 * 3600 => c.push(Cause::invalid(
+                format!("{path}.period"),
+                &b.period,
+                "must be between 1s and 8784h",
+            )),
+            Ok(_) => {}
+        }
+        if let Some(per) = &b.per
+            && !matches!(per.as_str(), "Object" | "Workload" | "Namespace" | "Policy")
+        {
+            c.push(Cause::invalid(
+                format!("{path}.per"),
+                per,
+                "must be Object, Workload, Namespace or Policy",
+            ));
+        }
+    }
+}
 
 fn check_edgecluster(e: &EdgeCluster, c: &mut Vec<Cause>) {
     let ep = &e.spec.endpoint;

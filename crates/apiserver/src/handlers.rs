@@ -14,12 +14,13 @@ use http::{HeaderMap, Method, StatusCode, header};
 use meridian_api::resources::RESOURCES;
 use meridian_api::selectors::{FieldSelector, LabelSelector};
 use meridian_api::{ApiError, Reason, Resource};
-use meridian_store::{KeyValue, Revision};
+use meridian_store::{KeyValue, Revision, Txn};
 use serde_json::{Value, json};
 
 use crate::AppState;
 use crate::auth::{self, Identity, TokenRecord, Verb};
 use crate::cache::{CacheError, CachedObject, Snapshot};
+use crate::risk::{Action, Permit, RiskGate};
 use crate::route::{self, Route, Target};
 use crate::tenancy::{self, View, is_namespaces};
 
@@ -881,6 +882,7 @@ async fn write_update(
             cur.mod_revision,
         )?));
     }
+    let permit = update_permit(cx, r, &old, &next, sub).await?;
     let terminating = next["metadata"]["deletionTimestamp"].is_string();
     let finalizers_left = next["metadata"]["finalizers"]
         .as_array()
@@ -898,16 +900,55 @@ async fn write_update(
         };
     }
     let value = Bytes::from(serde_json::to_vec(&next).map_err(internal)?);
-    match cx
-        .state
-        .store
-        .update(&cur.key, value, cur.mod_revision)
-        .await
-        .map_err(store_err)?
-    {
-        Some(rev) => Ok(Attempt::Done(respond(cx, StatusCode::OK, next, rev)?)),
-        None => Ok(Attempt::Retry),
+    let txn = Txn::new()
+        .when(cur.key.clone(), cur.mod_revision)
+        .put(cur.key.clone(), value);
+    commit(cx, txn, permit, next).await
+}
+
+/// Risk control for updates that remove replicas: lowering a workload's replicas
+/// (deny windows and protection; each pod then deleted is counted as it goes), and
+/// a region marking a pod of a lost node for rescheduling (an eviction, counted).
+async fn update_permit(
+    cx: &Ctx<'_>,
+    r: &Resource,
+    old: &Value,
+    next: &Value,
+    sub: Option<&str>,
+) -> Result<Permit, ApiError> {
+    let replicas = |v: &Value| v["spec"]["replicas"].as_i64().unwrap_or(1);
+    let scale_down = r.has_scale && sub.is_none() && replicas(next) < replicas(old);
+    let lost = |v: &Value| v["status"]["reason"].as_str() == Some(meridian_api::NODE_LOST_REASON);
+    let evict = r.kind == "Pod"
+        && r.group.is_empty()
+        && sub == Some("status")
+        && lost(next)
+        && !lost(old)
+        && !is_terminal_pod(r, old);
+    if !(scale_down || evict) {
+        return Ok(Permit::default());
     }
+    let snap = cx.state.cache.fresh_snapshot(&cx.state.store).await?;
+    let (action, subject) = if evict {
+        (Action::Evict, RiskGate::subject(&snap, r, old))
+    } else {
+        (Action::ScaleDown, RiskGate::replica_of(&snap, r, old))
+    };
+    let uid = old["metadata"]["uid"].as_str().map(str::to_owned);
+    let permit = cx
+        .state
+        .risk
+        .check(
+            &cx.state.store,
+            &snap,
+            &cx.who.user(),
+            cx.who.tenant(),
+            action,
+            &[(subject, uid)],
+            evict,
+        )
+        .await?;
+    Ok(permit)
 }
 
 fn body_rv(obj: &Value) -> Result<Option<Revision>, ApiError> {
@@ -1124,42 +1165,111 @@ async fn delete_one(cx: &Ctx<'_>, cur: &KeyValue, opts: &Value) -> Result<Attemp
     let finalizers = obj["metadata"]["finalizers"]
         .as_array()
         .is_some_and(|f| !f.is_empty());
-    if is_namespaces(r) || finalizers {
-        if obj["metadata"]["deletionTimestamp"].is_string() {
-            return Ok(Attempt::Done(respond(
-                cx,
-                StatusCode::OK,
-                obj,
-                cur.mod_revision,
-            )?));
-        }
+    let terminating = obj["metadata"]["deletionTimestamp"].is_string();
+    if (is_namespaces(r) || finalizers) && terminating {
+        return Ok(Attempt::Done(respond(
+            cx,
+            StatusCode::OK,
+            obj,
+            cur.mod_revision,
+        )?));
+    }
+    // Risk control: a removal is checked (and counted) once, when first asked for.
+    let permit = removal_permit(cx, r, &obj).await?;
+    let txn = Txn::new().when(cur.key.clone(), cur.mod_revision);
+    let txn = if is_namespaces(r) || finalizers {
         obj["metadata"]["deletionTimestamp"] = Value::String(crate::now());
         obj["metadata"]["deletionGracePeriodSeconds"] = json!(0);
         if is_namespaces(r) {
             obj["status"]["phase"] = Value::String("Terminating".into());
         }
         let value = Bytes::from(serde_json::to_vec(&obj).map_err(internal)?);
-        return match cx
-            .state
-            .store
-            .update(&cur.key, value, cur.mod_revision)
-            .await
-            .map_err(store_err)?
-        {
-            Some(rev) => Ok(Attempt::Done(respond(cx, StatusCode::OK, obj, rev)?)),
-            None => Ok(Attempt::Retry),
-        };
-    }
-    match cx
+        txn.put(cur.key.clone(), value)
+    } else {
+        txn.delete(cur.key.clone())
+    };
+    commit(cx, txn, permit, obj).await
+}
+
+/// Commits a write together with what risk control requires of it; `Retry` when
+/// the object or a budget changed meanwhile.
+async fn commit(cx: &Ctx<'_>, txn: Txn, permit: Permit, obj: Value) -> Result<Attempt, ApiError> {
+    let res = cx
         .state
         .store
-        .delete(&cur.key, cur.mod_revision)
+        .txn(permit.apply(txn))
         .await
-        .map_err(store_err)?
-    {
-        Some(rev) => Ok(Attempt::Done(respond(cx, StatusCode::OK, obj, rev)?)),
-        None => Ok(Attempt::Retry),
+        .map_err(store_err)?;
+    if !res.succeeded {
+        return Ok(Attempt::Retry);
     }
+    permit.committed(&cx.state.risk);
+    Ok(Attempt::Done(respond(
+        cx,
+        StatusCode::OK,
+        obj,
+        res.revision,
+    )?))
+}
+
+/// Whether a pod has finished: it runs nothing, so removing it removes no replica.
+fn is_terminal_pod(r: &Resource, obj: &Value) -> bool {
+    r.kind == "Pod"
+        && r.group.is_empty()
+        && matches!(
+            obj["status"]["phase"].as_str(),
+            Some("Succeeded" | "Failed")
+        )
+}
+
+/// Risk control for deleting `obj`: the object itself and, for a namespace or a
+/// tenant, everything that goes with it (all or nothing).
+async fn removal_permit(cx: &Ctx<'_>, r: &Resource, obj: &Value) -> Result<Permit, ApiError> {
+    if is_terminal_pod(r, obj) {
+        return Ok(Permit::default());
+    }
+    let snap = cx.state.cache.fresh_snapshot(&cx.state.store).await?;
+    let uid = |o: &Value| o["metadata"]["uid"].as_str().map(str::to_owned);
+    let mut subjects = vec![(RiskGate::subject(&snap, r, obj), uid(obj))];
+    let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+    let namespaces: Vec<String> = if is_namespaces(r) {
+        vec![name.to_owned()]
+    } else if r.plural == "tenants" && r.group == meridian_api::meridian::GROUP {
+        let nss =
+            Resource::find("", "v1", "namespaces").ok_or_else(|| internal("no namespaces"))?;
+        let prefix = format!("{}{name}.", nss.storage_prefix());
+        snap.range(&prefix, None)
+            .map(|o| {
+                subjects.push((RiskGate::subject(&snap, nss, &o.value()), None));
+                o.name.to_string()
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    for ns in &namespaces {
+        for inner in RESOURCES.iter().filter(|x| x.namespaced()) {
+            let prefix = format!("{}{ns}/", inner.storage_prefix());
+            for o in snap.range(&prefix, None) {
+                let v = o.value();
+                if !is_terminal_pod(inner, &v) {
+                    subjects.push((RiskGate::subject(&snap, inner, &v), uid(&v)));
+                }
+            }
+        }
+    }
+    cx.state
+        .risk
+        .check(
+            &cx.state.store,
+            &snap,
+            &cx.who.user(),
+            cx.who.tenant(),
+            Action::Delete,
+            &subjects,
+            true,
+        )
+        .await
 }
 
 async fn delete_collection(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {

@@ -16,6 +16,7 @@ mod logs;
 pub mod metrics;
 mod namespaces;
 mod placement;
+pub mod risk;
 pub mod route;
 pub mod tenancy;
 pub mod tls;
@@ -69,6 +70,8 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// How much store history to keep (compaction runs every `compaction_interval`).
     pub compaction_interval: Duration,
+    /// The time risk policies are evaluated at (tests use a manual clock).
+    pub clock: meridian_risk::Clock,
 }
 
 impl ServerConfig {
@@ -81,6 +84,7 @@ impl ServerConfig {
             watch_history: 100_000,
             max_body_bytes: 3 * 1024 * 1024,
             compaction_interval: Duration::from_secs(300),
+            clock: meridian_risk::Clock::system(),
         }
     }
 }
@@ -92,6 +96,7 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     pub config: ServerConfig,
     pub shutdown: CancellationToken,
+    pub risk: Arc<risk::RiskGate>,
 }
 
 /// A running server.
@@ -130,6 +135,12 @@ impl Server {
             metrics: metrics::Metrics::default(),
             config: config.clone(),
             shutdown: shutdown.clone(),
+            risk: risk::RiskGate::new(
+                config.clock.clone(),
+                store.clone(),
+                &config.data_dir,
+                shutdown.clone(),
+            ),
         });
         namespaces::ensure_system_namespaces(&state).await?;
         tokio::spawn(namespaces::run(state.clone()));

@@ -5,6 +5,7 @@
 //!   cargo run --release -p meridian-bench -- list --pods 100000
 //!   cargo run --release -p meridian-bench -- watch --watchers 1000 --events 100
 //!   cargo run --release -p meridian-bench -- memory --objects 1000000
+//!   cargo run --release -p meridian-bench -- risk --policies 1000
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use bytes::Bytes;
 mod e2e;
 mod edge;
 mod place;
+mod risk;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
@@ -112,6 +114,17 @@ enum Mode {
         watchers: usize,
         #[arg(long, default_value_t = 100)]
         events: usize,
+    },
+    /// Added latency per DELETE with N RiskPolicies present.
+    Risk {
+        #[arg(long, default_value_t = 1000)]
+        policies: usize,
+        /// Of those, how many select the deleted pods (each charges a budget).
+        #[arg(long, default_value_t = 10)]
+        matching: usize,
+        /// Deletes measured with and without policies.
+        #[arg(long, default_value_t = 2000)]
+        deletes: usize,
     },
     /// Resident memory of a server holding N small objects.
     Memory {
@@ -438,6 +451,11 @@ async fn main() -> Result<()> {
         Mode::List { pods, iterations } => list(pods, iterations).await,
         Mode::Watch { watchers, events } => watch(watchers, events).await,
         Mode::Memory { objects } => memory(objects).await,
+        Mode::Risk {
+            policies,
+            matching,
+            deletes,
+        } => risk::run(policies, matching, deletes).await,
         Mode::Region {
             nodes,
             per_connection,

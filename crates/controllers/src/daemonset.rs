@@ -88,7 +88,7 @@ async fn reconcile(
     for (node, ps) in &by_node {
         if !eligible.iter().any(|n| &n.name == node) {
             misscheduled += ps.len();
-            delete_all(&api, ps).await;
+            delete_all(client, s, ds, &api, ps).await;
         }
     }
     // Rolling update: replace outdated pods, keeping at most maxUnavailable down.
@@ -162,7 +162,7 @@ async fn reconcile(
                 }
                 if !current && !on_delete && budget > 0 {
                     budget -= 1;
-                    delete_all(&api, ps).await;
+                    delete_all(client, s, ds, &api, ps).await;
                 }
             }
         }
@@ -190,13 +190,42 @@ async fn reconcile(
     }
 }
 
-async fn delete_all(api: &Api<Pod>, pods: &[Arc<Pod>]) {
+/// Deletes `pods` unless risk control is holding this DaemonSet's removals back.
+async fn delete_all(
+    client: &kube::Client,
+    s: &Stores,
+    ds: &DaemonSet,
+    api: &Api<Pod>,
+    pods: &[Arc<Pod>],
+) {
+    let ns = ds.metadata.namespace.as_deref().unwrap_or_default();
+    let name = ds.metadata.name.as_deref().unwrap_or_default();
+    let key = format!("DaemonSet/{ns}/{name}");
+    if s.denials.blocked(&key) {
+        return;
+    }
     for p in pods {
-        let _ = api
+        if let Err(e) = api
             .delete(
                 p.metadata.name.as_deref().unwrap_or_default(),
                 &Default::default(),
             )
-            .await;
+            .await
+        {
+            if let Some(msg) = s.denials.note(&key, &e) {
+                crate::risk::report(
+                    client,
+                    "DaemonSet",
+                    ns,
+                    name,
+                    ds.metadata.uid.as_deref(),
+                    &msg,
+                )
+                .await;
+            }
+            if s.denials.blocked(&key) {
+                return;
+            }
+        }
     }
 }

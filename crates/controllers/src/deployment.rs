@@ -82,8 +82,21 @@ pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
             .filter(|r| controller_of(&r.metadata).is_some_and(|o| o.uid == uid))
             .map(|r| (**r).clone())
             .collect();
-        if let Err(e) = reconcile(client, &d, owned).await {
-            tracing::warn!(deployment = ?d.metadata.name, "reconcile: {e}");
+        let ns = d.metadata.namespace.clone().unwrap_or_default();
+        let name = d.metadata.name.clone().unwrap_or_default();
+        let key = format!("Deployment/{ns}/{name}");
+        if s.denials.blocked(&key) {
+            continue; // a scale-down was refused by risk control: backing off
+        }
+        match reconcile(client, &d, owned).await {
+            Ok(()) => s.denials.clear(&key),
+            Err(e) => {
+                if let Some(msg) = s.denials.note(&key, &e) {
+                    crate::risk::report(client, "Deployment", &ns, &name, Some(&uid), &msg).await;
+                } else if crate::risk::risk_denial(&e).is_none() {
+                    tracing::warn!(deployment = %name, "reconcile: {e}");
+                }
+            }
         }
     }
 }

@@ -154,14 +154,21 @@ async fn reconcile(client: &kube::Client, s: &Stores, job: &Job, uid: &str, pods
             }
         }
     }
-    if stop_active {
+    let key = format!("Job/{ns}/{name}");
+    if stop_active && !s.denials.blocked(&key) {
         for p in &active {
-            let _ = pod_api
+            if let Err(e) = pod_api
                 .delete(
                     p.metadata.name.as_deref().unwrap_or_default(),
                     &Default::default(),
                 )
-                .await;
+                .await
+                && let Some(msg) = s.denials.note(&key, &e)
+            {
+                crate::risk::report(client, "Job", &ns, &name, job.metadata.uid.as_deref(), &msg)
+                    .await;
+                break;
+            }
         }
     }
     let status = JobStatus {

@@ -15,6 +15,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod job;
 pub mod replicaset;
+pub mod risk;
 
 use std::time::Duration;
 
@@ -38,6 +39,8 @@ pub struct Stores {
     /// causing duplicate pods.
     pub expectations:
         std::sync::Mutex<std::collections::HashMap<String, (usize, bool, std::time::Instant)>>,
+    /// Removals risk control refused, per workload: backing off.
+    pub denials: risk::Denials,
 }
 
 /// Runs every controller until the task is dropped.
@@ -50,6 +53,7 @@ pub async fn run(client: kube::Client) {
         jobs: reflect(&client),
         nodes: reflect(&client),
         expectations: Default::default(),
+        denials: Default::default(),
     };
     if stores.pods.wait_until_ready().await.is_err()
         || stores.replicasets.wait_until_ready().await.is_err()
@@ -127,8 +131,17 @@ async fn collect_garbage(client: &kube::Client, s: &Stores) {
                 p.metadata.namespace.as_deref().unwrap_or_default(),
             );
             let name = p.metadata.name.clone().unwrap_or_default();
+            let key = format!(
+                "gc/Pod/{}/{name}",
+                p.metadata.namespace.as_deref().unwrap_or_default()
+            );
+            if s.denials.blocked(&key) {
+                continue;
+            }
             tracing::info!(pod = %name, owner = %o.name, "garbage collecting orphaned pod");
-            let _ = api.delete(&name, &Default::default()).await;
+            if let Err(e) = api.delete(&name, &Default::default()).await {
+                s.denials.note(&key, &e);
+            }
         }
     }
     for r in s.replicasets.state() {
@@ -142,8 +155,17 @@ async fn collect_garbage(client: &kube::Client, s: &Stores) {
                 r.metadata.namespace.as_deref().unwrap_or_default(),
             );
             let name = r.metadata.name.clone().unwrap_or_default();
+            let key = format!(
+                "gc/ReplicaSet/{}/{name}",
+                r.metadata.namespace.as_deref().unwrap_or_default()
+            );
+            if s.denials.blocked(&key) {
+                continue;
+            }
             tracing::info!(replicaset = %name, owner = %o.name, "garbage collecting orphaned replicaset");
-            let _ = api.delete(&name, &Default::default()).await;
+            if let Err(e) = api.delete(&name, &Default::default()).await {
+                s.denials.note(&key, &e);
+            }
         }
     }
 }

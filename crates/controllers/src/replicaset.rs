@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetStatus};
+use k8s_openapi::api::apps::v1::{ReplicaSet, ReplicaSetCondition, ReplicaSetStatus};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
@@ -175,6 +175,8 @@ async fn reconcile(
         if created < n {
             expect(active.len() + created, true);
         }
+    } else if active.len() > want && s.denials.blocked(&format!("ReplicaSet/{ns}/{name}")) {
+        // Risk control refused the last removal: backing off.
     } else if active.len() > want {
         // Delete the least useful first: unscheduled, not ready, then the newest.
         active.sort_by_key(|p| {
@@ -184,30 +186,74 @@ async fn reconcile(
         });
         let n = (active.len() - want).min(BURST);
         expect(active.len() - n, false);
+        let key = format!("ReplicaSet/{ns}/{name}");
+        let mut refused = false;
         for p in active.iter().take(n) {
             let pname = p.metadata.name.clone().unwrap_or_default();
             if let Err(e) = pod_api.delete(&pname, &Default::default()).await {
+                if crate::risk::risk_denial(&e).is_some() {
+                    refused = true;
+                    if let Some(msg) = s.denials.note(&key, &e) {
+                        crate::risk::report(client, "ReplicaSet", &ns, &name, Some(uid), &msg)
+                            .await;
+                    }
+                    // Expect nothing more to go: the next tick sees the truth.
+                    expect(active.len(), false);
+                    break;
+                }
                 tracing::warn!(replicaset = %name, pod = %pname, "cannot delete pod: {e}");
             }
         }
+        if !refused {
+            s.denials.clear(&key);
+        }
     }
     let ready = active.iter().filter(|p| is_ready(p)).count() as i32;
+    // Kubernetes' ReplicaFailure condition, here for removals risk control refuses.
+    let refusal = if active.len() > want {
+        s.denials.message(&format!("ReplicaSet/{ns}/{name}"))
+    } else {
+        None
+    };
+    let conditions = refusal.map(|message| {
+        vec![ReplicaSetCondition {
+            type_: "ReplicaFailure".into(),
+            status: "True".into(),
+            reason: Some("FailedDelete".into()),
+            message: Some(message),
+            last_transition_time: None,
+        }]
+    });
     let status = ReplicaSetStatus {
         replicas: active.len() as i32,
         fully_labeled_replicas: Some(active.len() as i32),
         ready_replicas: Some(ready),
         available_replicas: Some(ready),
         observed_generation: rs.metadata.generation,
+        conditions: conditions.clone(),
         ..Default::default()
     };
     let current = rs.status.clone().unwrap_or_default();
+    let same_conditions = current
+        .conditions
+        .as_ref()
+        .filter(|c| !c.is_empty())
+        .map(|c| (c[0].type_.clone(), c[0].message.clone()))
+        == conditions
+            .as_ref()
+            .map(|c| (c[0].type_.clone(), c[0].message.clone()));
     if current.replicas != status.replicas
         || current.ready_replicas.unwrap_or(0) != ready
         || current.available_replicas.unwrap_or(0) != ready
         || current.observed_generation != status.observed_generation
+        || !same_conditions
     {
         let api: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
-        let patch = json!({"status": status});
+        let mut patch = json!({"status": status});
+        if status.conditions.is_none() {
+            // A merge patch removes what it sets to null.
+            patch["status"]["conditions"] = serde_json::Value::Null;
+        }
         if let Err(e) = api
             .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
             .await

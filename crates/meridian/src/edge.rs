@@ -417,7 +417,10 @@ async fn system_client(server: &Server, role: SystemRole) -> Result<kube::Client
     let yaml =
         meridian_apiserver::kubeconfig::render("system", &server.url, &server.ca_pem, &token, None);
     let kc = kube::config::Kubeconfig::from_yaml(&yaml)?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    let mut cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    // Level-triggered loops retry themselves; a retrying client would sit for
+    // minutes on a 429 from risk control.
+    cfg.default_retry = false;
     Ok(kube::Client::try_from(cfg)?)
 }
 

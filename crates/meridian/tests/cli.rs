@@ -372,6 +372,44 @@ async fn meridian_up_gives_each_placement_example_its_layout() {
     })
     .await;
 
+    // Risk control on the game servers: kubectl gets the refusal at once, with the
+    // policy, the rule and when the budget frees up (no client-side waiting).
+    let (ok, out) = kubectl(
+        kc,
+        &[
+            "apply",
+            "--validate=false",
+            "-f",
+            &example("game-server-safety.yaml"),
+        ],
+    );
+    assert!(ok, "{out}");
+    let game: Vec<String> = get_json(kc, &["pods", "-l", "app=game-server"])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["metadata"]["name"].as_str().unwrap().to_owned())
+        .collect();
+    let (first_ok, first) = kubectl(kc, &["delete", "pod", &game[0], "--wait=false"]);
+    // Inside the example's New Year freeze the first one is refused as well.
+    assert!(first_ok || first.contains("denyWindows[0]"), "{first}");
+    let started = Instant::now();
+    let (ok, out) = kubectl(kc, &["delete", "pod", &game[1], "--wait=false"]);
+    assert!(!ok, "a second game server within 30 minutes: {out}");
+    assert!(
+        out.contains("RiskPolicy") && out.contains("game-server-safety"),
+        "{out}"
+    );
+    assert!(
+        out.contains("maxDeletions[0]") || out.contains("denyWindows[0]"),
+        "{out}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "kubectl must not sit on a 429"
+    );
+    assert!(get_json(kc, &["pod", &game[1]])["metadata"]["name"] == game[1].as_str());
+
     // API: one replica in every city of eu-west and us-east, nowhere else.
     wait_for("api in every city of two regions", 90, || {
         let p = pods("app=api");

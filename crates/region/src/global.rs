@@ -297,40 +297,66 @@ async fn upload_statuses(
     statuses: std::collections::HashMap<String, (String, String, serde_json::Value)>,
 ) {
     let n = statuses.len();
-    let results: Vec<(String, (String, String, serde_json::Value), bool)> =
-        futures::stream::iter(statuses)
-            .map(|(uid, (ns, name, status))| {
-                let client = shared.client.clone();
-                async move {
-                    let api: Api<Pod> = Api::namespaced(client, &ns);
-                    let patch = json!({"status": status});
-                    let res = api
-                        .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                        .await;
-                    let retry = match res {
-                        Ok(_) => false,
-                        // The pod is gone or was replaced: nothing to retry.
-                        Err(kube::Error::Api(s))
-                            if s.code == 404 || s.code == 409 || s.code == 422 =>
-                        {
-                            false
-                        }
-                        Err(e) => {
-                            tracing::debug!(%ns, %name, "pod status upload: {e}");
-                            true
-                        }
-                    };
-                    (uid, (ns, name, status), retry)
-                }
-            })
-            .buffer_unordered(32)
-            .collect()
-            .await;
+    type Outcome = (
+        String,
+        (String, String, serde_json::Value),
+        bool,
+        Option<u32>,
+    );
+    let results: Vec<Outcome> = futures::stream::iter(statuses)
+        .map(|(uid, (ns, name, status))| {
+            let client = shared.client.clone();
+            async move {
+                let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+                let patch = json!({"status": status});
+                let res = api
+                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
+                let mut held = None;
+                let retry = match res {
+                    Ok(_) => false,
+                    // Risk control refused the eviction: the pod stays as it is;
+                    // the lifecycle tries again later.
+                    Err(kube::Error::Api(s))
+                        if s.details
+                            .as_ref()
+                            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "RiskPolicy")) =>
+                    {
+                        held = Some(s.details.as_ref().map_or(0, |d| d.retry_after_seconds));
+                        eviction_refused(&client, &ns, &name, &uid, &s.message).await;
+                        false
+                    }
+                    // The pod is gone or was replaced: nothing to retry.
+                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 || s.code == 422 => {
+                        false
+                    }
+                    Err(e) => {
+                        tracing::debug!(%ns, %name, "pod status upload: {e}");
+                        true
+                    }
+                };
+                (uid, (ns, name, status), retry, held)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
     let mut failed = 0;
     {
         let mut up = lock(&shared.upload);
-        for (uid, v, retry) in results {
-            if retry {
+        let mut pods = lock(&shared.pods);
+        let mut hold = lock(&shared.evict_hold);
+        for (uid, v, retry, held) in results {
+            if let Some(secs) = held {
+                // Not lost after all, for now: try again after the refusal's
+                // retry time (at least 5 s, at most a minute).
+                if let Some(p) = pods.by_uid.get_mut(&uid) {
+                    p.gone = false;
+                    p.marked = false;
+                }
+                let wait = Duration::from_secs(u64::from(secs).clamp(5, 60));
+                hold.insert(uid, Instant::now() + wait);
+            } else if retry {
                 failed += 1;
                 // A newer status may have arrived meanwhile; it wins.
                 up.statuses.entry(uid).or_insert(v);
@@ -342,6 +368,25 @@ async fn upload_statuses(
         shared.global_ok.store(false, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// A Warning Event on a pod whose eviction risk control refused.
+async fn eviction_refused(client: &kube::Client, ns: &str, name: &str, uid: &str, why: &str) {
+    tracing::warn!(%ns, %name, "eviction refused by risk control: {why}");
+    let ev = meridian_api::events::pod_event(
+        meridian_api::events::PodRef {
+            namespace: ns,
+            name,
+            uid: Some(uid),
+        },
+        "meridian-region",
+        None,
+        true,
+        "EvictionRefused",
+        why,
+    );
+    let api: Api<Event> = Api::namespaced(client.clone(), ns);
+    let _ = api.create(&PostParams::default(), &ev).await;
 }
 
 async fn upload_events(shared: &Arc<Shared>, events: Vec<(String, meridian_proto::PodEvent)>) {

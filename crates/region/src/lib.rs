@@ -36,7 +36,7 @@ pub use meridian_api::meridian::RESCHEDULE_GRACE_ANNOTATION as GRACE_ANNOTATION;
 /// Node label naming the region that manages the node.
 pub const REGION_LABEL: &str = "meridian.io/region";
 /// Pod status reason for pods marked for rescheduling after node loss.
-pub const NODE_LOST: &str = "NodeLost";
+pub const NODE_LOST: &str = meridian_api::NODE_LOST_REASON;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
@@ -147,7 +147,11 @@ impl Region {
             &cfg.data_dir.join("region.redb"),
             16 * 1024 * 1024,
         )?);
-        let client = kube::Client::try_from(cfg.global.clone())
+        // No client-side retries: our loops retry themselves, and a retrying client
+        // would sit for minutes on a 429 from risk control.
+        let mut global = cfg.global.clone();
+        global.default_retry = false;
+        let client = kube::Client::try_from(global)
             .map_err(|e| RegionError::Config(format!("global API client: {e}")))?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await

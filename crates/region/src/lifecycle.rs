@@ -117,6 +117,8 @@ fn evict(shared: &Shared, now: Instant, tokens: &mut f64) {
         let down = now.duration_since(since);
         // Pods of this node whose own grace has passed and are not yet marked.
         let due: Vec<(String, String, String, Duration)> = {
+            let mut hold = lock(&shared.evict_hold);
+            hold.retain(|_, t| now < *t);
             let pods = lock(&shared.pods);
             pods.by_node
                 .get(&node)
@@ -124,7 +126,7 @@ fn evict(shared: &Shared, now: Instant, tokens: &mut f64) {
                     uids.iter()
                         .filter_map(|u| {
                             let p = pods.by_uid.get(u)?;
-                            if p.gone {
+                            if p.gone || hold.contains_key(u) {
                                 return None;
                             }
                             let g = match p.grace {

@@ -165,6 +165,8 @@ pub struct Shared {
     /// registrations cannot open thousands of connections to the global API.
     pub register_calls: tokio::sync::Semaphore,
     pub metrics: crate::http::Metrics,
+    /// Pods whose eviction risk control refused, by uid: not tried again before.
+    pub evict_hold: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -222,6 +224,7 @@ impl Shared {
             nodes: Default::default(),
             pods: Default::default(),
             upload: Default::default(),
+            evict_hold: Default::default(),
             upload_notify: Notify::new(),
             logs: Default::default(),
             next_id: AtomicU64::new(1),

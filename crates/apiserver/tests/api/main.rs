@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod placement;
+mod risk;
 mod tenancy;
 mod verbs;
 mod watch;
@@ -20,7 +21,7 @@ use tempfile::TempDir;
 
 pub struct TestServer {
     pub server: Server,
-    _dir: TempDir,
+    _dir: Option<TempDir>,
 }
 
 pub fn install_crypto() {
@@ -40,7 +41,15 @@ impl TestServer {
         config.bookmark_interval = Duration::from_millis(300);
         tweak(&mut config);
         let server = Server::start(config, store).await.unwrap();
-        Self { server, _dir: dir }
+        Self {
+            server,
+            _dir: Some(dir),
+        }
+    }
+
+    /// A server started by the test itself, whose directory the test owns.
+    pub fn from_parts(server: Server, _dir: std::path::PathBuf) -> Self {
+        Self { server, _dir: None }
     }
 
     pub fn client(&self, token: &str) -> kube::Client {
@@ -52,6 +61,9 @@ impl TestServer {
         let mut config = kube::Config::new(self.server.url.parse().unwrap());
         config.root_cert = Some(ca);
         config.auth_info.token = Some(token.to_owned().into());
+        // Like Meridian's own components: a 429 from risk control is an answer,
+        // not something to sit on for minutes of client-side retries.
+        config.default_retry = false;
         config.default_namespace = "default".into();
         kube::Client::try_from(config).unwrap()
     }
@@ -106,4 +118,19 @@ pub fn pod(name: &str, labels: serde_json::Value) -> k8s_openapi::api::core::v1:
         "spec": {"containers": [{"name": "main", "image": "busybox"}]}
     }))
     .unwrap()
+}
+
+/// Polls `f` until it holds (at most 20 s).
+pub async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for: {what}");
 }
