@@ -115,6 +115,11 @@ impl Permit {
         txn
     }
 
+    /// How many budgets this removal spends.
+    pub fn charges(&self) -> usize {
+        self.puts.len()
+    }
+
     /// The removal was written: record it.
     pub fn committed(self, gate: &RiskGate) {
         for e in self.audit {
@@ -338,6 +343,39 @@ impl RiskGate {
             Some(_) => split_physical(ns).1.to_owned(),
             None => ns.to_owned(),
         };
+        if charge {
+            // Read every budget this removal may spend at once, not one by one.
+            let mut keys = Vec::new();
+            for (s, _) in subjects {
+                let policies = cache
+                    .entry(s.namespace.clone())
+                    .or_insert_with(|| self.policies(snap, s.namespace.as_deref()));
+                for (_, p) in policies.iter().filter(|(_, p)| p.selects(s)) {
+                    for b in &p.budgets {
+                        keys.push((p.budget_key(b, s), BudgetRecord::new(p, b, s)));
+                    }
+                }
+            }
+            keys.sort_by(|a, b| a.0.cmp(&b.0));
+            keys.dedup_by(|a, b| a.0 == b.0);
+            let read =
+                futures::future::try_join_all(keys.into_iter().map(|(k, fresh)| async move {
+                    let kv = store.get(&k).await?;
+                    Ok::<_, meridian_store::StoreError>((k, kv, fresh))
+                }))
+                .await
+                .map_err(|e| ApiError::internal(format!("risk budget: {e}")))?;
+            for (k, kv, fresh) in read {
+                let (rev, rec) = match kv {
+                    Some(kv) => (
+                        kv.mod_revision,
+                        serde_json::from_slice(&kv.value).unwrap_or(fresh),
+                    ),
+                    None => (0, fresh),
+                };
+                records.insert(k, (rev, rec, false));
+            }
+        }
         for (s, uid) in subjects {
             let policies = cache
                 .entry(s.namespace.clone())
@@ -368,22 +406,10 @@ impl RiskGate {
                 if denial.is_none() && charge {
                     for b in &p.budgets {
                         let bkey = p.budget_key(b, s);
-                        if !records.contains_key(&bkey) {
-                            let kv = store
-                                .get(&bkey)
-                                .await
-                                .map_err(|e| ApiError::internal(format!("risk budget: {e}")))?;
-                            let (rev, rec) = match kv {
-                                Some(kv) => (
-                                    kv.mod_revision,
-                                    serde_json::from_slice(&kv.value)
-                                        .unwrap_or_else(|_| BudgetRecord::new(p, b, s)),
-                                ),
-                                None => (0, BudgetRecord::new(p, b, s)),
-                            };
-                            records.insert(bkey.clone(), (rev, rec, false));
-                        }
-                        let (_, rec, dirty) = records.get_mut(&bkey).expect("just inserted");
+                        let Some((_, rec, dirty)) = records.get_mut(&bkey) else {
+                            // Read above for every selecting policy; never fail open.
+                            return Err(ApiError::internal(format!("risk budget {bkey} not read")));
+                        };
                         match rec.charge(b, now) {
                             Ok(()) => *dirty = true,
                             Err(until) => {
@@ -396,7 +422,7 @@ impl RiskGate {
                                     rule: b.rule(),
                                     message: format!(
                                         "{} already deleted {} ({}); {when}",
-                                        rec.times.len(),
+                                        rec.used(),
                                         b.scope(s),
                                         b.describe()
                                     ),
@@ -479,6 +505,37 @@ fn denied(d: &meridian_risk::Denial, policy: &str, message: String, now: Timesta
 // ------------------------------------------------------------------ audit task
 
 const LAST_DENIALS: usize = 10;
+const STATUS_BUDGETS: usize = 20;
+/// Budget records looked at per policy and status pass.
+const STATUS_SCAN: usize = 2_000;
+
+/// Budgets in use among `kvs`, and the records that are all spent (to delete).
+fn budget_statuses(
+    kvs: Vec<meridian_store::KeyValue>,
+    now: Timestamp,
+) -> (Vec<BudgetStatus>, Vec<(String, Revision)>) {
+    let mut budgets = Vec::new();
+    let mut expired = Vec::new();
+    for kv in kvs {
+        let Ok(mut rec) = serde_json::from_slice::<BudgetRecord>(&kv.value) else {
+            continue;
+        };
+        let period = jiff::SignedDuration::from_secs(rec.period_seconds);
+        rec.prune(now, period);
+        if rec.times.is_empty() {
+            expired.push((kv.key, kv.mod_revision));
+            continue;
+        }
+        budgets.push(BudgetStatus {
+            rule: rec.rule.clone(),
+            scope: rec.scope.clone(),
+            used: rec.used() as i64,
+            limit: rec.limit.into(),
+            frees_at: rec.frees_at(period).map(|t| t.to_string()),
+        });
+    }
+    (budgets, expired)
+}
 
 async fn audit_task(
     mut rx: mpsc::UnboundedReceiver<AuditEntry>,
@@ -487,26 +544,21 @@ async fn audit_task(
     clock: Clock,
     shutdown: CancellationToken,
 ) {
-    let mut file = match std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-    {
-        Ok(f) => Some(f),
-        Err(e) => {
-            tracing::error!(path = %path.display(), "cannot open the audit log: {e}");
-            None
-        }
-    };
+    let mut file = open_log(&path);
+    // Policies whose status is due, with their new denials: written at most once
+    // per STATUS_EVERY each, so a storm of deletions is not a storm of writes.
+    let mut dirty: BTreeMap<Arc<str>, Vec<AuditEntry>> = BTreeMap::new();
+    let mut flushed = tokio::time::Instant::now();
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return,
-            e = rx.recv() => match e { Some(e) => e, None => return },
+            e = rx.recv() => match e { Some(e) => Some(e), None => return },
+            _ = tokio::time::sleep(STATUS_EVERY), if !dirty.is_empty() => None,
         };
-        let mut batch = vec![first];
+        let mut batch: Vec<AuditEntry> = first.into_iter().collect();
         // Gather what arrives within a moment, so storms become one write each.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
-        while batch.len() < 10_000 {
+        while !batch.is_empty() && batch.len() < 10_000 {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(e)) => batch.push(e),
                 _ => break,
@@ -514,7 +566,7 @@ async fn audit_task(
         }
         let mut lines = Vec::new();
         for e in &batch {
-            tracing::info!(
+            tracing::debug!(
                 target: "meridian::audit",
                 user = %e.user, action = e.action.as_str(), kind = %e.kind,
                 namespace = e.namespace.as_deref().unwrap_or(""), name = %e.name,
@@ -527,17 +579,61 @@ async fn audit_task(
             lines.extend_from_slice(line.to_string().as_bytes());
             lines.push(b'\n');
         }
-        if let Some(f) = file.as_mut()
-            && let Err(e) = f.write_all(&lines).and_then(|_| f.sync_data())
+        if file.is_none() {
+            file = open_log(&path);
+        }
+        if !lines.is_empty()
+            && let Some(mut f) = file.take()
         {
-            tracing::error!(path = %path.display(), "cannot write the audit log: {e}");
+            // A write and an fsync: blocking work, off the runtime's threads.
+            let written = tokio::task::spawn_blocking(move || {
+                let r = f.write_all(&lines).and_then(|_| f.sync_data());
+                (f, r)
+            })
+            .await;
+            match written {
+                Ok((f, r)) => {
+                    if let Err(e) = r {
+                        tracing::error!(path = %path.display(), "cannot write the audit log: {e}");
+                    }
+                    file = Some(f);
+                }
+                Err(e) => tracing::error!("audit log writer failed: {e}"),
+            }
         }
         write_events(&store, &batch).await;
-        write_statuses(&store, &batch, clock.now()).await;
+        for e in batch {
+            let denied = matches!(e.outcome, Outcome::Denied | Outcome::WouldDeny);
+            let list = dirty.entry(e.policy_key.clone()).or_default();
+            if denied {
+                list.push(e);
+            }
+        }
+        if flushed.elapsed() >= STATUS_EVERY {
+            write_statuses(&store, std::mem::take(&mut dirty), clock.now()).await;
+            flushed = tokio::time::Instant::now();
+        }
     }
 }
 
-/// One Event per object, policy, rule and outcome in the batch, with a count.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+fn open_log(path: &std::path::Path) -> Option<std::fs::File> {
+    match std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::error!(path = %path.display(), "cannot open the audit log: {e}");
+            None
+        }
+    }
+}
+
+/// One Event per object and outcome in the batch (naming every policy and rule
+/// involved), with a count.
 async fn write_events(store: &DynStore, batch: &[AuditEntry]) {
     let Some(events) = meridian_api::resources::RESOURCES
         .iter()
@@ -545,40 +641,61 @@ async fn write_events(store: &DynStore, batch: &[AuditEntry]) {
     else {
         return;
     };
-    // (namespace, kind, name, policy, rule, outcome) -> (count, an entry)
-    type Key<'a> = (String, String, String, String, &'a str, &'a str);
-    let mut groups: BTreeMap<Key<'_>, (usize, &AuditEntry)> = BTreeMap::new();
+    // (namespace, kind, name, outcome) -> (count, entries)
+    type Key<'a> = (Option<&'a str>, &'a str, &'a str, &'a str);
+    let mut groups: BTreeMap<Key<'_>, (usize, Vec<&AuditEntry>)> = BTreeMap::new();
     for e in batch {
         let k = (
-            e.namespace.clone().unwrap_or_default(),
-            e.kind.clone(),
-            e.name.clone(),
-            e.policy.clone(),
-            e.rule.as_str(),
+            e.namespace.as_deref(),
+            e.kind.as_str(),
+            e.name.as_str(),
             e.outcome.as_str(),
         );
-        groups.entry(k).or_insert((0, e)).0 += 1;
+        let g = groups.entry(k).or_default();
+        if !g.1.iter().any(|x| x.policy == e.policy && x.rule == e.rule) {
+            g.1.push(e);
+        }
+        g.0 += 1;
     }
-    for ((_, _, _, _, _, _), (count, e)) in groups {
+    let mut txn = Txn::new();
+    for (count, entries) in groups.into_values() {
+        let e = entries[0];
         if e.name.is_empty() {
             continue;
         }
+        let count = count / entries.len().max(1);
         let ns = e.namespace.clone().unwrap_or_else(|| "default".into());
         let now = e.time.to_string();
         let name = format!("{}.risk.{}", e.name, uuid::Uuid::new_v4().simple());
+        let under = entries
+            .iter()
+            .map(|x| {
+                if x.rule.is_empty() {
+                    x.policy.clone()
+                } else {
+                    format!("{} rule {}", x.policy, x.rule)
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
         let message = match e.outcome {
-            Outcome::Allowed => format!("{} allowed under {}", e.action.as_str(), e.policy),
+            Outcome::Allowed => {
+                format!("{} by {} allowed under {under}", e.action.as_str(), e.user)
+            }
             Outcome::Unlocked => format!(
-                "{} of a protected object allowed by its {UNLOCK_ANNOTATION} annotation ({})",
+                "{} by {} of a protected object allowed by its {UNLOCK_ANNOTATION} annotation ({under})",
                 e.action.as_str(),
-                e.policy
+                e.user
             ),
             _ => format!(
-                "{} by {}: {} rule {}: {}",
+                "{} by {} refused{}: {under}: {}",
                 e.action.as_str(),
                 e.user,
-                e.policy,
-                e.rule,
+                if e.outcome == Outcome::WouldDeny {
+                    " (audit mode: allowed)"
+                } else {
+                    ""
+                },
                 e.message
             ),
         };
@@ -596,22 +713,25 @@ async fn write_events(store: &DynStore, batch: &[AuditEntry]) {
             "firstTimestamp": now, "lastTimestamp": now, "count": count,
         });
         let key = events.storage_key(Some(&ns), &name);
-        if let Err(err) = store.create(&key, Bytes::from(ev.to_string())).await {
-            tracing::warn!("cannot record a risk event: {err}");
-        }
+        txn = txn
+            .when(key.clone(), 0)
+            .put(key, Bytes::from(ev.to_string()));
+    }
+    // One write for the whole batch (names are unique, so it cannot conflict).
+    if !txn.ops.is_empty()
+        && let Err(err) = store.txn(txn).await
+    {
+        tracing::warn!("cannot record risk events: {err}");
     }
 }
 
 /// Refreshes the status of every policy the batch touched: budgets from the
 /// store, the newest denials first.
-async fn write_statuses(store: &DynStore, batch: &[AuditEntry], now: Timestamp) {
-    let mut touched: BTreeMap<Arc<str>, Vec<&AuditEntry>> = BTreeMap::new();
-    for e in batch {
-        let list = touched.entry(e.policy_key.clone()).or_default();
-        if matches!(e.outcome, Outcome::Denied | Outcome::WouldDeny) {
-            list.push(e);
-        }
-    }
+async fn write_statuses(
+    store: &DynStore,
+    touched: BTreeMap<Arc<str>, Vec<AuditEntry>>,
+    now: Timestamp,
+) {
     for (key, denials) in touched {
         for _ in 0..5 {
             let Ok(Some(kv)) = store.get(&key).await else {
@@ -625,26 +745,24 @@ async fn write_statuses(store: &DynStore, batch: &[AuditEntry], now: Timestamp) 
                 .unwrap_or_default()
                 .to_owned();
             let prefix = format!("{}{uid}/", meridian_risk::BUDGET_PREFIX);
-            let mut budgets = Vec::new();
-            if let Ok(r) = store.range(&prefix, None, 10_000).await {
-                for kv in r.kvs {
-                    let Ok(mut rec) = serde_json::from_slice::<BudgetRecord>(&kv.value) else {
-                        continue;
-                    };
-                    let period = jiff::SignedDuration::from_secs(rec.period_seconds);
-                    rec.prune(now, period);
-                    if rec.times.is_empty() {
-                        continue;
-                    }
-                    budgets.push(BudgetStatus {
-                        rule: rec.rule.clone(),
-                        scope: rec.scope.clone(),
-                        used: rec.times.len() as i64,
-                        limit: rec.limit.into(),
-                        frees_at: rec.frees_at(period).map(|t| t.to_string()),
-                    });
-                }
+            let kvs = store
+                .range(&prefix, None, STATUS_SCAN)
+                .await
+                .map(|r| r.kvs)
+                .unwrap_or_default();
+            // Parsing thousands of records is CPU work: keep it off the runtime.
+            let (mut budgets, expired) =
+                tokio::task::spawn_blocking(move || budget_statuses(kvs, now))
+                    .await
+                    .unwrap_or_default();
+            for (k, rev) in expired {
+                // Spent deletions all left the period: forget the record (unless a
+                // deletion was just counted in it).
+                let _ = store.delete(&k, rev).await;
             }
+            // The busiest budgets, at most STATUS_BUDGETS of them.
+            budgets.sort_by(|a, b| b.used.cmp(&a.used).then_with(|| a.scope.cmp(&b.scope)));
+            budgets.truncate(STATUS_BUDGETS);
             let mut last: Vec<DenialRecord> = denials
                 .iter()
                 .rev()

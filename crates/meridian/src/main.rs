@@ -51,6 +51,11 @@ struct ServerArgs {
     /// A region silent for this long has its Nodes marked Ready=Unknown.
     #[arg(long, default_value = "40s", value_parser = edge::parse_duration)]
     region_timeout: Duration,
+    /// Serve the API only: no scheduler, controllers or region watchdog. With
+    /// several servers on one etcd, run those loops on exactly one of them (there is
+    /// no leader election yet).
+    #[arg(long)]
+    api_only: bool,
 }
 
 #[derive(clap::Args)]
@@ -128,7 +133,11 @@ async fn run(cli: Cli) -> Result<()> {
                 "region token (for `meridian region --token-file`): {}",
                 args.data_dir.join("system-region.token").display()
             );
-            let _loops = edge::spawn_global_loops(&server, args.region_timeout).await?;
+            let _loops = if args.api_only {
+                Vec::new()
+            } else {
+                edge::spawn_global_loops(&server, args.region_timeout).await?
+            };
             println!(
                 "admin kubeconfig: {}",
                 args.data_dir.join("admin.kubeconfig").display()

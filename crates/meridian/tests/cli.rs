@@ -58,6 +58,152 @@ async fn wait_ready(url: &str, dir: &Path) {
     }
 }
 
+/// Two `meridian server` processes sharing one etcd: 1,000 concurrent DELETEs of
+/// one Deployment's pods, spread over both, against "1 per 30 minutes": exactly
+/// one goes through. The budget lives only in etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_server_processes_on_one_etcd_let_exactly_one_of_a_thousand_deletes_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = meridian_store::etcd_server::EtcdServer::start(dir.path())
+        .await
+        .unwrap();
+    let mut servers = Vec::new();
+    for i in 0..2 {
+        let d = dir.path().join(format!("server-{i}"));
+        let listen = format!("127.0.0.1:{}", free_port());
+        let url = format!("https://{listen}");
+        let proc = meridian(&[
+            "server",
+            "--data-dir",
+            d.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &etcd.client_url,
+            // No controllers: they would replace (and trim) this hand-made layout.
+            "--api-only",
+        ]);
+        wait_ready(&url, &d).await;
+        let token = std::fs::read_to_string(d.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned();
+        servers.push((proc, url, token, https(&d)));
+    }
+    let (_, url, token, http) = &servers[0];
+    let post = |path: &str, body: Value| {
+        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        let path = path.to_owned();
+        async move {
+            let r = http
+                .post(format!("{url}{path}"))
+                .bearer_auth(&token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert!(
+                r.status().is_success(),
+                "{path}: {}",
+                r.text().await.unwrap()
+            );
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let labels = json!({"app": "web"});
+    let template = json!({"metadata": {"labels": labels}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+    let d = post(
+        "/apis/apps/v1/namespaces/default/deployments",
+        json!({"metadata": {"name": "web"},
+        "spec": {"replicas": 100, "selector": {"matchLabels": labels}, "template": template}}),
+    )
+    .await;
+    let owner = |kind: &str, name: &str, uid: &Value| {
+        json!([{"apiVersion": "apps/v1", "kind": kind,
+        "name": name, "uid": uid, "controller": true}])
+    };
+    let rs = post(
+        "/apis/apps/v1/namespaces/default/replicasets",
+        json!({"metadata": {"name": "web-1",
+        "ownerReferences": owner("Deployment", "web", &d["metadata"]["uid"])},
+        "spec": {"replicas": 100, "selector": {"matchLabels": labels}, "template": template}}),
+    )
+    .await;
+    for i in 0..100 {
+        post("/api/v1/namespaces/default/pods", json!({"metadata": {"name": format!("web-1-{i}"),
+            "labels": labels, "ownerReferences": owner("ReplicaSet", "web-1", &rs["metadata"]["uid"])},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}})).await;
+    }
+    post("/apis/meridian.io/v1alpha1/namespaces/default/riskpolicies", json!({
+        "apiVersion": "meridian.io/v1alpha1", "kind": "RiskPolicy", "metadata": {"name": "web-safety"},
+        "spec": {"selector": {"kinds": ["Deployment"], "names": ["web"]},
+            "rules": {"maxDeletions": [{"count": 1, "period": "30m"}]}}})).await;
+    // The second server must have seen the policy: poll it there.
+    let (_, url1, token1, http1) = &servers[1];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http1
+        .get(format!(
+            "{url1}/apis/meridian.io/v1alpha1/namespaces/default/riskpolicies/web-safety"
+        ))
+        .bearer_auth(token1)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the policy never reached server 2"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut reqs = Vec::new();
+    for round in 0..10 {
+        for i in 0..100 {
+            let (_, url, token, http) = &servers[(i + round) % 2];
+            reqs.push(
+                http.delete(format!("{url}/api/v1/namespaces/default/pods/web-1-{i}"))
+                    .bearer_auth(token)
+                    .send(),
+            );
+        }
+    }
+    let codes: Vec<u16> = futures::future::join_all(reqs)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status().as_u16())
+        .collect();
+    let count = |c: u16| codes.iter().filter(|x| **x == c).count();
+    assert_eq!(count(200), 1, "{codes:?}");
+    assert_eq!(count(429) + count(404), 999, "{codes:?}");
+    let list: Value = http1
+        .get(format!("{url1}/api/v1/namespaces/default/pods"))
+        .bearer_auth(token1)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // 99 of the 100 are left (API only: nothing replaces the one that went).
+    let originals = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            let n = p["metadata"]["name"].as_str().unwrap();
+            n.strip_prefix("web-1-")
+                .is_some_and(|i| i.parse::<u32>().is_ok_and(|i| i < 100))
+        })
+        .count();
+    assert_eq!(originals, 99);
+    drop(servers);
+    drop(etcd);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();

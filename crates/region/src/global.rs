@@ -349,12 +349,12 @@ async fn upload_statuses(
         for (uid, v, retry, held) in results {
             if let Some(secs) = held {
                 // Not lost after all, for now: try again after the refusal's
-                // retry time (at least 5 s, at most a minute).
+                // retry time (at least 5 s, at most 30 s, so a changed policy is seen soon).
                 if let Some(p) = pods.by_uid.get_mut(&uid) {
                     p.gone = false;
                     p.marked = false;
                 }
-                let wait = Duration::from_secs(u64::from(secs).clamp(5, 60));
+                let wait = Duration::from_secs(u64::from(secs).clamp(5, 30));
                 hold.insert(uid, Instant::now() + wait);
             } else if retry {
                 failed += 1;

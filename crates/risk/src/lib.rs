@@ -348,8 +348,11 @@ impl Policy {
 /// Budgets live outside `/registry/`: never served, never in the watch cache.
 pub const BUDGET_PREFIX: &str = "/meridian/riskbudgets/";
 
-/// The stored form of one budget: the times of the deletions it counted, newest
-/// last, only those still inside the period.
+/// The stored form of one budget: the deletions it counted inside the period, as
+/// (unix milliseconds, count) pairs, oldest first. Deletions within the same
+/// wall-clock second share one entry stamped with the latest of them, so a record
+/// stays small however many deletions a burst makes; a deletion may then leave the
+/// period up to a second late, never early.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct BudgetRecord {
@@ -359,8 +362,7 @@ pub struct BudgetRecord {
     pub scope: String,
     pub limit: u32,
     pub period_seconds: i64,
-    /// Unix milliseconds.
-    pub times: Vec<i64>,
+    pub times: Vec<(i64, u32)>,
 }
 
 impl BudgetRecord {
@@ -382,10 +384,15 @@ impl BudgetRecord {
         }
     }
 
+    /// Deletions counted inside the period.
+    pub fn used(&self) -> u64 {
+        self.times.iter().map(|(_, n)| u64::from(*n)).sum()
+    }
+
     /// Forgets deletions that left the period (up to `now`).
     pub fn prune(&mut self, now: Timestamp, period: SignedDuration) {
         let cutoff = now.as_millisecond() - period.as_millis() as i64;
-        self.times.retain(|&t| t > cutoff);
+        self.times.retain(|&(t, _)| t > cutoff);
     }
 
     /// Counts one more deletion at `now`, or says when the next one fits (`None`:
@@ -394,8 +401,15 @@ impl BudgetRecord {
         self.prune(now, b.period);
         self.limit = b.count;
         self.period_seconds = b.period.as_secs();
-        if (self.times.len() as u64) < u64::from(b.count) {
-            self.times.push(now.as_millisecond());
+        if self.used() < u64::from(b.count) {
+            let ms = now.as_millisecond();
+            match self.times.last_mut() {
+                Some((t, n)) if t.div_euclid(1000) == ms.div_euclid(1000) && ms >= *t => {
+                    *t = ms;
+                    *n += 1;
+                }
+                _ => self.times.push((ms, 1)),
+            }
             return Ok(());
         }
         Err(self.frees_at(b.period))
@@ -403,7 +417,7 @@ impl BudgetRecord {
 
     /// When the oldest counted deletion leaves the period.
     pub fn frees_at(&self, period: SignedDuration) -> Option<Timestamp> {
-        let first = *self.times.first()?;
+        let (first, _) = *self.times.first()?;
         Timestamp::from_millisecond(first + period.as_millis() as i64).ok()
     }
 }

@@ -200,8 +200,35 @@ fn budgets_count_per_period_and_say_when_they_free() {
         r.charge(b, at("2026-11-27T12:05:00Z")),
         Err(Some(at("2026-11-27T12:10:00Z")))
     );
+    assert!(r.charge(b, at("2026-11-27T12:09:59.999Z")).is_err());
     assert!(r.charge(b, at("2026-11-27T12:10:00.001Z")).is_ok());
-    assert_eq!(r.times.len(), 2);
+    assert_eq!(r.used(), 2);
+}
+
+#[test]
+fn a_burst_of_deletions_keeps_the_record_small() {
+    let rules = RiskRules {
+        max_deletions: vec![DeletionBudget {
+            count: Some(1000),
+            period: "1h".into(),
+            per: Some("Policy".into()),
+        }],
+        ..Default::default()
+    };
+    let p = policy(Some("ns"), RiskSelector::default(), rules);
+    let b = &p.budgets[0];
+    let mut r = BudgetRecord::new(&p, b, &pod("ns", "a", "x", None));
+    let t0 = at("2026-11-27T12:00:00Z");
+    for i in 0..1000 {
+        let t = t0.checked_add(SignedDuration::from_millis(i)).unwrap();
+        assert!(r.charge(b, t).is_ok());
+    }
+    assert_eq!(r.used(), 1000);
+    assert_eq!(r.times.len(), 1, "{:?}", r.times);
+    assert!(
+        r.charge(b, t0.checked_add(SignedDuration::from_secs(2)).unwrap())
+            .is_err()
+    );
 }
 
 #[test]

@@ -21,7 +21,7 @@ use tempfile::TempDir;
 
 pub struct TestServer {
     pub server: Server,
-    _dir: Option<TempDir>,
+    _dir: TempDir,
 }
 
 pub fn install_crypto() {
@@ -41,15 +41,7 @@ impl TestServer {
         config.bookmark_interval = Duration::from_millis(300);
         tweak(&mut config);
         let server = Server::start(config, store).await.unwrap();
-        Self {
-            server,
-            _dir: Some(dir),
-        }
-    }
-
-    /// A server started by the test itself, whose directory the test owns.
-    pub fn from_parts(server: Server, _dir: std::path::PathBuf) -> Self {
-        Self { server, _dir: None }
+        Self { server, _dir: dir }
     }
 
     pub fn client(&self, token: &str) -> kube::Client {

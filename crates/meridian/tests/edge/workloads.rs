@@ -499,3 +499,110 @@ async fn foreground_deletion_waits_for_dependents_and_orphan_deletion_releases_t
     );
     assert_eq!(pods.list(&orph).await.unwrap().items.len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_loss_eviction_inside_a_deny_window_waits_until_the_window_closes() {
+    let mut w = World::start(RegionOpts {
+        grace: "2s",
+        ..Default::default()
+    })
+    .await;
+    for n in ["a-1", "b-2", "c-3", "d-4"] {
+        w.add_agent(n).await;
+    }
+    let policies: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        w.client.clone(),
+        "edge",
+        &kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("meridian.io", "v1alpha1", "RiskPolicy"),
+            "riskpolicies",
+        ),
+    );
+    let now = jiff::Timestamp::now();
+    let hours = |h: i64| (now + jiff::SignedDuration::from_hours(h)).to_string();
+    let policy = |start: String, end: String| {
+        serde_json::json!({"apiVersion": "meridian.io/v1alpha1", "kind": "RiskPolicy",
+            "metadata": {"name": "freeze"},
+            "spec": {"selector": {"kinds": ["Deployment"], "names": ["svc"]},
+                "rules": {"denyWindows": [{"start": start, "end": end}]}}})
+    };
+    policies
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(policy(hours(-1), hours(1))).unwrap(),
+        )
+        .await
+        .unwrap();
+    let deploy = serde_json::json!({
+        "metadata": {"name": "svc"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "svc"}}, "template": {
+            "metadata": {"labels": {"app": "svc"}},
+            "spec": {"containers": [{"name": "main", "image": "busybox", "command": ["/bin/sleep", "3600"]}]}}},
+    });
+    Api::<Deployment>::namespaced(w.client.clone(), "edge")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(deploy).unwrap(),
+        )
+        .await
+        .unwrap();
+    let pods = w.pods();
+    let lp = ListParams::default().labels("app=svc");
+    let mut node = String::new();
+    eventually("the replica runs", Duration::from_secs(60), || {
+        let (pods, lp) = (pods.clone(), lp.clone());
+        async move { pods.list(&lp).await.unwrap().items.iter().any(ready) }
+    })
+    .await;
+    let pod = pods.list(&lp).await.unwrap().items.remove(0);
+    node.push_str(pod.spec.as_ref().unwrap().node_name.as_deref().unwrap());
+    let name = pod.metadata.name.clone().unwrap();
+    let i = w.agent(&node);
+    w.agents[i].2.cut();
+    // Past the grace the region tries to evict; risk control refuses, and says so.
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(w.client.clone(), "edge");
+    eventually("an EvictionRefused event", Duration::from_secs(60), || {
+        let (events, name) = (events.clone(), name.clone());
+        async move {
+            events
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("EvictionRefused")
+                        && e.involved_object.name.as_deref() == Some(name.as_str())
+                        && e.message
+                            .as_deref()
+                            .is_some_and(|m| m.contains("denyWindows[0]"))
+                })
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let list = pods.list(&lp).await.unwrap().items;
+    assert_eq!(
+        list.len(),
+        1,
+        "no replacement while the eviction is refused"
+    );
+    assert!(!is_marked(&list[0]), "not marked inside the window");
+    // The window moves into the past: the eviction goes through, a replacement runs.
+    let mut p = policies.get("freeze").await.unwrap();
+    p.data["spec"] = policy(hours(-3), hours(-2))["spec"].clone();
+    policies
+        .replace("freeze", &PostParams::default(), &p)
+        .await
+        .unwrap();
+    eventually("marked and replaced", Duration::from_secs(60), || {
+        let (pods, lp, name) = (pods.clone(), lp.clone(), name.clone());
+        async move {
+            let list = pods.list(&lp).await.unwrap().items;
+            list.iter()
+                .any(|p| is_marked(p) && p.metadata.name.as_deref() == Some(name.as_str()))
+                && list.iter().any(ready)
+        }
+    })
+    .await;
+}
