@@ -732,13 +732,15 @@ async fn write_statuses(
     touched: BTreeMap<Arc<str>, Vec<AuditEntry>>,
     now: Timestamp,
 ) {
-    for (key, denials) in touched {
-        for _ in 0..5 {
-            let Ok(Some(kv)) = store.get(&key).await else {
-                break;
+    // All of them in one write; a policy changed meanwhile means a fresh attempt.
+    for _ in 0..5 {
+        let mut txn = Txn::new();
+        for (key, denials) in &touched {
+            let Ok(Some(kv)) = store.get(key).await else {
+                continue;
             };
             let Ok(mut obj) = serde_json::from_slice::<Value>(&kv.value) else {
-                break;
+                continue;
             };
             let uid = obj["metadata"]["uid"]
                 .as_str()
@@ -783,17 +785,24 @@ async fn write_statuses(
                         .take(LAST_DENIALS.saturating_sub(last.len())),
                 );
             }
-            obj["status"] = json!({"budgets": budgets, "lastDenials": last});
-            match store
-                .update(&key, Bytes::from(obj.to_string()), kv.mod_revision)
-                .await
-            {
-                Ok(Some(_)) => break,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(policy = %key, "cannot write risk policy status: {e}");
-                    break;
-                }
+            let status = json!({"budgets": budgets, "lastDenials": last});
+            if obj["status"] == status {
+                continue;
+            }
+            obj["status"] = status;
+            txn = txn
+                .when(key.to_string(), kv.mod_revision)
+                .put(key.to_string(), Bytes::from(obj.to_string()));
+        }
+        if txn.ops.is_empty() {
+            return;
+        }
+        match store.txn(txn).await {
+            Ok(r) if r.succeeded => return,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!("cannot write risk policy status: {e}");
+                return;
             }
         }
     }
