@@ -299,6 +299,13 @@ async fn update_status(
     };
     let complete = updated == want && replicas == want && avail == want;
     let new_name = new.metadata.name.clone().unwrap_or_default();
+    // A ReplicaSet's removals refused by risk control show on the Deployment too.
+    let failure = all.iter().find_map(|r| {
+        st(r)
+            .conditions?
+            .into_iter()
+            .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")
+    });
     let status = DeploymentStatus {
         observed_generation: d.metadata.generation,
         replicas: Some(replicas),
@@ -306,32 +313,44 @@ async fn update_status(
         ready_replicas: Some(ready),
         available_replicas: Some(avail),
         unavailable_replicas: Some((want - avail).max(0)),
-        conditions: Some(vec![
-            cond(
-                "Available",
-                avail >= want - unavailable_budget,
-                if avail >= want - unavailable_budget {
-                    "MinimumReplicasAvailable"
-                } else {
-                    "MinimumReplicasUnavailable"
-                },
-                format!("{avail} of {want} replicas available"),
-            ),
-            cond(
-                "Progressing",
-                true,
-                if complete {
-                    "NewReplicaSetAvailable"
-                } else {
-                    "ReplicaSetUpdated"
-                },
-                if complete {
-                    format!("ReplicaSet \"{new_name}\" has successfully progressed.")
-                } else {
-                    format!("ReplicaSet \"{new_name}\" is progressing.")
-                },
-            ),
-        ]),
+        conditions: Some(
+            [
+                cond(
+                    "Available",
+                    avail >= want - unavailable_budget,
+                    if avail >= want - unavailable_budget {
+                        "MinimumReplicasAvailable"
+                    } else {
+                        "MinimumReplicasUnavailable"
+                    },
+                    format!("{avail} of {want} replicas available"),
+                ),
+                cond(
+                    "Progressing",
+                    true,
+                    if complete {
+                        "NewReplicaSetAvailable"
+                    } else {
+                        "ReplicaSetUpdated"
+                    },
+                    if complete {
+                        format!("ReplicaSet \"{new_name}\" has successfully progressed.")
+                    } else {
+                        format!("ReplicaSet \"{new_name}\" is progressing.")
+                    },
+                ),
+            ]
+            .into_iter()
+            .chain(failure.map(|f| {
+                cond(
+                    "ReplicaFailure",
+                    true,
+                    f.reason.as_deref().unwrap_or("FailedDelete"),
+                    f.message.unwrap_or_default(),
+                )
+            }))
+            .collect(),
+        ),
         ..Default::default()
     };
     let cur = d.status.clone().unwrap_or_default();

@@ -637,6 +637,17 @@ async fn a_rolling_update_under_two_per_10_minutes_proceeds_at_that_pace_and_com
             })
     })
     .await;
+    let replica_failure = || {
+        let deployments = deployments.clone();
+        async move {
+            let d = deployments.get("web").await.unwrap();
+            d.status.and_then(|s| s.conditions).is_some_and(|c| {
+                c.iter()
+                    .any(|c| c.type_ == "ReplicaFailure" && c.status == "True")
+            })
+        }
+    };
+    crate::eventually("the Deployment reports it too", replica_failure).await;
     let events = Api::<k8s_openapi::api::core::v1::Event>::default_namespaced(admin.clone());
     let refusals = events
         .list(&ListParams::default())
@@ -654,6 +665,88 @@ async fn a_rolling_update_under_two_per_10_minutes_proceeds_at_that_pace_and_com
     clock.advance(jiff::SignedDuration::from_mins(10));
     crate::eventually("all old pods replaced", || async { gone().await == 4 }).await;
     crate::eventually("rollout complete", || available(4)).await;
+    crate::eventually("no refusal left to report", || async {
+        !replica_failure().await
+    })
+    .await;
     controllers.abort();
     kubelet.abort();
+}
+
+#[tokio::test]
+async fn deleting_a_tenant_or_a_node_that_a_policy_protects_is_refused() {
+    let (s, _clock) = server_at("2026-11-27T12:00:00Z").await;
+    let admin = s.admin();
+    // A tenant protects one of its ConfigMaps; the admin deleting the whole tenant
+    // would delete it too: refused, the tenant and its namespaces stay.
+    let acme = s.tenant("acme").await;
+    let cms = Api::<ConfigMap>::default_namespaced(acme.clone());
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "keys"}, "data": {"k": "v"}})).unwrap();
+    cms.create(&PostParams::default(), &cm).await.unwrap();
+    create_policy(
+        &acme,
+        "default",
+        "keep-keys",
+        json!({"selector": {"kinds": ["ConfigMap"]}, "rules": {"protect": true}}),
+    )
+    .await;
+    let tenants = crate::tenants(admin.clone());
+    let msg = forbidden(
+        tenants
+            .delete("acme", &DeleteParams::default())
+            .await
+            .unwrap_err(),
+    );
+    assert!(msg.contains("ConfigMap acme.default/keys"), "{msg}");
+    assert!(
+        tenants
+            .get("acme")
+            .await
+            .unwrap()
+            .metadata
+            .deletion_timestamp
+            .is_none()
+    );
+    assert_eq!(
+        cms.list(&ListParams::default()).await.unwrap().items.len(),
+        1
+    );
+    // The tenant sees its own names in refusals.
+    let msg = forbidden(
+        cms.delete("keys", &DeleteParams::default())
+            .await
+            .unwrap_err(),
+    );
+    assert!(msg.contains("RiskPolicy default/keep-keys"), "{msg}");
+
+    // An admin's ClusterRiskPolicy guards nodes.
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(admin.clone());
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(
+        json!({"metadata": {"name": "paris-1", "labels": {"tier": "core"}}}),
+    )
+    .unwrap();
+    nodes.create(&PostParams::default(), &node).await.unwrap();
+    let crp: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "meridian.io/v1alpha1", "kind": "ClusterRiskPolicy",
+        "metadata": {"name": "core-nodes"},
+        "spec": {"selector": {"kinds": ["Node"], "labelSelector": {"matchLabels": {"tier": "core"}}},
+                 "rules": {"protect": true}}}))
+    .unwrap();
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("meridian.io", "v1alpha1", "ClusterRiskPolicy"),
+        "clusterriskpolicies",
+    );
+    Api::<DynamicObject>::all_with(admin.clone(), &ar)
+        .create(&PostParams::default(), &crp)
+        .await
+        .unwrap();
+    let msg = forbidden(
+        nodes
+            .delete("paris-1", &DeleteParams::default())
+            .await
+            .unwrap_err(),
+    );
+    assert!(msg.contains("ClusterRiskPolicy core-nodes"), "{msg}");
+    assert!(nodes.get_opt("paris-1").await.unwrap().is_some());
 }
