@@ -352,6 +352,7 @@ fn respond(
     rv: Revision,
 ) -> Result<Response, ApiError> {
     set_rv(&mut obj, rv);
+    cx.state.risk.wrote(cx.resource(), rv);
     let bytes = Bytes::from(serde_json::to_vec(&obj).map_err(internal)?);
     Ok(json_response(code, cx.view().render(cx.resource(), &bytes)))
 }
@@ -928,7 +929,7 @@ async fn update_permit(
     if !(scale_down || evict) {
         return Ok(Permit::default());
     }
-    let snap = cx.state.cache.fresh_snapshot(&cx.state.store).await?;
+    let snap = cx.state.risk.snapshot(&cx.state.cache).await?;
     let (action, subject) = if evict {
         (Action::Evict, RiskGate::subject(&snap, r, old))
     } else {
@@ -1228,7 +1229,14 @@ async fn removal_permit(cx: &Ctx<'_>, r: &Resource, obj: &Value) -> Result<Permi
     if is_terminal_pod(r, obj) {
         return Ok(Permit::default());
     }
-    let snap = cx.state.cache.fresh_snapshot(&cx.state.store).await?;
+    let whole =
+        is_namespaces(r) || (r.plural == "tenants" && r.group == meridian_api::meridian::GROUP);
+    let snap = if whole {
+        // Everything inside must be seen: a consistent read.
+        cx.state.cache.fresh_snapshot(&cx.state.store).await?
+    } else {
+        cx.state.risk.snapshot(&cx.state.cache).await?
+    };
     let uid = |o: &Value| o["metadata"]["uid"].as_str().map(str::to_owned);
     let mut subjects = vec![(RiskGate::subject(&snap, r, obj), uid(obj))];
     let name = obj["metadata"]["name"].as_str().unwrap_or_default();
@@ -1284,12 +1292,25 @@ async fn delete_collection(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiErr
         .map(|o| o.key.clone())
         .collect();
     let mut items = Vec::new();
+    let total = keys.len();
     for key in keys {
         for _ in 0..MAX_ATTEMPTS {
             let Some(cur) = cx.state.store.get(&key).await.map_err(store_err)? else {
                 break;
             };
-            match delete_one(cx, &cur, &opts).await? {
+            // Like Kubernetes, one by one: a refusal stops the rest, and says how
+            // far it got.
+            let attempt = delete_one(cx, &cur, &opts).await.map_err(|mut e| {
+                if e.causes.iter().any(|c| c.reason == "RiskPolicy") {
+                    e.message = format!(
+                        "{} ({} of {total} deleted before this refusal)",
+                        e.message,
+                        items.len()
+                    );
+                }
+                e
+            })?;
+            match attempt {
                 Attempt::Done(resp) => {
                     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
                         .await

@@ -136,6 +136,12 @@ type Policies = Vec<(Arc<str>, Arc<Policy>)>;
 /// Shared by all request handlers of one API server.
 pub struct RiskGate {
     pub clock: Clock,
+    /// The newest revision at which this server wrote a risk policy: checks wait
+    /// for the cache to reach it (a policy applies from the moment its write was
+    /// answered), not for the whole store, so audit writes in flight never hold a
+    /// delete up. Policies written through another API server apply once this
+    /// server's cache has them (milliseconds).
+    policy_rev: std::sync::atomic::AtomicI64,
     compiled: RwLock<HashMap<Arc<str>, Compiled>>,
     audit: mpsc::UnboundedSender<AuditEntry>,
 }
@@ -188,6 +194,7 @@ impl RiskGate {
         let (tx, rx) = mpsc::unbounded_channel();
         let gate = Arc::new(RiskGate {
             clock,
+            policy_rev: Default::default(),
             compiled: RwLock::new(HashMap::new()),
             audit: tx,
         });
@@ -199,6 +206,23 @@ impl RiskGate {
             shutdown,
         ));
         gate
+    }
+
+    /// Notes a write answered at `rev` (only risk policies matter).
+    pub fn wrote(&self, r: &Resource, rev: Revision) {
+        if r.group == meridian_api::meridian::GROUP
+            && matches!(r.plural, "riskpolicies" | "clusterriskpolicies")
+        {
+            self.policy_rev
+                .fetch_max(rev, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// A snapshot holding every risk policy this server has written.
+    pub async fn snapshot(&self, cache: &crate::cache::Cache) -> Result<Snapshot, ApiError> {
+        let rev = self.policy_rev.load(std::sync::atomic::Ordering::SeqCst);
+        cache.wait_for(rev, Duration::from_secs(10)).await?;
+        Ok(cache.snapshot())
     }
 
     /// The subject of a stored object (physical names), with its workload.

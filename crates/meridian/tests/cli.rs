@@ -60,31 +60,36 @@ async fn wait_ready(url: &str, dir: &Path) {
 
 /// Two `meridian server` processes sharing one etcd: 1,000 concurrent DELETEs of
 /// one Deployment's pods, spread over both, against "1 per 30 minutes": exactly
-/// one goes through. The budget lives only in etcd.
+/// one goes through, and still only one after a server restarts. The budget lives
+/// only in etcd.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_server_processes_on_one_etcd_let_exactly_one_of_a_thousand_deletes_through() {
     let dir = tempfile::tempdir().unwrap();
     let etcd = meridian_store::etcd_server::EtcdServer::start(dir.path())
         .await
         .unwrap();
-    let mut servers = Vec::new();
-    for i in 0..2 {
+    let listens = [free_port(), free_port()].map(|p| format!("127.0.0.1:{p}"));
+    let start = |i: usize| {
         let d = dir.path().join(format!("server-{i}"));
-        let listen = format!("127.0.0.1:{}", free_port());
-        let url = format!("https://{listen}");
-        let proc = meridian(&[
+        meridian(&[
             "server",
             "--data-dir",
             d.to_str().unwrap(),
             "--listen",
-            &listen,
+            &listens[i],
             "--store",
             "etcd",
             "--etcd-endpoints",
             &etcd.client_url,
             // No controllers: they would replace (and trim) this hand-made layout.
             "--api-only",
-        ]);
+        ])
+    };
+    let mut servers = Vec::new();
+    for (i, listen) in listens.iter().enumerate() {
+        let d = dir.path().join(format!("server-{i}"));
+        let url = format!("https://{listen}");
+        let proc = start(i);
         wait_ready(&url, &d).await;
         let token = std::fs::read_to_string(d.join("admin.token"))
             .unwrap()
@@ -92,7 +97,12 @@ async fn two_server_processes_on_one_etcd_let_exactly_one_of_a_thousand_deletes_
             .to_owned();
         servers.push((proc, url, token, https(&d)));
     }
-    let (_, url, token, http) = &servers[0];
+    let (url, token, http) = (
+        servers[0].1.clone(),
+        servers[0].2.clone(),
+        servers[0].3.clone(),
+    );
+    let (url, token, http) = (&url, &token, &http);
     let post = |path: &str, body: Value| {
         let (http, url, token) = (http.clone(), url.clone(), token.clone());
         let path = path.to_owned();
@@ -141,7 +151,12 @@ async fn two_server_processes_on_one_etcd_let_exactly_one_of_a_thousand_deletes_
         "spec": {"selector": {"kinds": ["Deployment"], "names": ["web"]},
             "rules": {"maxDeletions": [{"count": 1, "period": "30m"}]}}})).await;
     // The second server must have seen the policy: poll it there.
-    let (_, url1, token1, http1) = &servers[1];
+    let (url1, token1, http1) = (
+        servers[1].1.clone(),
+        servers[1].2.clone(),
+        servers[1].3.clone(),
+    );
+    let (url1, token1, http1) = (&url1, &token1, &http1);
     let deadline = Instant::now() + Duration::from_secs(10);
     while http1
         .get(format!(
@@ -200,6 +215,24 @@ async fn two_server_processes_on_one_etcd_let_exactly_one_of_a_thousand_deletes_
         })
         .count();
     assert_eq!(originals, 99);
+    // The count survives a restart: it is only in etcd.
+    servers[0].0.0.kill().unwrap();
+    servers[0].0.0.wait().unwrap();
+    servers[0].0 = start(0);
+    wait_ready(url, &dir.path().join("server-0")).await;
+    let survivor = list["items"][0]["metadata"]["name"].as_str().unwrap();
+    let r = http
+        .delete(format!("{url}/api/v1/namespaces/default/pods/{survivor}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        429,
+        "after a restart: {}",
+        r.text().await.unwrap()
+    );
     drop(servers);
     drop(etcd);
 }
@@ -599,6 +632,9 @@ async fn meridian_up_gives_each_placement_example_its_layout() {
 
     // Load test: 200 workers, 10 in each of exactly 20 cities, all succeeded.
     wait_for("load test completed over 20 cities", 120, || {
+        // The Job first, then its pods: listed the other way round, a pod may
+        // succeed in between and be counted by the Job but not in the list.
+        let job = get_json(kc, &["job", "load-test"]);
         let p = pods("app=load-test");
         let done: Vec<_> = p.iter().filter(|p| p.1 == "Succeeded").collect();
         let mut per_city: std::collections::BTreeMap<String, usize> = Default::default();
@@ -607,8 +643,7 @@ async fn meridian_up_gives_each_placement_example_its_layout() {
                 .entry(label(node, "topology.meridian.io/city"))
                 .or_default() += 1;
         }
-        let job = get_json(kc, &["job", "load-test"]);
-        if job["status"]["succeeded"] != 200 {
+        if job["status"]["succeeded"] != 200 || done.len() != 200 {
             return Err(format!("{}; {per_city:?}", job["status"]));
         }
         assert_eq!(per_city.len(), 20, "{per_city:?}");

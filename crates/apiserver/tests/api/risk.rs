@@ -750,3 +750,39 @@ async fn deleting_a_tenant_or_a_node_that_a_policy_protects_is_refused() {
     assert!(msg.contains("ClusterRiskPolicy core-nodes"), "{msg}");
     assert!(nodes.get_opt("paris-1").await.unwrap().is_some());
 }
+
+#[tokio::test]
+async fn deletecollection_stops_at_the_first_refusal_and_says_how_far_it_got() {
+    let (s, _clock) = server_at("2026-11-27T12:00:00Z").await;
+    let admin = s.admin();
+    deployment_with_pods(&admin, "web", 3).await;
+    create_policy(
+        &admin,
+        "default",
+        "web-safety",
+        serde_json::from_str(ONE_PER_30M).unwrap(),
+    )
+    .await;
+    let r = s
+        .raw()
+        .delete(format!(
+            "{}/api/v1/namespaces/default/pods?labelSelector=app%3Dweb",
+            s.server.url
+        ))
+        .bearer_auth(&s.server.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let body: Value = r.json().await.unwrap();
+    let msg = body["message"].as_str().unwrap();
+    assert!(
+        msg.contains("(1 of 3 deleted before this refusal)"),
+        "{msg}"
+    );
+    let pods = Api::<Pod>::default_namespaced(admin);
+    assert_eq!(
+        pods.list(&ListParams::default()).await.unwrap().items.len(),
+        2
+    );
+}
