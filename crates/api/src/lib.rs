@@ -12,6 +12,7 @@ pub mod owners;
 pub mod quantity;
 pub mod resources;
 pub mod selectors;
+pub mod smp;
 pub mod validation;
 
 pub use error::{ApiError, Cause, Reason};

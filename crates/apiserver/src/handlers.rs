@@ -986,6 +986,7 @@ async fn update(cx: &Ctx<'_>, body: Bytes, sub: Option<&str>) -> Result<Response
 
 enum PatchKind {
     Merge,
+    Strategic,
     Json,
     Apply,
 }
@@ -997,9 +998,8 @@ fn patch_kind(headers: &HeaderMap) -> Result<PatchKind, ApiError> {
         .unwrap_or("");
     let ct = ct.split(';').next().unwrap_or("").trim();
     match ct {
-        "application/merge-patch+json" | "application/strategic-merge-patch+json" => {
-            Ok(PatchKind::Merge)
-        }
+        "application/merge-patch+json" => Ok(PatchKind::Merge),
+        "application/strategic-merge-patch+json" => Ok(PatchKind::Strategic),
         "application/json-patch+json" => Ok(PatchKind::Json),
         "application/apply-patch+yaml" | "application/apply-patch+json" => Ok(PatchKind::Apply),
         other => Err(ApiError::new(
@@ -1026,6 +1026,17 @@ fn apply_patch(kind: &PatchKind, target: &mut Value, body: &[u8]) -> Result<(), 
             }
             json_patch::merge(target, &patch);
             Ok(())
+        }
+        PatchKind::Strategic => {
+            let patch: Value = serde_json::from_slice(body).map_err(|e| {
+                ApiError::bad_request(format!("invalid strategic merge patch: {e}"))
+            })?;
+            meridian_api::smp::apply(target, &patch).map_err(|e| {
+                ApiError::new(
+                    Reason::Invalid,
+                    format!("the strategic merge patch could not be applied: {e}"),
+                )
+            })
         }
         PatchKind::Json => {
             let patch: json_patch::Patch = serde_json::from_slice(body)

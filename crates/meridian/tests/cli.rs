@@ -319,6 +319,46 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     );
     assert!(ok, "{out}");
     assert_eq!(out.trim(), "3");
+    // Re-applying an edited manifest sends a strategic merge patch: the container
+    // is merged by name (its probe and resources stay), env by name.
+    let edited = std::fs::read_to_string(example)
+        .unwrap()
+        .replace("replicas: 3", "replicas: 4")
+        .replace("image: busybox:1.36", "image: busybox:1.37")
+        .replace(
+            "          env:\n",
+            "          env:\n            - name: GREETING\n              value: hello\n",
+        );
+    let edited_path = dir.path().join("web-edited.yaml");
+    std::fs::write(&edited_path, edited).unwrap();
+    let (ok, out) = kubectl(
+        &kubeconfig,
+        &[
+            "apply",
+            "--validate=false",
+            "-f",
+            edited_path.to_str().unwrap(),
+        ],
+    );
+    assert!(ok && out.contains("configured"), "{out}");
+    let (ok, out) = kubectl(
+        &kubeconfig,
+        &["set", "image", "deployment/web", "web=busybox:1.38"],
+    );
+    assert!(ok, "{out}");
+    let d = get_json(&kubeconfig, &["deployment", "web"]);
+    let c = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(d["spec"]["replicas"], 4);
+    assert_eq!(c["image"], "busybox:1.38");
+    let env: Vec<&str> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(env, ["GREETING", "POD_NAME", "NODE_NAME"], "{c}");
+    assert_eq!(c["resources"]["requests"]["cpu"], "100m", "{c}");
+    assert!(c["readinessProbe"]["exec"].is_object(), "{c}");
     let (ok, out) = kubectl(&kubeconfig, &["get", "namespaces", "-o", "name"]);
     assert!(ok, "{out}");
     assert_eq!(
