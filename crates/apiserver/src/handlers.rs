@@ -131,6 +131,11 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
                 Bytes::from(crate::discovery::version().to_string()),
             );
         }
+        p if p.starts_with("/openapi/v3") => {
+            if let Some(r) = crate::openapi::serve(p) {
+                return r;
+            }
+        }
         _ => {}
     }
     let query: HashMap<String, String> = parts
@@ -423,7 +428,26 @@ fn normalize_and_store_form(cx: &Ctx<'_>, mut obj: Value) -> Result<Value, ApiEr
     if is_namespaces(r) {
         obj["metadata"]["name"] = Value::String(local.clone());
     }
+    let strict = cx.query.get("fieldValidation").map(String::as_str) == Some("Strict");
+    let before = strict.then(|| obj.clone());
     let mut obj = r.normalize(obj)?;
+    if let Some(before) = before {
+        let mut unknown = Vec::new();
+        unknown_fields(&before, &obj, "", &mut unknown);
+        if !unknown.is_empty() {
+            let list = unknown
+                .iter()
+                .map(|f| format!("unknown field {f:?}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(ApiError::bad_request(format!(
+                "{} in version {:?} cannot be handled as a {}: strict decoding error: {list}",
+                r.kind,
+                r.api_version(),
+                r.kind
+            )));
+        }
+    }
     let write_view = View {
         tenant: owner.as_deref(),
     };
@@ -465,6 +489,42 @@ fn normalize_and_store_form(cx: &Ctx<'_>, mut obj: Value) -> Result<Value, ApiEr
         }
     }
     Ok(obj)
+}
+
+/// Fields of `input` that normalisation dropped (kubectl's `fieldValidation=Strict`).
+/// Values that mean "absent" (null, empty lists and maps, false) do not count.
+fn unknown_fields(input: &Value, kept: &Value, at: &str, out: &mut Vec<String>) {
+    match (input, kept) {
+        (Value::Object(i), Value::Object(k)) => {
+            for (key, v) in i {
+                let path = if at.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{at}.{key}")
+                };
+                match k.get(key) {
+                    Some(kv) => unknown_fields(v, kv, &path, out),
+                    None => {
+                        let absent = match v {
+                            Value::Null | Value::Bool(false) => true,
+                            Value::Array(a) => a.is_empty(),
+                            Value::Object(m) => m.is_empty(),
+                            _ => false,
+                        };
+                        if !absent {
+                            out.push(path);
+                        }
+                    }
+                }
+            }
+        }
+        (Value::Array(i), Value::Array(k)) if i.len() == k.len() => {
+            for (n, (a, b)) in i.iter().zip(k).enumerate() {
+                unknown_fields(a, b, &format!("{at}[{n}]"), out);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Namespace lifecycle: objects go only into namespaces that exist and are not

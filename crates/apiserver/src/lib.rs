@@ -15,6 +15,7 @@ pub mod kubeconfig;
 mod logs;
 pub mod metrics;
 mod namespaces;
+mod openapi;
 mod placement;
 pub mod risk;
 pub mod route;

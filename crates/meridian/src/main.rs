@@ -212,18 +212,18 @@ async fn up(up: UpArgs) -> Result<()> {
     println!("Try, in another terminal:");
     println!("  export KUBECONFIG={}", kubeconfig.display());
     println!(
-        "  kubectl apply --validate=false -f {}",
+        "  kubectl apply -f {}",
         examples.join("web-deployment.yaml").display()
     );
     println!("  kubectl get deployments,namespaces -o wide");
     println!("  kubectl get nodes -L topology.meridian.io/city,topology.kubernetes.io/region");
     println!(
-        "  kubectl apply --validate=false -f {}   # GPU servers, players within 10 ms",
+        "  kubectl apply -f {}   # GPU servers, players within 10 ms",
         examples.join("cloud-gaming.yaml").display()
     );
     println!("  kubectl get placementpolicy game-server -o yaml");
     println!(
-        "  kubectl apply --validate=false -f {}   # a pod bound to {}",
+        "  kubectl apply -f {}   # a pod bound to {}",
         examples.join("hello-pod.yaml").display(),
         edge::DEMO_HELLO_NODE
     );

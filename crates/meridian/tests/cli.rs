@@ -304,9 +304,19 @@ async fn meridian_up_then_kubectl_apply_the_example() {
         env!("CARGO_MANIFEST_DIR"),
         "/../../examples/web-deployment.yaml"
     );
-    let (ok, out) = kubectl(&kubeconfig, &["apply", "--validate=false", "-f", example]);
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", example]);
     assert!(ok, "{out}");
     assert!(out.contains("deployment.apps/web created"), "{out}");
+    // kubectl validates on the server (OpenAPI v3 offers fieldValidation): an
+    // unknown field is refused, and nothing changes.
+    let typo = std::fs::read_to_string(example)
+        .unwrap()
+        .replace("  replicas: 3\n", "  replicas: 3\n  replicaz: 4\n");
+    let typo_path = dir.path().join("web-typo.yaml");
+    std::fs::write(&typo_path, typo).unwrap();
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", typo_path.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains(r#"unknown field "spec.replicaz""#), "{out}");
     let (ok, out) = kubectl(
         &kubeconfig,
         &[
@@ -331,15 +341,7 @@ async fn meridian_up_then_kubectl_apply_the_example() {
         );
     let edited_path = dir.path().join("web-edited.yaml");
     std::fs::write(&edited_path, edited).unwrap();
-    let (ok, out) = kubectl(
-        &kubeconfig,
-        &[
-            "apply",
-            "--validate=false",
-            "-f",
-            edited_path.to_str().unwrap(),
-        ],
-    );
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", edited_path.to_str().unwrap()]);
     assert!(ok && out.contains("configured"), "{out}");
     let (ok, out) = kubectl(
         &kubeconfig,
@@ -390,7 +392,7 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     }
     // a pod bound to a node runs there and its logs come back through kubectl
     let hello = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/hello-pod.yaml");
-    let (ok, out) = kubectl(&kubeconfig, &["apply", "--validate=false", "-f", hello]);
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", hello]);
     assert!(ok, "{out}");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -414,7 +416,7 @@ async fn meridian_up_then_kubectl_apply_the_example() {
         .lines()
         .map(|l| l.trim_start_matches("pod/").to_owned())
         .collect();
-    let (ok, out) = kubectl(&kubeconfig, &["apply", "--validate=false", "-f", example]);
+    let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", example]);
     assert!(ok, "{out}");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -548,7 +550,7 @@ async fn meridian_up_gives_each_placement_example_its_layout() {
         "cdn-log-daemonset.yaml",
         "load-test-job.yaml",
     ] {
-        let (ok, out) = kubectl(kc, &["apply", "--validate=false", "-f", &example(f)]);
+        let (ok, out) = kubectl(kc, &["apply", "-f", &example(f)]);
         assert!(ok, "{f}: {out}");
     }
     // (node, phase) of the pods with this label
@@ -593,15 +595,7 @@ async fn meridian_up_gives_each_placement_example_its_layout() {
 
     // Risk control on the game servers: kubectl gets the refusal at once, with the
     // policy, the rule and when the budget frees up (no client-side waiting).
-    let (ok, out) = kubectl(
-        kc,
-        &[
-            "apply",
-            "--validate=false",
-            "-f",
-            &example("game-server-safety.yaml"),
-        ],
-    );
+    let (ok, out) = kubectl(kc, &["apply", "-f", &example("game-server-safety.yaml")]);
     assert!(ok, "{out}");
     let game: Vec<String> = get_json(kc, &["pods", "-l", "app=game-server"])["items"]
         .as_array()
