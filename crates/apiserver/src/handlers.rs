@@ -575,10 +575,18 @@ fn admit_create(cx: &Ctx<'_>, snap: &Snapshot, obj: &Value) -> Result<(), ApiErr
 async fn get(cx: &Ctx<'_>) -> Result<Response, ApiError> {
     let snap = snapshot_for(cx).await?;
     let obj = snap.get(&cx.key()).ok_or_else(|| cx.not_found())?;
-    Ok(json_response(
-        StatusCode::OK,
-        cx.view().render(cx.resource(), &obj.json),
-    ))
+    let rendered = cx.view().render(cx.resource(), &obj.json);
+    if crate::table::wanted(&cx.headers) {
+        let v: Value = serde_json::from_slice(&rendered).map_err(internal)?;
+        let t = crate::table::render(
+            cx.resource().kind,
+            &[v],
+            &snap,
+            json!({"resourceVersion": obj.mod_revision.to_string()}),
+        );
+        return Ok(json_response(StatusCode::OK, Bytes::from(t.to_string())));
+    }
+    Ok(json_response(StatusCode::OK, rendered))
 }
 
 /// The snapshot a read is served from, per `resourceVersion` semantics.
@@ -727,6 +735,13 @@ async fn list(cx: &Ctx<'_>) -> Result<Response, ApiError> {
         body.push(b'"');
     }
     body.extend_from_slice(b"}}");
+    if crate::table::wanted(&cx.headers) {
+        // kubectl get: the same list, printed by the server.
+        let list: Value = serde_json::from_slice(&body).map_err(internal)?;
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        let t = crate::table::render(r.kind, &items, &snap, list["metadata"].clone());
+        return Ok(json_response(StatusCode::OK, Bytes::from(t.to_string())));
+    }
     Ok(json_response(StatusCode::OK, Bytes::from(body)))
 }
 

@@ -19,6 +19,7 @@ mod openapi;
 mod placement;
 pub mod risk;
 pub mod route;
+mod table;
 pub mod tenancy;
 pub mod tls;
 mod watch;

@@ -21,6 +21,9 @@ struct Watcher {
     tenant: Option<String>,
     prefix: String,
     filter: Filter,
+    /// `kubectl get -w`: each object as a one-row Table (the cache is for cells
+    /// that look at other objects, such as a pod's node's city).
+    table: Option<Arc<crate::cache::Cache>>,
 }
 
 impl Watcher {
@@ -32,7 +35,14 @@ impl Watcher {
         let view = View {
             tenant: self.tenant.as_deref(),
         };
-        let json = view.render(self.resource, &o.json);
+        let mut json = view.render(self.resource, &o.json);
+        if let Some(cache) = &self.table
+            && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&json)
+        {
+            let md = json!({"resourceVersion": v["metadata"]["resourceVersion"]});
+            let t = crate::table::render(self.resource.kind, &[v], &cache.snapshot(), md);
+            json = Bytes::from(t.to_string());
+        }
         let mut out = Vec::with_capacity(json.len() + 32);
         out.extend_from_slice(b"{\"type\":\"");
         out.extend_from_slice(kind.as_bytes());
@@ -83,6 +93,7 @@ pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
         tenant: cx.who.tenant().map(str::to_owned),
         prefix: cx.view().prefix(r, cx.target.namespace.as_deref()),
         filter: Filter::from_query(cx)?,
+        table: crate::table::wanted(&cx.headers).then(|| cx.state.cache.clone()),
     };
     if let Some(name) = &cx.target.name {
         // Watching one object by name is expressed as a field selector by clients.

@@ -390,6 +390,14 @@ async fn meridian_up_then_kubectl_apply_the_example() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // kubectl get prints the server's tables: nodes with region and city.
+    let (ok, out) = kubectl(&kubeconfig, &["get", "nodes"]);
+    assert!(ok, "{out}");
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "STATUS", "REGION", "CITY", "AGE"], "{out}");
+    let paris = out.lines().find(|l| l.starts_with("paris-1 ")).unwrap();
+    let cells: Vec<&str> = paris.split_whitespace().collect();
+    assert_eq!(&cells[1..4], ["Ready", "eu-west", "Paris"], "{out}");
     // a pod bound to a node runs there and its logs come back through kubectl
     let hello = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/hello-pod.yaml");
     let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", hello]);
@@ -398,6 +406,17 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     loop {
         let (ok, out) = kubectl(&kubeconfig, &["logs", "hello"]);
         if ok && out.contains("hello from paris-1 in default") && out.contains("tick 1") {
+            let (ok, out) = kubectl(&kubeconfig, &["get", "pod", "hello", "-o", "wide"]);
+            assert!(ok, "{out}");
+            let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
+            assert_eq!(row[0], "hello", "{out}");
+            assert!(row[1].ends_with("/1"), "ready/total: {out}");
+            assert_eq!(row[2], "Running", "{out}");
+            assert_eq!(
+                &row[row.len() - 2..],
+                ["paris-1", "Paris"],
+                "node and city: {out}"
+            );
             break;
         }
         assert!(
