@@ -48,9 +48,15 @@ fn resource_list(group: &str, version: &str) -> Option<Value> {
         .iter()
         .filter(|r| r.group == group && r.version == version)
     {
+        // `kubectl get all`: the workloads and what serves them, as in Kubernetes.
+        let categories: &[&str] = match r.plural {
+            "pods" | "services" | "deployments" | "replicasets" | "daemonsets" | "jobs" => &["all"],
+            _ => &[],
+        };
         resources.push(json!({
             "name": r.plural, "singularName": r.singular, "namespaced": r.namespaced(),
             "kind": r.kind, "verbs": verbs(r), "shortNames": r.short_names,
+            "categories": categories,
         }));
         if r.has_status {
             resources.push(

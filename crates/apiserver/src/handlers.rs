@@ -150,6 +150,11 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
         // Read the body before any other check can fail: answering early while the
         // client is still sending makes HTTP/1 clients see a reset connection.
         let body = read_body(body, state.config.max_body_bytes).await?;
+        if path == "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews" {
+            verb = "create";
+            resource = "selfsubjectaccessreviews".into();
+            return access_review(&who, &parts.method, &body);
+        }
         let route = route::parse(&path)?;
         let target = match route {
             Route::Discovery(segs) => {
@@ -489,6 +494,129 @@ fn normalize_and_store_form(cx: &Ctx<'_>, mut obj: Value) -> Result<Value, ApiEr
         }
     }
     Ok(obj)
+}
+
+/// `kubectl auth can-i`: whether the caller may do a verb on a resource, by the
+/// same rules every request is authorised with.
+fn access_review(who: &Identity, method: &Method, body: &[u8]) -> Result<Response, ApiError> {
+    if method != Method::POST {
+        return Err(ApiError::new(
+            Reason::MethodNotAllowed,
+            "selfsubjectaccessreviews only supports create",
+        ));
+    }
+    let mut review: Value = if body.starts_with(b"k8s\0") {
+        // kubectl sends this one as protobuf; only the attributes are needed.
+        review_from_protobuf(&body[4..])
+            .ok_or_else(|| ApiError::bad_request("invalid SelfSubjectAccessReview (protobuf)"))?
+    } else {
+        serde_json::from_slice(body)
+            .map_err(|e| ApiError::bad_request(format!("invalid SelfSubjectAccessReview: {e}")))?
+    };
+    let attrs = &review["spec"]["resourceAttributes"];
+    let (allowed, reason) = if attrs.is_object() {
+        let group = attrs["group"].as_str().unwrap_or("");
+        let plural = attrs["resource"].as_str().unwrap_or("");
+        let sub = attrs["subresource"].as_str().filter(|s| !s.is_empty());
+        let verb = match attrs["verb"].as_str().unwrap_or("") {
+            "get" => Some(auth::Verb::Get),
+            "list" => Some(auth::Verb::List),
+            "watch" => Some(auth::Verb::Watch),
+            "create" => Some(auth::Verb::Create),
+            "update" => Some(auth::Verb::Update),
+            "patch" => Some(auth::Verb::Patch),
+            "delete" => Some(auth::Verb::Delete),
+            "deletecollection" => Some(auth::Verb::DeleteCollection),
+            _ => None,
+        };
+        let r = RESOURCES
+            .iter()
+            .find(|r| r.plural == plural && (r.group == group || group == "*"));
+        match (r, verb) {
+            (None, _) => (false, format!("no resource {plural:?} in group {group:?}")),
+            (_, None) => (false, format!("unknown verb {:?}", attrs["verb"])),
+            (Some(r), Some(v)) => match auth::authorize(who, v, r, sub) {
+                Ok(()) => (true, String::new()),
+                Err(e) => (false, e.message),
+            },
+        }
+    } else {
+        (false, "only resourceAttributes are supported".to_owned())
+    };
+    review["status"] = json!({"allowed": allowed, "reason": reason});
+    review["apiVersion"] = json!("authorization.k8s.io/v1");
+    review["kind"] = json!("SelfSubjectAccessReview");
+    Ok(json_response(
+        StatusCode::CREATED,
+        Bytes::from(review.to_string()),
+    ))
+}
+
+/// The length-delimited fields of one protobuf message, by field number (other
+/// wire types skipped); `None` on malformed input.
+fn proto_fields(mut b: &[u8]) -> Option<Vec<(u64, &[u8])>> {
+    fn varint(b: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&x, rest) = b.split_first()?;
+            *b = rest;
+            v |= u64::from(x & 0x7f) << shift;
+            if x & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let key = varint(&mut b)?;
+        match key & 7 {
+            0 => {
+                varint(&mut b)?;
+            }
+            1 => b = b.get(8..)?,
+            5 => b = b.get(4..)?,
+            2 => {
+                let n = usize::try_from(varint(&mut b)?).ok()?;
+                let (field, rest) = (b.get(..n)?, b.get(n..)?);
+                out.push((key >> 3, field));
+                b = rest;
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// A SelfSubjectAccessReview from Kubernetes' protobuf envelope (`runtime.Unknown`
+/// whose field 2 is the object; spec = 2, resourceAttributes = 1, then namespace,
+/// verb, group, version, resource, subresource, name = 1..7).
+fn review_from_protobuf(envelope: &[u8]) -> Option<Value> {
+    let field = |b: &[u8], n: u64| -> Option<Vec<u8>> {
+        proto_fields(b)?
+            .into_iter()
+            .find(|(k, _)| *k == n)
+            .map(|(_, v)| v.to_vec())
+    };
+    let raw = field(envelope, 2)?;
+    let spec = field(&raw, 2)?;
+    let attrs = field(&spec, 1).unwrap_or_default();
+    let names = [
+        "namespace",
+        "verb",
+        "group",
+        "version",
+        "resource",
+        "subresource",
+        "name",
+    ];
+    let mut a = serde_json::Map::new();
+    for (n, v) in proto_fields(&attrs)? {
+        if let Some(name) = names.get(usize::try_from(n).ok()?.checked_sub(1)?) {
+            a.insert((*name).into(), json!(String::from_utf8_lossy(v)));
+        }
+    }
+    Some(json!({"spec": {"resourceAttributes": a}}))
 }
 
 /// Fields of `input` that normalisation dropped (kubectl's `fieldValidation=Strict`).
@@ -1781,4 +1909,42 @@ async fn issue_token(cx: &Ctx<'_>) -> Result<Response, ApiError> {
 /// Every served resource, for discovery.
 pub fn served() -> &'static [Resource] {
     RESOURCES
+}
+
+#[cfg(test)]
+mod access_review_tests {
+    use super::*;
+
+    fn ld(field: u8, bytes: &[u8]) -> Vec<u8> {
+        let mut v = vec![(field << 3) | 2, bytes.len() as u8];
+        v.extend_from_slice(bytes);
+        v
+    }
+
+    #[test]
+    fn a_protobuf_review_decodes_and_garbage_is_refused_without_panicking() {
+        let attrs = [ld(2, b"delete"), ld(5, b"nodes")].concat();
+        let spec = ld(1, &attrs);
+        let raw = [ld(1, b"meta"), ld(2, &spec)].concat();
+        let envelope = [ld(1, b"typemeta"), ld(2, &raw), vec![0x18, 0x05]].concat();
+        let v = review_from_protobuf(&envelope).unwrap();
+        assert_eq!(v["spec"]["resourceAttributes"]["verb"], "delete");
+        assert_eq!(v["spec"]["resourceAttributes"]["resource"], "nodes");
+        let mut x: u64 = 0x9e3779b97f4a7c15;
+        for len in 0..300 {
+            let junk: Vec<u8> = (0..len)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let _ = review_from_protobuf(&junk);
+        }
+        assert!(
+            review_from_protobuf(&[0x12, 0xff]).is_none(),
+            "length past the end"
+        );
+    }
 }

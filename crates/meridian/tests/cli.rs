@@ -317,6 +317,17 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     let (ok, out) = kubectl(&kubeconfig, &["apply", "-f", typo_path.to_str().unwrap()]);
     assert!(!ok, "{out}");
     assert!(out.contains(r#"unknown field "spec.replicaz""#), "{out}");
+    // kubectl auth can-i answers by the rules requests are authorised with, and
+    // `get all` lists the workloads.
+    let (ok, out) = kubectl(&kubeconfig, &["auth", "can-i", "create", "pods"]);
+    assert!(ok && out.contains("yes"), "{out}");
+    let (ok, out) = kubectl(&kubeconfig, &["auth", "can-i", "delete", "nodes"]);
+    assert!(
+        !ok && out.contains("no"),
+        "a tenant cannot delete nodes: {out}"
+    );
+    let (ok, out) = kubectl(&kubeconfig, &["get", "all"]);
+    assert!(ok && out.contains("deployment.apps/web"), "{out}");
     let (ok, out) = kubectl(
         &kubeconfig,
         &[
