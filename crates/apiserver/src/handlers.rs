@@ -518,17 +518,7 @@ fn access_review(who: &Identity, method: &Method, body: &[u8]) -> Result<Respons
         let group = attrs["group"].as_str().unwrap_or("");
         let plural = attrs["resource"].as_str().unwrap_or("");
         let sub = attrs["subresource"].as_str().filter(|s| !s.is_empty());
-        let verb = match attrs["verb"].as_str().unwrap_or("") {
-            "get" => Some(auth::Verb::Get),
-            "list" => Some(auth::Verb::List),
-            "watch" => Some(auth::Verb::Watch),
-            "create" => Some(auth::Verb::Create),
-            "update" => Some(auth::Verb::Update),
-            "patch" => Some(auth::Verb::Patch),
-            "delete" => Some(auth::Verb::Delete),
-            "deletecollection" => Some(auth::Verb::DeleteCollection),
-            _ => None,
-        };
+        let verb = auth::Verb::parse(attrs["verb"].as_str().unwrap_or(""));
         let r = RESOURCES
             .iter()
             .find(|r| r.plural == plural && (r.group == group || group == "*"));

@@ -502,11 +502,6 @@ impl RiskGate {
         }
         Ok(permit)
     }
-
-    /// Sends audit entries of a permit that needs no store write (scale-down).
-    pub fn record(&self, permit: Permit) {
-        permit.committed(self);
-    }
 }
 
 fn denied(d: &meridian_risk::Denial, policy: &str, message: String, now: Timestamp) -> ApiError {
