@@ -18,7 +18,9 @@ use meridian_proto::{PodEvent, PodStatusUpdate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, watch};
 
-use crate::runtime::{Exit, RunState, Runtime, RuntimeError, StartRequest};
+use crate::runtime::{
+    Exit, ImageRequest, Mount, PullPolicy, RunState, Runtime, RuntimeError, StartRequest,
+};
 use crate::state::{ContainerRecord, LocalState};
 
 /// Condition type telling that the node does not enforce the pod's cpu/memory limits.
@@ -252,6 +254,9 @@ fn spawn_worker(ctx: Arc<Ctx>, uid: String, pod: Pod) -> Worker {
 #[derive(Default)]
 struct Live {
     waiting: Option<(String, String)>,
+    /// Image pulls that failed in a row, and when to try again.
+    pull_failures: u32,
+    pull_retry_at: Option<Instant>,
     ready: bool,
     liveness: ProbeState,
     readiness: ProbeState,
@@ -406,11 +411,16 @@ impl PodWorker {
 
     fn env(&self, c: &Container) -> Vec<(String, String)> {
         let meta = &self.pod.metadata;
-        let mut env: Vec<(String, String)> = vec![
-            ("PATH".into(), DEFAULT_PATH.into()),
-            ("HOME".into(), "/root".into()),
-            ("HOSTNAME".into(), self.name()),
-        ];
+        // Image runtimes take PATH and HOME from the image's config.
+        let mut env: Vec<(String, String)> = if self.ctx.runtime.name() == "process" {
+            vec![
+                ("PATH".into(), DEFAULT_PATH.into()),
+                ("HOME".into(), "/root".into()),
+            ]
+        } else {
+            Vec::new()
+        };
+        env.push(("HOSTNAME".into(), self.name()));
         let mut set = |k: &str, v: String| {
             env.retain(|(x, _)| x != k);
             env.push((k.to_owned(), v));
@@ -442,13 +452,12 @@ impl PodWorker {
     fn start_request(&self, c: &Container, attempt: u32) -> StartRequest {
         let env = self.env(c);
         let lookup_env = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
-        let argv: Vec<String> = c
-            .command
-            .iter()
-            .flatten()
-            .chain(c.args.iter().flatten())
-            .map(|a| expand(a, lookup_env))
-            .collect();
+        let expanded = |v: &Option<Vec<String>>| -> Vec<String> {
+            v.iter().flatten().map(|a| expand(a, lookup_env)).collect()
+        };
+        let (command, args) = (expanded(&c.command), expanded(&c.args));
+        let argv: Vec<String> = command.iter().chain(&args).cloned().collect();
+        let image = c.image.clone().unwrap_or_default();
         let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref());
         let milli = |k: &str| {
             limits
@@ -469,7 +478,81 @@ impl PodWorker {
                 .join(attempt.to_string()),
             cpu_limit_millis: milli("cpu").map(|m| m as i64),
             memory_limit_bytes: milli("memory").map(|m| (m / 1000) as i64),
+            image: ImageRequest {
+                pod_name: self.name(),
+                pod_namespace: self.namespace(),
+                pull_policy: PullPolicy::resolve(c.image_pull_policy.as_deref(), &image),
+                image,
+                credentials: None,
+                command,
+                args,
+            },
+            mounts: self.mounts(c),
         }
+    }
+
+    fn volumes(&self) -> Vec<k8s_openapi::api::core::v1::Volume> {
+        self.pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default()
+    }
+
+    /// Host directories for the container's volume mounts: emptyDir volumes live
+    /// in the pod's directory (gone with the pod), hostPath volumes are the node's
+    /// own paths. Other volume kinds are not mounted (they need objects the agent
+    /// does not receive yet) and are reported by [`PodWorker::unsupported_volumes`].
+    fn mounts(&self, c: &Container) -> Vec<Mount> {
+        let volumes = self.volumes();
+        let mut out = Vec::new();
+        for m in c.volume_mounts.iter().flatten() {
+            let Some(v) = volumes.iter().find(|v| v.name == m.name) else {
+                continue;
+            };
+            let host_path = if v.empty_dir.is_some() {
+                let dir = self
+                    .ctx
+                    .data_dir
+                    .join("pods")
+                    .join(&self.uid)
+                    .join("volumes")
+                    .join(&v.name);
+                if let Err(e) = std::fs::create_dir_all(&dir) {
+                    tracing::warn!(uid = %self.uid, volume = %v.name, "cannot create emptyDir: {e}");
+                }
+                dir
+            } else if let Some(h) = &v.host_path {
+                PathBuf::from(&h.path)
+            } else {
+                continue;
+            };
+            let host_path = match &m.sub_path {
+                Some(sp) if !sp.is_empty() && !sp.split('/').any(|c| c == "..") => {
+                    host_path.join(sp)
+                }
+                _ => host_path,
+            };
+            out.push(Mount {
+                host_path,
+                container_path: m.mount_path.clone(),
+                read_only: m.read_only.unwrap_or(false),
+            });
+        }
+        out
+    }
+
+    /// Volume mounts of `c` whose volume kind this node cannot provide.
+    fn unsupported_volumes(&self, c: &Container) -> Vec<String> {
+        let volumes = self.volumes();
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .filter_map(|m| {
+                let v = volumes.iter().find(|v| v.name == m.name)?;
+                (v.empty_dir.is_none() && v.host_path.is_none()).then(|| v.name.clone())
+            })
+            .collect()
     }
 
     async fn reconcile(&mut self) {
@@ -479,7 +562,27 @@ impl PodWorker {
             let live = self.live.entry(c.name.clone()).or_default();
             match (&rec.handle, &rec.exit) {
                 (None, _) => {
-                    live.waiting = Some(("ContainerCreating".into(), String::new()));
+                    if let Some(at) = live.pull_retry_at
+                        && Instant::now() < at
+                    {
+                        if live
+                            .waiting
+                            .as_ref()
+                            .is_some_and(|(r, _)| r == "ErrImagePull")
+                        {
+                            live.waiting = Some((
+                                "ImagePullBackOff".into(),
+                                format!(
+                                    "Back-off pulling image {:?}",
+                                    c.image.clone().unwrap_or_default()
+                                ),
+                            ));
+                        }
+                        continue;
+                    }
+                    if live.waiting.is_none() {
+                        live.waiting = Some(("ContainerCreating".into(), String::new()));
+                    }
                     self.start(&c, 0, rec).await;
                 }
                 (Some(h), None) => match self.ctx.runtime.inspect(h).await {
@@ -569,12 +672,43 @@ impl PodWorker {
     async fn start(&mut self, c: &Container, attempt: u32, mut rec: ContainerRecord) {
         let req = self.start_request(c, attempt);
         rec.attempt = attempt;
-        match self.ctx.runtime.start(req).await {
+        let unsupported = self.unsupported_volumes(c);
+        let result = if self.ctx.runtime.name() != "process" && !unsupported.is_empty() {
+            Err(RuntimeError::Config(format!(
+                "volume(s) {} cannot be mounted: this node provides emptyDir and hostPath \
+                 volumes only",
+                unsupported.join(", ")
+            )))
+        } else {
+            self.ctx.runtime.start(req).await
+        };
+        if let Err(RuntimeError::Image { reason, message }) = &result {
+            // Pull failures are not container restarts: retry with back-off, stay Pending.
+            let base = self.ctx.backoff.base;
+            let cap = self.ctx.backoff.cap;
+            let live = self.live.entry(c.name.clone()).or_default();
+            live.pull_failures += 1;
+            let delay = if *reason == "InvalidImageName" {
+                cap
+            } else {
+                (base * 2u32.saturating_pow(live.pull_failures.min(16) - 1)).min(cap)
+            };
+            live.pull_retry_at = Some(Instant::now() + delay);
+            live.waiting = Some(((*reason).into(), message.clone()));
+            self.event("Warning", "Failed", format!("Error: {reason}: {message}"));
+            return;
+        }
+        match result {
             Ok(h) => {
+                let what = if h.pid != 0 {
+                    format!("pid {}", h.pid)
+                } else {
+                    format!("id {}", h.id)
+                };
                 self.event(
                     "Normal",
                     "Started",
-                    format!("Started container {} (pid {})", c.name, h.pid),
+                    format!("Started container {} ({what})", c.name),
                 );
                 rec.handle = Some(h);
                 rec.exit = None;
@@ -592,6 +726,7 @@ impl PodWorker {
             Err(e) => {
                 let reason = match e {
                     RuntimeError::Config(_) => "CreateContainerConfigError",
+                    RuntimeError::Image { reason, .. } => reason,
                     _ => "RunContainerError",
                 };
                 self.event("Warning", "Failed", format!("Error: {e}"));
@@ -706,6 +841,7 @@ impl PodWorker {
         for name in stopped {
             tracing::info!(uid = %self.uid, container = %name, "stopped");
         }
+        self.ctx.runtime.remove_pod(&self.uid).await;
         if let Err(e) = self.ctx.state.remove_pod(&self.uid) {
             tracing::error!(uid = %self.uid, "cannot forget pod: {e}");
         }
@@ -726,7 +862,6 @@ impl PodWorker {
 
     fn build_status(&mut self) -> PodStatus {
         let policy = restart_policy(&self.pod).to_owned();
-        let runtime = self.ctx.runtime.name();
         let mut statuses = Vec::new();
         let (mut all_ready, mut any_started, mut all_done, mut any_failed) =
             (true, false, true, false);
@@ -801,8 +936,7 @@ impl PodWorker {
                 container_id: rec
                     .handle
                     .as_ref()
-                    .filter(|h| h.pid != 0)
-                    .map(|h| format!("{runtime}://{}", h.pid)),
+                    .and_then(|h| self.ctx.runtime.container_id(h)),
                 ready,
                 started: Some(running),
                 restart_count: rec.restart_count as i32,

@@ -139,6 +139,8 @@ pub async fn run_region(args: RegionArgs) -> Result<()> {
 pub enum RuntimeKind {
     /// Containers run as supervised host processes (the image is not used).
     Process,
+    /// Containers from OCI images through containerd's CRI API (`--containerd-socket`).
+    Containerd,
     /// Runs nothing; for hollow nodes in scale tests.
     Fake,
 }
@@ -158,6 +160,9 @@ pub struct AgentArgs {
     taints: Vec<String>,
     #[arg(long, value_enum, default_value = "process")]
     runtime: RuntimeKind,
+    /// containerd's socket (for `--runtime containerd`).
+    #[arg(long, default_value = "/run/containerd/containerd.sock")]
+    containerd_socket: PathBuf,
     #[arg(long, default_value = ".meridian-agent")]
     data_dir: PathBuf,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -186,11 +191,20 @@ fn with_scheme(addr: &str) -> String {
     }
 }
 
-fn make_runtime(kind: RuntimeKind) -> Result<Arc<dyn Runtime>> {
+async fn make_runtime(kind: RuntimeKind, containerd_socket: &Path) -> Result<Arc<dyn Runtime>> {
     Ok(match kind {
         RuntimeKind::Process => Arc::new(meridian_agent::runtime::process::ProcessRuntime::new(
             std::env::current_exe().context("locating the meridian binary for the shim")?,
         )),
+        RuntimeKind::Containerd => {
+            let rt = meridian_agent::runtime::containerd::ContainerdRuntime::new(containerd_socket);
+            let version = rt.check().await.with_context(|| {
+                "--runtime containerd needs a running containerd with its CRI plugin \
+                 (Debian: apt-get install containerd runc)"
+            })?;
+            tracing::info!("runtime: {version} at {}", containerd_socket.display());
+            Arc::new(rt)
+        }
         RuntimeKind::Fake => Arc::new(meridian_agent::runtime::fake::FakeRuntime::default()),
     })
 }
@@ -209,9 +223,12 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
     cfg.backoff.base = args.restart_backoff;
     cfg.reconnect_cap = args.reconnect_max;
     cfg.coordinates = args.coordinates;
-    let agent = Agent::start(cfg, make_runtime(args.runtime)?)
-        .await
-        .with_context(|| format!("starting agent {}", args.node_name))?;
+    let agent = Agent::start(
+        cfg,
+        make_runtime(args.runtime, &args.containerd_socket).await?,
+    )
+    .await
+    .with_context(|| format!("starting agent {}", args.node_name))?;
     tokio::select! {
         _ = agent.run() => {}
         _ = crate::wait_for_signal() => {}
@@ -349,7 +366,7 @@ pub async fn start_demo_world(
     let yaml =
         meridian_apiserver::kubeconfig::render("region", &server.url, &server.ca_pem, &token, None);
     let kc = kube::config::Kubeconfig::from_yaml(&yaml)?;
-    let runtime = make_runtime(RuntimeKind::Process)?;
+    let runtime = make_runtime(RuntimeKind::Process, Path::new("")).await?;
     let mut world = DemoWorld {
         regions: Vec::new(),
         agents: Vec::new(),

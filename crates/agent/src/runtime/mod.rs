@@ -2,6 +2,7 @@
 //! ships the process runtime (and a fake one for hollow nodes), the containerd
 //! runtime plugs in behind the same trait.
 
+pub mod containerd;
 pub mod fake;
 pub mod process;
 
@@ -21,6 +22,13 @@ pub enum RuntimeError {
     /// Starting failed (reason `RunContainerError`).
     #[error("{0}")]
     Start(String),
+    /// The image could not be had: `reason` is the Kubernetes waiting reason
+    /// (`ErrImagePull`, `InvalidImageName`, `ErrImageNeverPull`).
+    #[error("{message}")]
+    Image {
+        reason: &'static str,
+        message: String,
+    },
     #[error("runtime i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -40,6 +48,61 @@ pub struct StartRequest {
     pub state_dir: PathBuf,
     pub cpu_limit_millis: Option<i64>,
     pub memory_limit_bytes: Option<i64>,
+    /// What image-based runtimes need (the process runtime uses `argv` instead).
+    pub image: ImageRequest,
+    pub mounts: Vec<Mount>,
+}
+
+/// The container's image and the command as Kubernetes splits it: `command`
+/// replaces the image's entrypoint, `args` its cmd (both already expanded).
+#[derive(Clone, Debug, Default)]
+pub struct ImageRequest {
+    pub pod_name: String,
+    pub pod_namespace: String,
+    pub image: String,
+    pub pull_policy: PullPolicy,
+    /// Registry credentials (from the pod's imagePullSecrets, when the region
+    /// resolves them).
+    pub credentials: Option<(String, String)>,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    /// Kubernetes' default: `Always` for `:latest` or untagged images.
+    pub fn resolve(policy: Option<&str>, image: &str) -> Self {
+        match policy {
+            Some("Always") => Self::Always,
+            Some("Never") => Self::Never,
+            Some("IfNotPresent") => Self::IfNotPresent,
+            _ => {
+                let last = image.rsplit('/').next().unwrap_or(image);
+                if image.contains('@') {
+                    Self::IfNotPresent
+                } else if !last.contains(':') || last.ends_with(":latest") {
+                    Self::Always
+                } else {
+                    Self::IfNotPresent
+                }
+            }
+        }
+    }
+}
+
+/// A host path bind-mounted into the container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    pub host_path: PathBuf,
+    pub container_path: String,
+    pub read_only: bool,
 }
 
 /// A started container, persisted so a restarted agent can find it again.
@@ -99,4 +162,13 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Cumulative cpu time (nanoseconds) and resident memory (bytes).
     async fn usage(&self, handle: &ContainerHandle) -> Option<(u64, u64)>;
+
+    /// The pod is gone from this node: release what the runtime holds for it
+    /// (containerd: the pod sandbox and its exited containers).
+    async fn remove_pod(&self, _pod_uid: &str) {}
+
+    /// The container id shown in `status.containerStatuses[].containerID`.
+    fn container_id(&self, handle: &ContainerHandle) -> Option<String> {
+        (handle.pid != 0).then(|| format!("{}://{}", self.name(), handle.pid))
+    }
 }

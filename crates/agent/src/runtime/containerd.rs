@@ -1,0 +1,574 @@
+//! The containerd runtime: containers from OCI images, through containerd's CRI
+//! API (`runtime.v1`, the one kubelet uses) over its unix socket.
+//!
+//! One pod sandbox per pod (host network: pods share the node's address, ports
+//! are host ports), one CRI container per container attempt. containerd pulls and
+//! unpacks images itself (registry mirrors, such as the region's image cache,
+//! come from its `hosts.toml` configuration), applies cpu/memory limits through
+//! cgroups, writes logs in the CRI format to the path the agent chooses (the same
+//! place and format as the process runtime), and reports OOM kills. Containers
+//! live in containerd's shims, so they survive an agent restart and are found
+//! again by id.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use hyper_util::rt::TokioIo;
+use jiff::Timestamp;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tokio::sync::Mutex;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use super::{ContainerHandle, Exit, PullPolicy, RunState, Runtime, RuntimeError, StartRequest};
+
+pub const LABEL_POD_UID: &str = "meridian.io/pod-uid";
+pub const LABEL_CONTAINER: &str = "meridian.io/container";
+pub const LABEL_ATTEMPT: &str = "meridian.io/attempt";
+
+/// How long one pull may take before it is reported as failed.
+const PULL_TIMEOUT: Duration = Duration::from_secs(600);
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct ContainerdRuntime {
+    socket: PathBuf,
+    channel: Channel,
+    /// Pod uid → sandbox id.
+    sandboxes: Mutex<HashMap<String, String>>,
+    /// One pull at a time per image (concurrent pods of one image wait for it).
+    pulls: Mutex<HashMap<String, std::sync::Arc<Mutex<()>>>>,
+}
+
+fn status_err(what: &str, s: tonic::Status) -> String {
+    format!("{what}: {}", s.message())
+}
+
+fn ns_options() -> cri::NamespaceOption {
+    cri::NamespaceOption {
+        network: cri::NamespaceMode::Node as i32,
+        pid: cri::NamespaceMode::Container as i32,
+        ipc: cri::NamespaceMode::Pod as i32,
+        ..Default::default()
+    }
+}
+
+impl ContainerdRuntime {
+    /// A runtime on containerd's socket. Connects lazily: containerd may start
+    /// after the agent; [`ContainerdRuntime::check`] says whether it answers.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        let socket = socket.into();
+        let path = socket.clone();
+        let channel = Endpoint::from_static("http://[::]:50051")
+            .connect_timeout(Duration::from_secs(5))
+            .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(TokioIo::new(
+                        tokio::net::UnixStream::connect(path).await?,
+                    ))
+                }
+            }));
+        Self {
+            socket,
+            channel,
+            sandboxes: Mutex::new(HashMap::new()),
+            pulls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn rt(&self) -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(self.channel.clone())
+    }
+
+    fn images(&self) -> ImageServiceClient<Channel> {
+        ImageServiceClient::new(self.channel.clone())
+    }
+
+    /// containerd's name and version, or why it cannot be reached.
+    pub async fn check(&self) -> Result<String, RuntimeError> {
+        let v = self
+            .rt()
+            .version(call(cri::VersionRequest::default(), CALL_TIMEOUT))
+            .await
+            .map_err(|e| {
+                RuntimeError::Start(format!(
+                    "containerd at {} does not answer: {}",
+                    self.socket.display(),
+                    e.message()
+                ))
+            })?
+            .into_inner();
+        Ok(format!("{} {}", v.runtime_name, v.runtime_version))
+    }
+
+    fn sandbox_config(req: &StartRequest) -> cri::PodSandboxConfig {
+        // Logs live under <data>/pods/<uid>/<container>/<attempt>.log: the sandbox's
+        // log directory is the pod's directory.
+        let log_dir = req
+            .log_path
+            .parent()
+            .and_then(Path::parent)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        cri::PodSandboxConfig {
+            metadata: Some(cri::PodSandboxMetadata {
+                name: req.image.pod_name.clone(),
+                uid: req.pod_uid.clone(),
+                namespace: req.image.pod_namespace.clone(),
+                attempt: 0,
+            }),
+            // Host network: runc refuses a hostname without a UTS namespace.
+            hostname: String::new(),
+            log_directory: log_dir,
+            labels: HashMap::from([(LABEL_POD_UID.to_owned(), req.pod_uid.clone())]),
+            linux: Some(cri::LinuxPodSandboxConfig {
+                cgroup_parent: "/meridian".into(),
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(ns_options()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The pod's ready sandbox, created when it has none.
+    async fn sandbox(&self, req: &StartRequest) -> Result<String, RuntimeError> {
+        let mut map = self.sandboxes.lock().await;
+        if let Some(id) = map.get(&req.pod_uid) {
+            return Ok(id.clone());
+        }
+        let found = self
+            .rt()
+            .list_pod_sandbox(req_(cri::ListPodSandboxRequest {
+                filter: Some(cri::PodSandboxFilter {
+                    state: Some(cri::PodSandboxStateValue {
+                        state: cri::PodSandboxState::SandboxReady as i32,
+                    }),
+                    label_selector: HashMap::from([(
+                        LABEL_POD_UID.to_owned(),
+                        req.pod_uid.clone(),
+                    )]),
+                    ..Default::default()
+                }),
+            }))
+            .await
+            .map_err(|e| RuntimeError::Start(status_err("listing pod sandboxes", e)))?
+            .into_inner()
+            .items;
+        let id = match found.into_iter().next() {
+            Some(s) => s.id,
+            None => {
+                let _ = std::fs::create_dir_all(Self::sandbox_config(req).log_directory);
+                self.rt()
+                    .run_pod_sandbox(call(
+                        cri::RunPodSandboxRequest {
+                            config: Some(Self::sandbox_config(req)),
+                            runtime_handler: String::new(),
+                        },
+                        PULL_TIMEOUT,
+                    ))
+                    .await
+                    .map_err(|e| RuntimeError::Start(status_err("creating the pod sandbox", e)))?
+                    .into_inner()
+                    .pod_sandbox_id
+            }
+        };
+        map.insert(req.pod_uid.clone(), id.clone());
+        Ok(id)
+    }
+
+    /// Makes the image present as its pull policy says.
+    async fn ensure_image(&self, req: &StartRequest) -> Result<(), RuntimeError> {
+        let image = &req.image.image;
+        meridian_oci::Reference::parse(image).map_err(|e| RuntimeError::Image {
+            reason: "InvalidImageName",
+            message: e.to_string(),
+        })?;
+        let lock = self
+            .pulls
+            .lock()
+            .await
+            .entry(image.clone())
+            .or_default()
+            .clone();
+        let _one_pull = lock.lock().await;
+        let present = || async {
+            self.images()
+                .image_status(req_(cri::ImageStatusRequest {
+                    image: Some(spec(image)),
+                    verbose: false,
+                }))
+                .await
+                .map(|r| r.into_inner().image.is_some())
+        };
+        match req.image.pull_policy {
+            PullPolicy::Never | PullPolicy::IfNotPresent => {
+                let here = present()
+                    .await
+                    .map_err(|e| RuntimeError::Start(status_err("image status", e)))?;
+                if here {
+                    return Ok(());
+                }
+                if req.image.pull_policy == PullPolicy::Never {
+                    return Err(RuntimeError::Image {
+                        reason: "ErrImageNeverPull",
+                        message: format!(
+                            "container image {image:?} is not present with pull policy of Never"
+                        ),
+                    });
+                }
+            }
+            PullPolicy::Always => {}
+        }
+        let auth = req
+            .image
+            .credentials
+            .as_ref()
+            .map(|(u, p)| cri::AuthConfig {
+                username: u.clone(),
+                password: p.clone(),
+                ..Default::default()
+            });
+        self.images()
+            .pull_image(call(
+                cri::PullImageRequest {
+                    image: Some(spec(image)),
+                    auth,
+                    sandbox_config: Some(Self::sandbox_config(req)),
+                },
+                PULL_TIMEOUT,
+            ))
+            .await
+            .map_err(|e| RuntimeError::Image {
+                reason: "ErrImagePull",
+                message: format!("failed to pull image {image:?}: {}", e.message()),
+            })?;
+        Ok(())
+    }
+
+    /// Removes exited containers of this pod container older than `keep_from`.
+    async fn prune(&self, pod_uid: &str, container: &str, keep_from: u32) {
+        let Ok(list) = self
+            .rt()
+            .list_containers(req_(cri::ListContainersRequest {
+                filter: Some(cri::ContainerFilter {
+                    label_selector: HashMap::from([
+                        (LABEL_POD_UID.to_owned(), pod_uid.to_owned()),
+                        (LABEL_CONTAINER.to_owned(), container.to_owned()),
+                    ]),
+                    ..Default::default()
+                }),
+            }))
+            .await
+        else {
+            return;
+        };
+        for c in list.into_inner().containers {
+            let attempt = c.metadata.as_ref().map(|m| m.attempt).unwrap_or(0);
+            if c.state == cri::ContainerState::ContainerExited as i32 && attempt < keep_from {
+                let _ = self
+                    .rt()
+                    .remove_container(req_(cri::RemoveContainerRequest { container_id: c.id }))
+                    .await;
+            }
+        }
+    }
+
+    async fn status(&self, id: &str) -> Result<cri::ContainerStatusResponse, tonic::Status> {
+        self.rt()
+            .container_status(req_(cri::ContainerStatusRequest {
+                container_id: id.to_owned(),
+                verbose: true,
+            }))
+            .await
+            .map(|r| r.into_inner())
+    }
+}
+
+fn spec(image: &str) -> cri::ImageSpec {
+    cri::ImageSpec {
+        image: image.to_owned(),
+        ..Default::default()
+    }
+}
+
+fn call<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+fn req_<T>(msg: T) -> tonic::Request<T> {
+    call(msg, CALL_TIMEOUT)
+}
+
+fn ts(nanos: i64) -> Timestamp {
+    Timestamp::from_nanosecond(nanos as i128).unwrap_or_else(|_| Timestamp::now())
+}
+
+#[async_trait]
+impl Runtime for ContainerdRuntime {
+    fn name(&self) -> &'static str {
+        "containerd"
+    }
+
+    fn limits_not_enforced(&self) -> Option<String> {
+        None
+    }
+
+    async fn start(&self, req: StartRequest) -> Result<ContainerHandle, RuntimeError> {
+        if req.image.image.is_empty() {
+            return Err(RuntimeError::Image {
+                reason: "InvalidImageName",
+                message: "the container names no image".into(),
+            });
+        }
+        self.ensure_image(&req).await?;
+        let sandbox = self.sandbox(&req).await?;
+        if req.attempt >= 2 {
+            self.prune(&req.pod_uid, &req.container, req.attempt - 1)
+                .await;
+        }
+        let log_path = req
+            .log_path
+            .strip_prefix(Self::sandbox_config(&req).log_directory)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let resources = cri::LinuxContainerResources {
+            cpu_period: if req.cpu_limit_millis.is_some() {
+                100_000
+            } else {
+                0
+            },
+            cpu_quota: req.cpu_limit_millis.map(|m| m * 100).unwrap_or(0),
+            memory_limit_in_bytes: req.memory_limit_bytes.unwrap_or(0),
+            ..Default::default()
+        };
+        let config = cri::ContainerConfig {
+            metadata: Some(cri::ContainerMetadata {
+                name: req.container.clone(),
+                attempt: req.attempt,
+            }),
+            image: Some(spec(&req.image.image)),
+            command: req.image.command.clone(),
+            args: req.image.args.clone(),
+            working_dir: req.working_dir.clone().unwrap_or_default(),
+            envs: req
+                .env
+                .iter()
+                .map(|(k, v)| cri::KeyValue {
+                    key: k.clone(),
+                    value: v.clone(),
+                })
+                .collect(),
+            mounts: req
+                .mounts
+                .iter()
+                .map(|m| cri::Mount {
+                    container_path: m.container_path.clone(),
+                    host_path: m.host_path.to_string_lossy().into_owned(),
+                    readonly: m.read_only,
+                    ..Default::default()
+                })
+                .collect(),
+            labels: HashMap::from([
+                (LABEL_POD_UID.to_owned(), req.pod_uid.clone()),
+                (LABEL_CONTAINER.to_owned(), req.container.clone()),
+                (LABEL_ATTEMPT.to_owned(), req.attempt.to_string()),
+            ]),
+            log_path,
+            linux: Some(cri::LinuxContainerConfig {
+                resources: Some(resources),
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    namespace_options: Some(ns_options()),
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        };
+        let id = self
+            .rt()
+            .create_container(req_(cri::CreateContainerRequest {
+                pod_sandbox_id: sandbox,
+                config: Some(config),
+                sandbox_config: Some(Self::sandbox_config(&req)),
+            }))
+            .await
+            .map_err(|e| {
+                let msg = status_err("creating the container", e);
+                RuntimeError::Config(msg)
+            })?
+            .into_inner()
+            .container_id;
+        if let Err(e) = self
+            .rt()
+            .start_container(req_(cri::StartContainerRequest {
+                container_id: id.clone(),
+            }))
+            .await
+        {
+            let _ = self
+                .rt()
+                .remove_container(req_(cri::RemoveContainerRequest {
+                    container_id: id.clone(),
+                }))
+                .await;
+            return Err(RuntimeError::Start(status_err("starting the container", e)));
+        }
+        let (pid, started_at) = match self.status(&id).await {
+            Ok(s) => {
+                let pid = s
+                    .info
+                    .get("info")
+                    .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
+                    .and_then(|v| v["pid"].as_u64())
+                    .unwrap_or(0) as u32;
+                let started = s
+                    .status
+                    .map(|s| ts(s.started_at))
+                    .unwrap_or_else(Timestamp::now);
+                (pid, started)
+            }
+            Err(_) => (0, Timestamp::now()),
+        };
+        Ok(ContainerHandle {
+            id,
+            pid,
+            start_ticks: 0,
+            state_dir: req.state_dir,
+            started_at,
+        })
+    }
+
+    async fn inspect(&self, handle: &ContainerHandle) -> RunState {
+        match self.status(&handle.id).await {
+            Ok(resp) => {
+                let Some(s) = resp.status else {
+                    return RunState::Running;
+                };
+                if s.state != cri::ContainerState::ContainerExited as i32 {
+                    return RunState::Running;
+                }
+                RunState::Exited(Exit {
+                    exit_code: s.exit_code,
+                    signal: None,
+                    finished_at: ts(s.finished_at),
+                    reason: (!s.reason.is_empty()).then_some(s.reason),
+                    message: (!s.message.is_empty()).then_some(s.message),
+                })
+            }
+            Err(e) if e.code() == tonic::Code::NotFound => RunState::Exited(Exit {
+                exit_code: 137,
+                signal: None,
+                finished_at: Timestamp::now(),
+                reason: Some("ContainerMissing".into()),
+                message: Some("containerd no longer knows this container".into()),
+            }),
+            // containerd unreachable: say nothing changed rather than restart everything.
+            Err(e) => {
+                tracing::warn!(id = %handle.id, "containerd status: {}", e.message());
+                RunState::Running
+            }
+        }
+    }
+
+    async fn stop(&self, handle: &ContainerHandle, grace: Duration) {
+        let r = self
+            .rt()
+            .stop_container(call(
+                cri::StopContainerRequest {
+                    container_id: handle.id.clone(),
+                    timeout: grace.as_secs() as i64,
+                },
+                grace + CALL_TIMEOUT,
+            ))
+            .await;
+        if let Err(e) = r
+            && e.code() != tonic::Code::NotFound
+        {
+            tracing::warn!(id = %handle.id, "stopping container: {}", e.message());
+        }
+    }
+
+    async fn exec(
+        &self,
+        handle: &ContainerHandle,
+        argv: &[String],
+        _env: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<i32, RuntimeError> {
+        let r = self
+            .rt()
+            .exec_sync(call(
+                cri::ExecSyncRequest {
+                    container_id: handle.id.clone(),
+                    cmd: argv.to_vec(),
+                    timeout: timeout.as_secs().max(1) as i64,
+                },
+                timeout + Duration::from_secs(5),
+            ))
+            .await
+            .map_err(|e| RuntimeError::Start(status_err("exec", e)))?;
+        Ok(r.into_inner().exit_code)
+    }
+
+    async fn usage(&self, handle: &ContainerHandle) -> Option<(u64, u64)> {
+        let s = self
+            .rt()
+            .container_stats(req_(cri::ContainerStatsRequest {
+                container_id: handle.id.clone(),
+            }))
+            .await
+            .ok()?
+            .into_inner()
+            .stats?;
+        let cpu = s
+            .cpu
+            .and_then(|c| c.usage_core_nano_seconds)
+            .map(|v| v.value);
+        let mem = s.memory.and_then(|m| m.working_set_bytes).map(|v| v.value);
+        Some((cpu.unwrap_or(0), mem.unwrap_or(0)))
+    }
+
+    async fn remove_pod(&self, pod_uid: &str) {
+        self.sandboxes.lock().await.remove(pod_uid);
+        let Ok(list) = self
+            .rt()
+            .list_pod_sandbox(req_(cri::ListPodSandboxRequest {
+                filter: Some(cri::PodSandboxFilter {
+                    label_selector: HashMap::from([(LABEL_POD_UID.to_owned(), pod_uid.to_owned())]),
+                    ..Default::default()
+                }),
+            }))
+            .await
+        else {
+            return;
+        };
+        for s in list.into_inner().items {
+            let _ = self
+                .rt()
+                .stop_pod_sandbox(req_(cri::StopPodSandboxRequest {
+                    pod_sandbox_id: s.id.clone(),
+                }))
+                .await;
+            if let Err(e) = self
+                .rt()
+                .remove_pod_sandbox(req_(cri::RemovePodSandboxRequest {
+                    pod_sandbox_id: s.id,
+                }))
+                .await
+            {
+                tracing::warn!(pod = pod_uid, "removing the pod sandbox: {}", e.message());
+            }
+        }
+    }
+
+    fn container_id(&self, handle: &ContainerHandle) -> Option<String> {
+        (!handle.id.is_empty()).then(|| format!("containerd://{}", handle.id))
+    }
+}
