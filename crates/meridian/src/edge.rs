@@ -10,6 +10,7 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use meridian_agent::hollow::{HollowConfig, HollowStats, run_node};
 use meridian_agent::runtime::Runtime;
+use meridian_agent::runtime::containerd::Mirrors;
 use meridian_agent::{Agent, AgentConfig};
 use meridian_api::meridian::{
     BANDWIDTH_PRICE_KEY, CITY_KEY, COUNTRY_KEY, ISP_KEY, MACHINE_KEY, SOURCE_KEY, ZONE_KEY,
@@ -78,6 +79,13 @@ pub struct RegionArgs {
     /// Labels of the EdgeCluster object, k=v,...
     #[arg(long, default_value = "", value_parser = parse_labels)]
     labels: BTreeMap<String, String>,
+    /// Upstream registries (host:port) the image cache reaches over plain HTTP.
+    #[arg(long, value_delimiter = ',')]
+    insecure_registry: Vec<String>,
+    /// OCI image archives to load into the image cache at start (for regions
+    /// without registry access; `meridian image busybox` writes one).
+    #[arg(long, value_delimiter = ',')]
+    import_images: Vec<PathBuf>,
 }
 
 async fn global_config(args: &RegionArgs) -> Result<(kube::Config, String)> {
@@ -126,9 +134,19 @@ pub async fn run_region(args: RegionArgs) -> Result<()> {
     cfg.partition_threshold = args.partition_threshold;
     cfg.summary_interval = args.summary_interval;
     cfg.labels = args.labels.clone();
+    cfg.insecure_registries = args.insecure_registry.clone();
     let region = Region::start(cfg)
         .await
         .with_context(|| format!("starting region {}", args.name))?;
+    for path in &args.import_images {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        let names = region
+            .shared
+            .images
+            .import_archive(&bytes)
+            .with_context(|| format!("importing {}", path.display()))?;
+        println!("imported {} from {}", names.join(", "), path.display());
+    }
     println!("region {} serving agents on {}", args.name, region.addr);
     crate::wait_for_signal().await;
     region.shutdown();
@@ -163,6 +181,13 @@ pub struct AgentArgs {
     /// containerd's socket (for `--runtime containerd`).
     #[arg(long, default_value = "/run/containerd/containerd.sock")]
     containerd_socket: PathBuf,
+    /// Where containerd reads registry host configuration (its CRI registry
+    /// `config_path`); the agent writes mirror entries for its region there.
+    #[arg(long, default_value = "/etc/containerd/certs.d")]
+    containerd_hosts_dir: PathBuf,
+    /// Pull images directly from their registries instead of through the region.
+    #[arg(long)]
+    no_image_mirror: bool,
     #[arg(long, default_value = ".meridian-agent")]
     data_dir: PathBuf,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -191,7 +216,11 @@ fn with_scheme(addr: &str) -> String {
     }
 }
 
-async fn make_runtime(kind: RuntimeKind, containerd_socket: &Path) -> Result<Arc<dyn Runtime>> {
+async fn make_runtime(
+    kind: RuntimeKind,
+    containerd_socket: &Path,
+    mirrors: Option<Mirrors>,
+) -> Result<Arc<dyn Runtime>> {
     Ok(match kind {
         RuntimeKind::Process => Arc::new(meridian_agent::runtime::process::ProcessRuntime::new(
             std::env::current_exe().context("locating the meridian binary for the shim")?,
@@ -203,7 +232,10 @@ async fn make_runtime(kind: RuntimeKind, containerd_socket: &Path) -> Result<Arc
                  (Debian: apt-get install containerd runc)"
             })?;
             tracing::info!("runtime: {version} at {}", containerd_socket.display());
-            Arc::new(rt)
+            Arc::new(match mirrors {
+                Some(m) => rt.with_mirrors(m),
+                None => rt,
+            })
         }
         RuntimeKind::Fake => Arc::new(meridian_agent::runtime::fake::FakeRuntime::default()),
     })
@@ -225,7 +257,15 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
     cfg.coordinates = args.coordinates;
     let agent = Agent::start(
         cfg,
-        make_runtime(args.runtime, &args.containerd_socket).await?,
+        make_runtime(
+            args.runtime,
+            &args.containerd_socket,
+            (!args.no_image_mirror).then(|| Mirrors {
+                hosts_dir: args.containerd_hosts_dir.clone(),
+                endpoints: args.region.iter().map(|r| with_scheme(r)).collect(),
+            }),
+        )
+        .await?,
     )
     .await
     .with_context(|| format!("starting agent {}", args.node_name))?;
@@ -366,7 +406,7 @@ pub async fn start_demo_world(
     let yaml =
         meridian_apiserver::kubeconfig::render("region", &server.url, &server.ca_pem, &token, None);
     let kc = kube::config::Kubeconfig::from_yaml(&yaml)?;
-    let runtime = make_runtime(RuntimeKind::Process, Path::new("")).await?;
+    let runtime = make_runtime(RuntimeKind::Process, Path::new(""), None).await?;
     let mut world = DemoWorld {
         regions: Vec::new(),
         agents: Vec::new(),

@@ -13,6 +13,9 @@ use sha2::{Digest as _, Sha256};
 
 pub use reference::Reference;
 
+/// The registry host of images a region serves itself (no upstream).
+pub const LOCAL_REGISTRY: &str = "meridian.local";
+
 pub const MEDIA_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MEDIA_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_CONFIG: &str = "application/vnd.oci.image.config.v1+json";

@@ -34,9 +34,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .with_state(shared.clone());
+    let images = crate::images::router(shared.images.clone());
     tonic::service::Routes::new(crate::hub::service(shared))
         .into_axum_router()
         .merge(http)
+        .merge(images)
 }
 
 #[derive(Deserialize, Default)]
@@ -229,6 +231,33 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
         "Pod status writes to the global API",
         m.status_uploads.clone(),
     );
+    let im = &shared.images.metrics;
+    for (name, help, v) in [
+        (
+            "image_upstream_fetches",
+            "Manifests and blobs the image cache fetched from upstream registries",
+            &im.upstream_fetches,
+        ),
+        (
+            "image_upstream_bytes",
+            "Bytes the image cache fetched from upstream registries",
+            &im.upstream_bytes,
+        ),
+        (
+            "image_cache_hits",
+            "Image requests answered from the cache",
+            &im.hits,
+        ),
+        (
+            "image_stale_served",
+            "Tags served from the last known digest because the upstream failed",
+            &im.stale_served,
+        ),
+    ] {
+        let c = Counter::<u64>::default();
+        c.inc_by(v.load(Ordering::Relaxed));
+        reg.register(name, help, c);
+    }
     let nodes = prometheus_client::metrics::gauge::Gauge::<i64>::default();
     nodes.set(lock(&shared.nodes).len() as i64);
     reg.register("nodes", "Nodes known to the region", nodes);

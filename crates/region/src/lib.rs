@@ -17,6 +17,7 @@
 pub mod global;
 pub mod http;
 pub mod hub;
+pub mod images;
 pub mod lifecycle;
 mod state;
 
@@ -83,6 +84,9 @@ pub struct RegionConfig {
     pub summary_interval: Duration,
     /// Labels for the EdgeCluster object (e.g. city, country).
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Upstream registries the image cache reaches over plain HTTP (loopback
+    /// registries always are).
+    pub insecure_registries: Vec<String>,
 }
 
 impl RegionConfig {
@@ -106,6 +110,7 @@ impl RegionConfig {
             partition_threshold: 0.55,
             summary_interval: Duration::from_secs(60),
             labels: Default::default(),
+            insecure_registries: Vec::new(),
         }
     }
 
@@ -169,7 +174,15 @@ impl Region {
         if cfg.advertise.is_none() {
             cfg.advertise = Some(format!("http://{addr}"));
         }
-        let shared = Arc::new(Shared::new(cfg, store, client));
+        let images_dir = cfg.data_dir.join("images");
+        let images =
+            images::ImageCache::open(&images_dir, &cfg.insecure_registries).map_err(|source| {
+                RegionError::DataDir {
+                    path: images_dir,
+                    source,
+                }
+            })?;
+        let shared = Arc::new(Shared::new(cfg, store, client, Arc::new(images)));
         shared.load().await?;
         let mut tasks = Vec::new();
         let router = http::router(shared.clone());

@@ -167,6 +167,8 @@ pub struct Shared {
     pub metrics: crate::http::Metrics,
     /// Pods whose eviction risk control refused, by uid: not tried again before.
     pub evict_hold: Mutex<HashMap<String, std::time::Instant>>,
+    /// The edge image service (pull-through cache) on the region's port.
+    pub images: std::sync::Arc<crate::images::ImageCache>,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -216,8 +218,14 @@ impl CachedPod {
 }
 
 impl Shared {
-    pub fn new(cfg: RegionConfig, store: DynStore, client: kube::Client) -> Self {
+    pub fn new(
+        cfg: RegionConfig,
+        store: DynStore,
+        client: kube::Client,
+        images: std::sync::Arc<crate::images::ImageCache>,
+    ) -> Self {
         Self {
+            images,
             cfg,
             store,
             client,

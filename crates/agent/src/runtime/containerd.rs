@@ -40,6 +40,59 @@ pub struct ContainerdRuntime {
     sandboxes: Mutex<HashMap<String, String>>,
     /// One pull at a time per image (concurrent pods of one image wait for it).
     pulls: Mutex<HashMap<String, std::sync::Arc<Mutex<()>>>>,
+    mirrors: Option<Mirrors>,
+}
+
+/// Pull through the region's image cache: the agent writes containerd's
+/// `hosts.toml` for each registry it pulls from, listing the region endpoints as
+/// mirrors (containerd falls back to the registry itself when they all fail).
+/// containerd must read them: `config_path` in its CRI registry section.
+#[derive(Clone, Debug)]
+pub struct Mirrors {
+    pub hosts_dir: PathBuf,
+    pub endpoints: Vec<String>,
+}
+
+impl Mirrors {
+    /// The `hosts.toml` for `registry`.
+    pub fn hosts_toml(&self, registry: &str) -> String {
+        let loopback = registry.starts_with("127.")
+            || registry.starts_with("localhost")
+            || registry.starts_with("[::1]");
+        let server = match registry {
+            "docker.io" => "https://registry-1.docker.io".to_owned(),
+            // Served by the region itself: there is no upstream to fall back to.
+            meridian_oci::LOCAL_REGISTRY => self.endpoints.first().cloned().unwrap_or_default(),
+            r if loopback => format!("http://{r}"),
+            r => format!("https://{r}"),
+        };
+        let mut out = format!(
+            "# written by the meridian agent: pulls go through the region\nserver = \"{server}\"\n"
+        );
+        for e in &self.endpoints {
+            out.push_str(&format!(
+                "\n[host.\"{e}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
+            ));
+        }
+        out
+    }
+
+    /// Writes `registry`'s `hosts.toml` when it differs from what is there.
+    pub fn configure(&self, registry: &str) -> std::io::Result<()> {
+        if registry.contains(['/', '\\']) || registry.starts_with('.') {
+            return Ok(());
+        }
+        let dir = self.hosts_dir.join(registry);
+        let path = dir.join("hosts.toml");
+        let want = self.hosts_toml(registry);
+        if std::fs::read_to_string(&path).ok().as_deref() == Some(want.as_str()) {
+            return Ok(());
+        }
+        std::fs::create_dir_all(&dir)?;
+        let tmp = dir.join(".hosts.toml.tmp");
+        std::fs::write(&tmp, want)?;
+        std::fs::rename(tmp, path)
+    }
 }
 
 fn status_err(what: &str, s: tonic::Status) -> String {
@@ -76,7 +129,18 @@ impl ContainerdRuntime {
             channel,
             sandboxes: Mutex::new(HashMap::new()),
             pulls: Mutex::new(HashMap::new()),
+            mirrors: None,
         }
+    }
+
+    /// Pull images (and the sandbox image, `meridian.local/...`) through these
+    /// mirrors.
+    pub fn with_mirrors(mut self, mirrors: Mirrors) -> Self {
+        if let Err(e) = mirrors.configure(meridian_oci::LOCAL_REGISTRY) {
+            tracing::warn!(dir = %mirrors.hosts_dir.display(), "cannot write hosts.toml: {e}");
+        }
+        self.mirrors = Some(mirrors);
+        self
     }
 
     fn rt(&self) -> RuntimeServiceClient<Channel> {
@@ -185,10 +249,15 @@ impl ContainerdRuntime {
     /// Makes the image present as its pull policy says.
     async fn ensure_image(&self, req: &StartRequest) -> Result<(), RuntimeError> {
         let image = &req.image.image;
-        meridian_oci::Reference::parse(image).map_err(|e| RuntimeError::Image {
+        let parsed = meridian_oci::Reference::parse(image).map_err(|e| RuntimeError::Image {
             reason: "InvalidImageName",
             message: e.to_string(),
         })?;
+        if let Some(m) = &self.mirrors
+            && let Err(e) = m.configure(&parsed.registry)
+        {
+            tracing::warn!(registry = %parsed.registry, "cannot write hosts.toml: {e}");
+        }
         let lock = self
             .pulls
             .lock()

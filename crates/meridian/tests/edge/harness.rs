@@ -142,6 +142,8 @@ pub struct World {
     pub client: kube::Client,
     opts: RegionOpts,
     cities: std::collections::HashMap<String, String>,
+    /// Extra `meridian agent` arguments per agent (e.g. the containerd runtime).
+    agent_args: std::collections::HashMap<String, Vec<String>>,
 }
 
 pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
@@ -186,6 +188,7 @@ impl World {
             .unwrap(),
             opts,
             cities: Default::default(),
+            agent_args: Default::default(),
         };
         w.start_server().await;
         w.client = admin_client(&w.path("global")).await;
@@ -288,6 +291,15 @@ impl World {
         self.add_agent_in(name, "Paris").await;
     }
 
+    /// Starts an agent with extra arguments; waits until its Node is Ready.
+    pub async fn add_agent_with(&mut self, name: &str, args: &[&str]) {
+        self.agent_args.insert(
+            name.to_owned(),
+            args.iter().map(|a| a.to_string()).collect(),
+        );
+        self.add_agent_in(name, "Paris").await;
+    }
+
     /// Starts an agent in `city` behind its own proxy; waits until its Node is Ready.
     pub async fn add_agent_in(&mut self, name: &str, city: &str) {
         let proxy = Proxy::start(self.region_port).await;
@@ -306,28 +318,30 @@ impl World {
         );
         let data = self.path(&format!("agent-{name}"));
         let region = format!("http://127.0.0.1:{}", proxy.port);
-        let p = Proc::start(
-            &[
-                "agent",
-                "--region",
-                &region,
-                "--node-name",
-                name,
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--heartbeat",
-                "500ms",
-                "--restart-backoff",
-                "500ms",
-                "--reconnect-max",
-                "1s",
-                "--labels",
-                &labels,
-                "--coordinates",
-                "48.8534,2.3488",
-            ],
-            &self.log(&format!("agent-{name}")),
-        );
+        let extra = self.agent_args.get(name).cloned().unwrap_or_default();
+        let mut args: Vec<&str> = extra.iter().map(String::as_str).collect();
+        args.extend([
+            "agent",
+            "--region",
+            &region,
+            "--node-name",
+            name,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--heartbeat",
+            "500ms",
+            "--restart-backoff",
+            "500ms",
+            "--reconnect-max",
+            "1s",
+            "--labels",
+            &labels,
+            "--coordinates",
+            "48.8534,2.3488",
+        ]);
+        // Extra arguments go after the subcommand.
+        args.rotate_left(extra.len());
+        let p = Proc::start(&args, &self.log(&format!("agent-{name}")));
         self.agents[i].1 = Some(p);
     }
 

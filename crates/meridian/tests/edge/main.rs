@@ -1,6 +1,7 @@
 //! The two-layer control plane with real processes on loopback: `meridian server`,
 //! `meridian region`, `meridian agent` (process runtime), links cut with a proxy.
 
+mod containers;
 mod harness;
 mod hostile;
 mod workloads;

@@ -1,0 +1,400 @@
+//! Real containers end to end: agents with `--runtime containerd`, each on a
+//! private containerd, images from a loopback registry pulled through the
+//! region's image cache.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{AsyncBufReadExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{ListParams, LogParams, PostParams};
+use serde_json::json;
+
+#[path = "../runtime/fixtures.rs"]
+mod fixtures;
+
+use crate::harness::*;
+use fixtures::{Containerd, Registry};
+
+fn containerd_args(c: &Containerd) -> Vec<String> {
+    vec![
+        "--runtime".into(),
+        "containerd".into(),
+        "--containerd-socket".into(),
+        c.socket.to_string_lossy().into_owned(),
+        "--containerd-hosts-dir".into(),
+        c.hosts_dir.to_string_lossy().into_owned(),
+    ]
+}
+
+async fn create_pod(w: &World, pod: serde_json::Value) {
+    w.pods()
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(pod).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+fn container_state(p: &Pod) -> (Option<String>, Option<String>, i32) {
+    let c = p
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|c| c.first());
+    let waiting = c
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.waiting.as_ref())
+        .and_then(|w| w.reason.clone());
+    let terminated = c
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref())
+        .and_then(|t| t.reason.clone());
+    (waiting, terminated, c.map(|c| c.restart_count).unwrap_or(0))
+}
+
+fn container_id(p: &Pod) -> Option<String> {
+    p.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .first()?
+        .container_id
+        .clone()
+}
+
+async fn http_get(port: u16) -> Option<String> {
+    reqwest::get(format!("http://127.0.0.1:{port}/index.html"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pods_serve_log_restart_get_oom_killed_and_survive_an_agent_restart() {
+    let mut w = World::start(RegionOpts::default()).await;
+    let registry = Registry::start(&w.path("registry"));
+    let image = registry.push("demo/busybox:1", &fixtures::busybox()).await;
+    let containerd = Containerd::start(&w.path("containerd"), &registry).await;
+    let args = containerd_args(&containerd);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    w.add_agent_with("paris-1", &args).await;
+
+    // A Deployment serving on a host port.
+    let port = free_port();
+    let deploy: Api<Deployment> = Api::namespaced(w.client.clone(), "edge");
+    let d = json!({
+        "metadata": {"name": "web"},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "web"}},
+            "template": {
+                "metadata": {"labels": {"app": "web"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [{
+                        "name": "web", "image": image,
+                        "command": ["sh", "-c", format!(
+                            "echo hello-edge > /www/index.html; echo serving on {port}; exec httpd -f -v -p {port} -h /www")],
+                        "ports": [{"containerPort": port, "hostPort": port}],
+                        "readinessProbe": {"httpGet": {"path": "/index.html", "port": port}, "periodSeconds": 1},
+                    }],
+                },
+            },
+        },
+    });
+    deploy
+        .create(&PostParams::default(), &serde_json::from_value(d).unwrap())
+        .await
+        .unwrap();
+    let web = || async {
+        w.pods()
+            .list(&ListParams::default().labels("app=web"))
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .next()
+    };
+    eventually(
+        "the web pod is Running and Ready",
+        Duration::from_secs(90),
+        || async { web().await.is_some_and(|p| is_running_ready(&p)) },
+    )
+    .await;
+    assert_eq!(http_get(port).await.as_deref(), Some("hello-edge\n"));
+    let pod = web().await.unwrap();
+    let name = pod.metadata.name.clone().unwrap();
+    let id = container_id(&pod).unwrap();
+    assert!(id.starts_with("containerd://"), "{id}");
+
+    // Its logs stream through the global API.
+    let logs = w.pods().logs(&name, &LogParams::default()).await.unwrap();
+    assert!(logs.contains(&format!("serving on {port}")), "{logs:?}");
+    let follow = w
+        .pods()
+        .log_stream(
+            &name,
+            &LogParams {
+                follow: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    http_get(port).await;
+    let mut lines = follow.lines();
+    let mut seen = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(line)) = lines.try_next().await {
+            let done = line.contains("response:200");
+            seen.push(line);
+            if done {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        seen.iter().any(|l| l.contains("response:200")),
+        "followed logs: {seen:?}"
+    );
+
+    // The image came through the region's cache.
+    let fetched = w
+        .region_metric("meridian_region_image_upstream_fetches")
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        fetched >= 3.0,
+        "manifest, config and layer from upstream: {fetched}"
+    );
+
+    // A crashing container is restarted with back-off.
+    create_pod(
+        &w,
+        json!({
+            "metadata": {"name": "crasher"},
+            "spec": {"nodeName": "paris-1", "containers": [{
+                "name": "c", "image": image, "command": ["sh", "-c", "echo boom; exit 1"]}]},
+        }),
+    )
+    .await;
+    eventually(
+        "crasher restarts and backs off",
+        Duration::from_secs(60),
+        || async {
+            let p = w.pod("crasher").await;
+            let (waiting, _, restarts) = container_state(&p);
+            restarts >= 2 && waiting.as_deref() == Some("CrashLoopBackOff")
+        },
+    )
+    .await;
+
+    // A memory limit kills an allocating container: OOMKilled.
+    create_pod(
+        &w,
+        json!({
+            "metadata": {"name": "hog"},
+            "spec": {"nodeName": "paris-1", "restartPolicy": "Never", "containers": [{
+                "name": "c", "image": image,
+                "command": ["sh", "-c", "x=0123456789abcdef; while true; do x=$x$x; done"],
+                "resources": {"limits": {"memory": "32Mi"}}}]},
+        }),
+    )
+    .await;
+    eventually("hog is OOMKilled", Duration::from_secs(60), || async {
+        let p = w.pod("hog").await;
+        container_state(&p).1.as_deref() == Some("OOMKilled")
+            && p.status.and_then(|s| s.phase).as_deref() == Some("Failed")
+    })
+    .await;
+
+    // A missing image: a clear reason, and the node keeps serving the others.
+    create_pod(
+        &w,
+        json!({
+            "metadata": {"name": "missing"},
+            "spec": {"nodeName": "paris-1", "containers": [{
+                "name": "c", "image": format!("{}/demo/nothing-here:1", registry.addr)}]},
+        }),
+    )
+    .await;
+    eventually(
+        "missing reports the pull failure",
+        Duration::from_secs(60),
+        || async {
+            let p = w.pod("missing").await;
+            matches!(
+                container_state(&p).0.as_deref(),
+                Some("ErrImagePull" | "ImagePullBackOff")
+            ) && p.status.and_then(|s| s.phase).as_deref() == Some("Pending")
+        },
+    )
+    .await;
+    create_pod(&w, json!({
+        "metadata": {"name": "bad-name"},
+        "spec": {"nodeName": "paris-1", "containers": [{"name": "c", "image": "Bad Image Name"}]},
+    }))
+    .await;
+    eventually(
+        "bad-name reports InvalidImageName",
+        Duration::from_secs(30),
+        || async {
+            container_state(&w.pod("bad-name").await).0.as_deref() == Some("InvalidImageName")
+        },
+    )
+    .await;
+    assert_eq!(http_get(port).await.as_deref(), Some("hello-edge\n"));
+
+    // Agent SIGKILL: the container keeps serving; the restarted agent adopts it.
+    let i = w.agent("paris-1");
+    w.agents[i].1.as_mut().unwrap().kill9();
+    assert_eq!(http_get(port).await.as_deref(), Some("hello-edge\n"));
+    w.start_agent(i);
+    w.wait_node("paris-1", "True").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let pod = w.pod(&name).await;
+    assert!(is_running_ready(&pod));
+    assert_eq!(
+        container_id(&pod).as_deref(),
+        Some(id.as_str()),
+        "same container"
+    );
+    assert_eq!(restart_count(&pod), 0);
+    assert_eq!(http_get(port).await.as_deref(), Some("hello-edge\n"));
+
+    // Deleting the Deployment stops the container and frees the port.
+    deploy.delete("web", &Default::default()).await.unwrap();
+    eventually(
+        "the web server is gone",
+        Duration::from_secs(60),
+        || async { http_get(port).await.is_none() },
+    )
+    .await;
+}
+
+type Counts = Arc<Mutex<HashMap<String, usize>>>;
+
+/// An HTTP proxy in front of the upstream registry that counts the requests.
+async fn counting_proxy(target: String) -> (SocketAddr, Counts) {
+    use axum::extract::{Request, State};
+    let counts: Counts = Default::default();
+    let client = reqwest::Client::new();
+    let app = axum::Router::new()
+        .fallback(
+            |State((counts, client, target)): State<(Counts, reqwest::Client, String)>,
+             req: Request| async move {
+                let path = req.uri().path().to_owned();
+                *counts
+                    .lock()
+                    .unwrap()
+                    .entry(format!("{} {path}", req.method()))
+                    .or_default() += 1;
+                let mut fwd =
+                    client.request(req.method().clone(), format!("http://{target}{path}"));
+                if let Some(a) = req.headers().get("accept") {
+                    fwd = fwd.header("accept", a);
+                }
+                let resp = fwd.send().await.unwrap();
+                let status = resp.status();
+                let ct = resp
+                    .headers()
+                    .get("content-type")
+                    .cloned()
+                    .unwrap_or_else(|| "application/octet-stream".parse().unwrap());
+                let body = resp.bytes().await.unwrap();
+                axum::response::Response::builder()
+                    .status(status.as_u16())
+                    .header("content-type", ct)
+                    .body(axum::body::Body::from(body))
+                    .unwrap()
+            },
+        )
+        .with_state((counts.clone(), client, target));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, counts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_agents_pulling_one_image_cause_one_upstream_pull() {
+    const N: usize = 10;
+    let mut w = World::start(RegionOpts::default()).await;
+    let registry = Registry::start(&w.path("registry"));
+    let img = fixtures::busybox();
+    registry.push("demo/app:1", &img).await;
+    let (proxy, counts) = counting_proxy(registry.addr.clone()).await;
+    let image = format!("{proxy}/demo/app:1");
+    let mut containerds = Vec::new();
+    for i in 0..N {
+        containerds.push(Containerd::start(&w.path(&format!("containerd-{i}")), &registry).await);
+    }
+    for (i, c) in containerds.iter().enumerate() {
+        let args = containerd_args(c);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        w.add_agent_with(&format!("node-{i}"), &args).await;
+    }
+    let deploy: Api<Deployment> = Api::namespaced(w.client.clone(), "edge");
+    let d = json!({
+        "metadata": {"name": "app"},
+        "spec": {
+            "replicas": N,
+            "selector": {"matchLabels": {"app": "app"}},
+            "template": {
+                "metadata": {"labels": {"app": "app"}},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
+                        "labelSelector": {"matchLabels": {"app": "app"}},
+                        "topologyKey": "kubernetes.io/hostname"}]}},
+                    "containers": [{"name": "app", "image": image,
+                        "command": ["sh", "-c", "while true; do sleep 1; done"]}],
+                },
+            },
+        },
+    });
+    deploy
+        .create(&PostParams::default(), &serde_json::from_value(d).unwrap())
+        .await
+        .unwrap();
+    eventually(
+        "all replicas Running on ten nodes",
+        Duration::from_secs(120),
+        || async {
+            let pods = w
+                .pods()
+                .list(&ListParams::default().labels("app=app"))
+                .await
+                .unwrap()
+                .items;
+            let running = pods
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .filter_map(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()))
+                .collect::<std::collections::HashSet<_>>();
+            running.len() == N
+        },
+    )
+    .await;
+    let counts = counts.lock().unwrap().clone();
+    let m = img.parsed_manifest().unwrap();
+    for digest in [&m.config.digest, &m.layers[0].digest] {
+        let key = format!("GET /v2/demo/app/blobs/{digest}");
+        assert_eq!(counts.get(&key), Some(&1), "{key}: {counts:?}");
+    }
+    let manifest_gets: usize = counts
+        .iter()
+        .filter(|(k, _)| k.contains("/manifests/"))
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(manifest_gets, 1, "{counts:?}");
+}
