@@ -152,11 +152,35 @@ fn cells(kind: &str, o: &Value, snap: &Snapshot) -> Vec<Value> {
                 .iter()
                 .map(|c| c["restartCount"].as_i64().unwrap_or(0))
                 .sum();
+            // As kubectl prints it: a container's waiting or terminated reason
+            // (ImagePullBackOff, CrashLoopBackOff, OOMKilled) says more than the phase.
+            let mut reason = st
+                .get("reason")
+                .or(st.get("phase"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("Pending")
+                .to_owned();
+            for c in cs.iter().rev() {
+                let state = &c["state"];
+                if let Some(r) = state["waiting"]["reason"]
+                    .as_str()
+                    .filter(|r| !r.is_empty())
+                {
+                    reason = r.to_owned();
+                } else if let Some(r) = state["terminated"]["reason"]
+                    .as_str()
+                    .filter(|r| !r.is_empty())
+                {
+                    reason = r.to_owned();
+                }
+            }
+            if reason == "Completed" && cs.iter().any(|c| c["state"]["running"].is_object()) {
+                reason = "Running".into();
+            }
             let status = if m["deletionTimestamp"].is_string() {
                 json!("Terminating")
             } else {
-                s(st.get("reason")
-                    .unwrap_or(st.get("phase").unwrap_or(&json!("Pending"))))
+                json!(reason)
             };
             let node = o["spec"]["nodeName"].as_str().unwrap_or("");
             vec![

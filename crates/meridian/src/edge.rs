@@ -308,6 +308,7 @@ pub struct DemoWorld {
     regions: Vec<Region>,
     agents: Vec<tokio::task::JoinHandle<()>>,
     simulated: Vec<tokio::task::JoinHandle<()>>,
+    runtime: &'static str,
 }
 
 /// Taint and label of the demo's simulated (hollow) nodes.
@@ -375,10 +376,11 @@ impl DemoWorld {
             .map(|r| format!("{} ({})", r.shared.cfg.name, r.addr))
             .collect();
         format!(
-            "{} regions [{}], {} process-runtime nodes, {} simulated nodes",
+            "{} regions [{}], {} {}-runtime nodes, {} simulated nodes",
             r.len(),
             r.join(", "),
             self.agents.len(),
+            self.runtime,
             self.simulated.len()
         )
     }
@@ -395,25 +397,39 @@ impl Drop for DemoWorld {
     }
 }
 
-/// Starts three regions and five process-runtime agents in this process, plus,
-/// when `simulated`, the simulated fleet of [`simulated_nodes`].
+/// Starts three regions and five agents in this process (process runtime, or
+/// containerd when `containerd` is given: images come from the regions' image
+/// caches, which serve the built-in `meridian.local` images), plus, when
+/// `simulated`, the simulated fleet of [`simulated_nodes`].
 pub async fn start_demo_world(
     server: &Server,
     data_dir: &Path,
     simulated: bool,
+    containerd: Option<&crate::containerd::PrivateContainerd>,
 ) -> Result<DemoWorld> {
     let token = server.system_token(SystemRole::Region).await?;
     let yaml =
         meridian_apiserver::kubeconfig::render("region", &server.url, &server.ca_pem, &token, None);
     let kc = kube::config::Kubeconfig::from_yaml(&yaml)?;
-    let runtime = make_runtime(RuntimeKind::Process, Path::new(""), None).await?;
     let mut world = DemoWorld {
         regions: Vec::new(),
         agents: Vec::new(),
         simulated: Vec::new(),
+        runtime: if containerd.is_some() {
+            "containerd"
+        } else {
+            "process"
+        },
     };
-    let stats = Arc::new(HollowStats::default());
-    for (region, nodes) in DEMO {
+    let builtin = match containerd {
+        Some(_) => meridian_oci::build::builtin_images(Path::new(meridian_oci::build::BUSYBOX))
+            .context(
+                "the containerd demo builds its images from a static busybox \
+                 (Debian: apt-get install busybox-static)",
+            )?,
+        None => Vec::new(),
+    };
+    for (region, _) in DEMO {
         let global = kube::Config::from_custom_kubeconfig(kc.clone(), &Default::default()).await?;
         let mut cfg = RegionConfig::new(
             *region,
@@ -425,7 +441,32 @@ pub async fn start_demo_world(
         let r = Region::start(cfg)
             .await
             .with_context(|| format!("starting region {region}"))?;
-        let endpoint = format!("http://{}", r.addr);
+        for (name, image) in &builtin {
+            r.shared
+                .images
+                .import(&meridian_oci::Reference::parse(name)?, image)
+                .with_context(|| format!("storing {name} in region {region}"))?;
+        }
+        world.regions.push(r);
+    }
+    let endpoints: Vec<String> = world
+        .regions
+        .iter()
+        .map(|r| format!("http://{}", r.addr))
+        .collect();
+    let runtime: Arc<dyn Runtime> = match containerd {
+        Some(c) => Arc::new(
+            meridian_agent::runtime::containerd::ContainerdRuntime::new(&c.socket).with_mirrors(
+                Mirrors {
+                    hosts_dir: c.hosts_dir.clone(),
+                    endpoints: endpoints.clone(),
+                },
+            ),
+        ),
+        None => make_runtime(RuntimeKind::Process, Path::new(""), None).await?,
+    };
+    let stats = Arc::new(HollowStats::default());
+    for ((region, nodes), endpoint) in DEMO.iter().zip(&endpoints) {
         for (node, city, country, lat, lon) in *nodes {
             let mut cfg = AgentConfig::new(
                 *node,
@@ -463,7 +504,6 @@ pub async fn start_demo_world(
                 )));
             }
         }
-        world.regions.push(r);
     }
     Ok(world)
 }

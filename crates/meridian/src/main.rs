@@ -1,5 +1,6 @@
 //! `meridian`: every Meridian component as a subcommand of one binary.
 
+mod containerd;
 mod edge;
 mod tenant;
 
@@ -66,6 +67,32 @@ struct UpArgs {
     /// the placement examples).
     #[arg(long)]
     no_simulated: bool,
+    /// How the local nodes run containers: `process` (host processes, the image
+    /// is not used) or `containerd` (real containers from images, through a
+    /// private containerd under the data dir; needs root, containerd, runc and
+    /// busybox-static).
+    #[arg(long, value_enum, default_value = "process")]
+    runtime: UpRuntime,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum UpRuntime {
+    Process,
+    Containerd,
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Write an OCI archive of the built-in images (meridian.local/busybox:1 and
+    /// meridian.local/pause:1) built from a static busybox, for
+    /// `meridian region --import-images`.
+    Busybox {
+        #[arg(long)]
+        out: PathBuf,
+        /// The static busybox binary (Debian's busybox-static).
+        #[arg(long, default_value = meridian_oci::build::BUSYBOX)]
+        busybox: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +110,11 @@ enum Command {
     Region(edge::RegionArgs),
     /// Run a node agent that dials its region and runs the node's pods.
     Agent(edge::AgentArgs),
+    /// Build images without Docker.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// (internal) Supervise one container process for the process runtime.
     Shim,
 }
@@ -151,6 +183,22 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Tenant { command } => tenant::run(command).await,
         Command::Region(args) => edge::run_region(args).await,
         Command::Agent(args) => edge::run_agent(args).await,
+        Command::Image { command } => match command {
+            ImageCommand::Busybox { out, busybox } => {
+                let images = meridian_oci::build::builtin_images(&busybox)
+                    .with_context(|| format!("building from {}", busybox.display()))?;
+                let refs: Vec<(String, &meridian_oci::Image)> =
+                    images.iter().map(|(n, i)| (n.clone(), i)).collect();
+                let bytes = meridian_oci::archive::write(&refs)?;
+                std::fs::write(&out, &bytes)
+                    .with_context(|| format!("writing {}", out.display()))?;
+                for (n, _) in &images {
+                    println!("{n}");
+                }
+                println!("wrote {} ({} bytes)", out.display(), bytes.len());
+                Ok(())
+            }
+        },
         Command::Shim => unreachable!("handled before the runtime starts"),
     }
 }
@@ -194,7 +242,23 @@ async fn up(up: UpArgs) -> Result<()> {
     let args = &up.server;
     let server = start_server(args).await?;
     let kubeconfig = tenant::create_tenant(&args.data_dir, "demo", None).await?;
-    let world = edge::start_demo_world(&server, &args.data_dir, !up.no_simulated).await?;
+    let containerd = match up.runtime {
+        UpRuntime::Containerd => Some(
+            containerd::PrivateContainerd::start(
+                &args.data_dir.join("containerd"),
+                &format!("{}/pause:1", meridian_oci::LOCAL_REGISTRY),
+            )
+            .await?,
+        ),
+        UpRuntime::Process => None,
+    };
+    let world = edge::start_demo_world(
+        &server,
+        &args.data_dir,
+        !up.no_simulated,
+        containerd.as_ref(),
+    )
+    .await?;
     let _loops = edge::spawn_global_loops(&server, args.region_timeout).await?;
     let examples = std::env::current_dir()?.join("examples");
     println!();
@@ -228,6 +292,13 @@ async fn up(up: UpArgs) -> Result<()> {
         edge::DEMO_HELLO_NODE
     );
     println!("  kubectl logs -f hello");
+    if containerd.is_some() {
+        println!(
+            "  kubectl apply -f {}   # real containers from meridian.local/busybox:1",
+            examples.join("containerd-web.yaml").display()
+        );
+        println!("  curl http://127.0.0.1:18080/");
+    }
     println!();
     println!("Edge world: {}", world.describe());
     println!();
@@ -237,6 +308,7 @@ async fn up(up: UpArgs) -> Result<()> {
     );
     wait_for_signal().await;
     drop(world);
+    drop(containerd);
     // A real node's workloads outlive its agent; the demo's should not outlive `up`.
     // They come back from the nodes' caches on the next `meridian up`.
     let stopped = meridian_agent::runtime::process::kill_leftovers(&args.data_dir.join("nodes"));

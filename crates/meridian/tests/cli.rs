@@ -488,6 +488,11 @@ const SIMULATED: usize = 46;
 
 /// Starts `meridian up`; returns its data dir and the demo tenant's kubeconfig.
 async fn up(dir: &Path) -> (Proc, std::path::PathBuf) {
+    up_with(dir, &[]).await
+}
+
+/// `meridian up` with extra arguments.
+async fn up_with(dir: &Path, extra: &[&str]) -> (Proc, std::path::PathBuf) {
     let d = dir.to_str().unwrap().to_owned();
     let listen = format!("127.0.0.1:{}", free_port());
     let url = format!("https://{listen}");
@@ -495,6 +500,7 @@ async fn up(dir: &Path) -> (Proc, std::path::PathBuf) {
     let p = Proc(
         Command::new(env!("CARGO_BIN_EXE_meridian"))
             .args(["up", "--data-dir", &d, "--listen", &listen])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -740,5 +746,88 @@ struct Reaper<'a>(&'a Path);
 impl Drop for Reaper<'_> {
     fn drop(&mut self) {
         meridian_agent::runtime::process::kill_leftovers(self.0);
+        meridian_agent::runtime::containerd::kill_private_leftovers(&self.0.join("containerd"));
     }
+}
+
+/// `meridian up --runtime containerd`: the README's container example runs in a
+/// real container from the region-served image, serves on its host port, logs
+/// through kubectl; Ctrl-C (SIGTERM) takes every container down with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meridian_up_with_containerd_runs_the_container_example() {
+    let dir = tempfile::tempdir().unwrap();
+    let _reaper = Reaper(dir.path());
+    let _log = LogOnPanic(dir.path().join("up.log"));
+    let (mut up, kc) = up_with(dir.path(), &["--runtime", "containerd", "--no-simulated"]).await;
+    let (ok, out) = kubectl(&kc, &["apply", "-f", &example("containerd-web.yaml")]);
+    assert!(ok, "{out}");
+    wait_for("edge-web serves", 90, || {
+        let body = http_get_18080().unwrap_or_default();
+        if body.contains("hello from a container on paris-1") {
+            Ok(())
+        } else {
+            let (_, pods) = kubectl(&kc, &["get", "pods", "-o", "wide"]);
+            Err(format!("{body:?}; {pods}"))
+        }
+    })
+    .await;
+    let (ok, out) = kubectl(&kc, &["get", "pods", "-l", "app=edge-web"]);
+    assert!(ok && out.contains("Running"), "{out}");
+    let pods = get_json(&kc, &["pods", "-l", "app=edge-web"]);
+    let id = pods["items"][0]["status"]["containerStatuses"][0]["containerID"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(id.starts_with("containerd://"), "{id}");
+    let (ok, out) = kubectl(&kc, &["logs", "deploy/edge-web"]);
+    assert!(ok && out.contains("serving on :18080"), "{out}");
+    // A public image cannot be pulled here: the pod says so in kubectl's STATUS.
+    let (ok, out) = kubectl(
+        &kc,
+        &["run", "public", "--image=docker.io/library/nginx:1.27"],
+    );
+    assert!(ok, "{out}");
+    wait_for("the public image's pull failure shows", 60, || {
+        let (_, out) = kubectl(&kc, &["get", "pod", "public"]);
+        if out.contains("ErrImagePull") || out.contains("ImagePullBackOff") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
+    // Ctrl-C: containerd and every container go away with `up`.
+    let pid = up.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while up.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "meridian up did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        http_get_18080().is_none(),
+        "the container outlived meridian up"
+    );
+}
+
+/// GET http://127.0.0.1:18080/index.html (the container example's port).
+fn http_get_18080() -> Option<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = "127.0.0.1:18080".parse().unwrap();
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /index.html HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
 }

@@ -199,6 +199,25 @@ pub fn busybox(busybox: &Path, cmd: &[&str], extra: Vec<Entry>) -> Result<Image,
     )
 }
 
+/// Where Debian's `busybox-static` puts the binary.
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// The images a region serves itself for demos and sandboxes, built from a
+/// static busybox: `meridian.local/busybox:1` (default command `sh`) and
+/// `meridian.local/pause:1` (the pod sandbox image: sleeps until killed).
+pub fn builtin_images(busybox_bin: &Path) -> Result<Vec<(String, Image)>, OciError> {
+    Ok(vec![
+        (
+            format!("{}/busybox:1", crate::LOCAL_REGISTRY),
+            busybox(busybox_bin, &[], Vec::new())?,
+        ),
+        (
+            format!("{}/pause:1", crate::LOCAL_REGISTRY),
+            busybox(busybox_bin, &["sleep", "2147483647"], Vec::new())?,
+        ),
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,6 +95,104 @@ impl Mirrors {
     }
 }
 
+/// A containerd configuration for a private containerd in `dir` (own root, state
+/// and socket), with the CRI plugin set up as these machines need
+/// (`restrict_oom_score_adj`, a sandbox image that is reachable, registry hosts
+/// from `hosts_dir`). What `meridian up --runtime containerd` and the tests run.
+pub fn private_config(dir: &Path, sandbox_image: &str, hosts_dir: &Path) -> String {
+    format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.internal.v1.opt", "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "{socket}"
+[ttrpc]
+  address = "{socket}.ttrpc"
+[debug]
+  level = "warn"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox_image}"
+  restrict_oom_score_adj = true
+  enable_cdi = false
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{hosts}"
+"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        socket = private_socket(dir).display(),
+        hosts = hosts_dir.display(),
+    )
+}
+
+/// The socket of the private containerd in `dir`.
+pub fn private_socket(dir: &Path) -> PathBuf {
+    dir.join("containerd.sock")
+}
+
+/// Kills what a private containerd in `dir` left behind once it is stopped:
+/// its shims and their containers (shims outlive containerd by design; ours name
+/// its socket on their command line), then unmounts anything under `dir`.
+pub fn kill_private_leftovers(dir: &Path) -> usize {
+    let sock = private_socket(dir).to_string_lossy().into_owned();
+    let mut killed = 0;
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            if cmd.contains("containerd-shim") && cmd.contains(sock.as_str()) {
+                // The shim's children (the containers) first, then the shim.
+                for child in children(pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(child),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                killed += 1;
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let prefix = dir.to_string_lossy().into_owned();
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut ours: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|m| m.starts_with(prefix.as_str()))
+        .collect();
+    ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
+    for m in ours {
+        let _ = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH);
+    }
+    killed
+}
+
+/// Pids whose parent is `pid`.
+fn children(pid: i32) -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let after = s.rsplit_once(')')?.1.to_owned();
+                    after.split_whitespace().nth(1)?.parse::<i32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
+}
+
 fn status_err(what: &str, s: tonic::Status) -> String {
     format!("{what}: {}", s.message())
 }

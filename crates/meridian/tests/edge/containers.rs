@@ -31,16 +31,6 @@ fn containerd_args(c: &Containerd) -> Vec<String> {
     ]
 }
 
-async fn create_pod(w: &World, pod: serde_json::Value) {
-    w.pods()
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(pod).unwrap(),
-        )
-        .await
-        .unwrap();
-}
-
 fn container_state(p: &Pod) -> (Option<String>, Option<String>, i32) {
     let c = p
         .status
@@ -178,14 +168,11 @@ async fn containerd_pods_serve_log_restart_get_oom_killed_and_survive_an_agent_r
     );
 
     // A crashing container is restarted with back-off.
-    create_pod(
-        &w,
-        json!({
-            "metadata": {"name": "crasher"},
-            "spec": {"nodeName": "paris-1", "containers": [{
-                "name": "c", "image": image, "command": ["sh", "-c", "echo boom; exit 1"]}]},
-        }),
-    )
+    w.create_pod(json!({
+        "metadata": {"name": "crasher"},
+        "spec": {"nodeName": "paris-1", "containers": [{
+            "name": "c", "image": image, "command": ["sh", "-c", "echo boom; exit 1"]}]},
+    }))
     .await;
     eventually(
         "crasher restarts and backs off",
@@ -199,16 +186,13 @@ async fn containerd_pods_serve_log_restart_get_oom_killed_and_survive_an_agent_r
     .await;
 
     // A memory limit kills an allocating container: OOMKilled.
-    create_pod(
-        &w,
-        json!({
-            "metadata": {"name": "hog"},
-            "spec": {"nodeName": "paris-1", "restartPolicy": "Never", "containers": [{
-                "name": "c", "image": image,
-                "command": ["sh", "-c", "x=0123456789abcdef; while true; do x=$x$x; done"],
-                "resources": {"limits": {"memory": "32Mi"}}}]},
-        }),
-    )
+    w.create_pod(json!({
+        "metadata": {"name": "hog"},
+        "spec": {"nodeName": "paris-1", "restartPolicy": "Never", "containers": [{
+            "name": "c", "image": image,
+            "command": ["sh", "-c", "x=0123456789abcdef; while true; do x=$x$x; done"],
+            "resources": {"limits": {"memory": "32Mi"}}}]},
+    }))
     .await;
     eventually("hog is OOMKilled", Duration::from_secs(60), || async {
         let p = w.pod("hog").await;
@@ -218,14 +202,11 @@ async fn containerd_pods_serve_log_restart_get_oom_killed_and_survive_an_agent_r
     .await;
 
     // A missing image: a clear reason, and the node keeps serving the others.
-    create_pod(
-        &w,
-        json!({
-            "metadata": {"name": "missing"},
-            "spec": {"nodeName": "paris-1", "containers": [{
-                "name": "c", "image": format!("{}/demo/nothing-here:1", registry.addr)}]},
-        }),
-    )
+    w.create_pod(json!({
+        "metadata": {"name": "missing"},
+        "spec": {"nodeName": "paris-1", "containers": [{
+            "name": "c", "image": format!("{}/demo/nothing-here:1", registry.addr)}]},
+    }))
     .await;
     eventually(
         "missing reports the pull failure",
@@ -239,7 +220,7 @@ async fn containerd_pods_serve_log_restart_get_oom_killed_and_survive_an_agent_r
         },
     )
     .await;
-    create_pod(&w, json!({
+    w.create_pod(json!({
         "metadata": {"name": "bad-name"},
         "spec": {"nodeName": "paris-1", "containers": [{"name": "c", "image": "Bad Image Name"}]},
     }))

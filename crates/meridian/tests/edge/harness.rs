@@ -385,6 +385,11 @@ impl World {
                 }],
             },
         });
+        self.create_pod(pod).await;
+    }
+
+    /// Creates the pod `pod` (JSON) in namespace `edge`.
+    pub async fn create_pod(&self, pod: serde_json::Value) {
         self.pods()
             .create(
                 &PostParams::default(),

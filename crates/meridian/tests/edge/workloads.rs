@@ -148,13 +148,7 @@ async fn a_pod_that_fits_nowhere_is_unschedulable_with_the_causes_counted() {
         "spec": {"nodeSelector": {"topology.meridian.io/city": "Mars"}, "containers": [
             {"name": "main", "image": "busybox", "command": ["/bin/sleep", "3600"]}]},
     });
-    w.pods()
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(pod).unwrap(),
-        )
-        .await
-        .unwrap();
+    w.create_pod(pod).await;
     let huge = serde_json::json!({
         "metadata": {"name": "too-big"},
         "spec": {"containers": [{"name": "main", "image": "busybox", "command": ["/bin/sleep", "3600"],

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use meridian_agent::runtime::containerd;
 use meridian_oci::registry::RegistryClient;
 use meridian_oci::{Image, Reference};
 
@@ -128,36 +129,10 @@ impl Containerd {
             &registry.addr,
             &format!("http://{}", registry.addr),
         );
-        let socket = dir.join("containerd.sock");
+        let socket = containerd::private_socket(dir);
         let root = dir.join("root");
         let config = dir.join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.internal.v1.opt", "io.containerd.tracing.processor.v1.otlp"]
-[grpc]
-  address = "{socket}"
-[ttrpc]
-  address = "{socket}.ttrpc"
-[debug]
-  level = "warn"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "{pause}"
-  restrict_oom_score_adj = true
-  enable_cdi = false
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "{hosts}"
-"#,
-                root = root.display(),
-                state = dir.join("state").display(),
-                socket = socket.display(),
-                hosts = hosts_dir.display(),
-            ),
-        )
-        .unwrap();
+        std::fs::write(&config, containerd::private_config(dir, &pause, &hosts_dir)).unwrap();
         let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
         let child = Command::new(bin)
             .arg("--config")
@@ -167,7 +142,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             .spawn()
             .expect("start containerd");
         let deadline = Instant::now() + Duration::from_secs(30);
-        let rt = meridian_agent::runtime::containerd::ContainerdRuntime::new(&socket);
+        let rt = containerd::ContainerdRuntime::new(&socket);
         loop {
             if socket.exists() && rt.check().await.is_ok() {
                 break;
@@ -196,36 +171,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         };
         let _ = child.kill();
         let _ = child.wait();
-        let sock = self.socket.to_string_lossy().into_owned();
-        // Shims outlive containerd by design; ours name our socket on their command line.
-        if let Ok(dir) = std::fs::read_dir("/proc") {
-            for e in dir.flatten() {
-                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-                let cmd = String::from_utf8_lossy(&cmd);
-                if cmd.contains("containerd-shim") && cmd.contains(sock.as_str()) {
-                    // Kill the shim's children (containers) first, then the shim.
-                    let _ = Command::new("pkill")
-                        .args(["-9", "-P", &pid.to_string()])
-                        .status();
-                    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        let prefix = self.dir.to_string_lossy().into_owned();
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let mut ours: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split(' ').nth(1))
-            .filter(|m| m.starts_with(prefix.as_str()))
-            .collect();
-        ours.sort_by_key(|m| std::cmp::Reverse(m.len()));
-        for m in ours {
-            let _ = Command::new("umount").args(["-l", m]).status();
-        }
+        containerd::kill_private_leftovers(&self.dir);
     }
 }
 
