@@ -62,6 +62,8 @@ pub struct AgentConfig {
     pub reconnect_cap: Duration,
     /// Declared location (latitude, longitude in degrees).
     pub coordinates: Option<(f64, f64)>,
+    /// When unused images are removed (image runtimes only).
+    pub image_gc: runtime::ImageGcPolicy,
 }
 
 impl AgentConfig {
@@ -78,6 +80,34 @@ impl AgentConfig {
             backoff: Backoff::default(),
             reconnect_cap: Duration::from_secs(30),
             coordinates: None,
+            image_gc: Default::default(),
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Removes unused images when the image filesystem fills up, every
+/// `policy.interval` (a no-op for runtimes without images).
+async fn image_gc(runtime: Arc<dyn Runtime>, policy: runtime::ImageGcPolicy) {
+    loop {
+        tokio::time::sleep(policy.interval).await;
+        match runtime.gc_images(&policy).await {
+            None => return,
+            Some(Ok(r)) if !r.removed.is_empty() => tracing::info!(
+                used_percent = r.used_percent,
+                removed = r.removed.len(),
+                freed_bytes = r.freed_bytes,
+                "image garbage collection"
+            ),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => tracing::warn!("image garbage collection: {e}"),
         }
     }
 }
@@ -157,6 +187,10 @@ impl Agent {
     /// Connects, serves, and reconnects forever with jittered exponential back-off,
     /// rotating through the region addresses.
     pub async fn run(self) {
+        let _gc = AbortOnDrop(tokio::spawn(image_gc(
+            self.manager.ctx.runtime.clone(),
+            self.cfg.image_gc,
+        )));
         let mut failures: u32 = 0;
         let mut idx = 0usize;
         loop {

@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::runtime::watcher;
 use meridian_agent::hollow::{HollowConfig, HollowStats, run_node};
+use meridian_agent::runtime::private::PrivateContainerd;
 
 pub struct Proc(Child);
 
@@ -108,9 +109,61 @@ pub struct Plane {
     pub region_port: u16,
 }
 
+/// How the benchmark's agents run containers.
+pub struct NodeRuntime {
+    /// The private containerd (containerd runtime) or none (process runtime).
+    pub containerd: Option<PrivateContainerd>,
+    pub image: String,
+}
+
+impl NodeRuntime {
+    /// Process runtime, or a private containerd under `dir` whose sandbox and
+    /// pod images come from the region's built-in `meridian.local` images.
+    pub async fn start(containerd: bool, dir: &Path) -> Result<Self> {
+        if !containerd {
+            return Ok(Self {
+                containerd: None,
+                image: "busybox".into(),
+            });
+        }
+        let c = PrivateContainerd::start(
+            &dir.join("containerd"),
+            &format!("{}/pause:1", meridian_oci::LOCAL_REGISTRY),
+        )
+        .await
+        .context("starting a private containerd")?;
+        Ok(Self {
+            containerd: Some(c),
+            image: format!("{}/busybox:1", meridian_oci::LOCAL_REGISTRY),
+        })
+    }
+
+    fn agent_args(&self) -> Vec<String> {
+        self.containerd
+            .as_ref()
+            .map(PrivateContainerd::agent_args)
+            .unwrap_or_default()
+    }
+}
+
+/// An OCI archive of the built-in images, for `meridian region --import-images`.
+fn builtin_archive(dir: &Path) -> Result<PathBuf> {
+    let images = meridian_oci::build::builtin_images(Path::new(meridian_oci::build::BUSYBOX))
+        .context("building the built-in images (needs Debian's busybox-static)")?;
+    let refs: Vec<(String, &meridian_oci::Image)> =
+        images.iter().map(|(n, i)| (n.clone(), i)).collect();
+    let path = dir.join("builtin-images.tar");
+    std::fs::write(&path, meridian_oci::archive::write(&refs)?)?;
+    Ok(path)
+}
+
 impl Plane {
     pub async fn start(summary: &str, lease: &str) -> Result<Plane> {
         let dir = tempfile::tempdir()?;
+        // The containerd benchmarks need the built-in images; the others run without.
+        let images = builtin_archive(dir.path())
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let g = dir.path().join("global");
         let sp = free_port();
         let listen = format!("127.0.0.1:{sp}");
@@ -149,6 +202,8 @@ impl Plane {
                 summary,
                 "--lease-timeout",
                 lease,
+                "--import-images",
+                &images,
             ],
             &dir.path().join("region.log"),
         )?;
@@ -303,21 +358,23 @@ async fn bench_namespace(client: &kube::Client) -> Result<Api<Pod>> {
     Ok(Api::namespaced(client.clone(), "bench"))
 }
 
-fn start_agent(plane: &Plane, name: &str) -> Result<(Proc, PathBuf)> {
+fn start_agent(plane: &Plane, name: &str, rt: &NodeRuntime) -> Result<(Proc, PathBuf)> {
     let data = plane.dir.path().join(format!("agent-{name}"));
     let region = format!("http://127.0.0.1:{}", plane.region_port);
-    let p = spawn(
-        &[
-            "agent",
-            "--region",
-            &region,
-            "--node-name",
-            name,
-            "--data-dir",
-            data.to_str().unwrap_or_default(),
-        ],
-        &plane.dir.path().join(format!("agent-{name}.log")),
-    )?;
+    let mut args: Vec<String> = [
+        "agent",
+        "--region",
+        &region,
+        "--node-name",
+        name,
+        "--data-dir",
+        data.to_str().unwrap_or_default(),
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(rt.agent_args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let p = spawn(&args, &plane.dir.path().join(format!("agent-{name}.log")))?;
     Ok((p, data))
 }
 
@@ -333,11 +390,11 @@ async fn wait_node(client: &kube::Client, name: &str) -> Result<()> {
     Ok(())
 }
 
-async fn create_pod(pods: &Api<Pod>, name: &str, node: &str) -> Result<()> {
+async fn create_pod(pods: &Api<Pod>, name: &str, node: &str, image: &str) -> Result<()> {
     let pod = serde_json::json!({
         "metadata": {"name": name},
         "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1, "containers": [
-            {"name": "main", "image": "busybox", "command": ["/bin/sleep", "3600"]}]},
+            {"name": "main", "image": image, "command": ["/bin/sleep", "3600"]}]},
     });
     pods.create(&Default::default(), &serde_json::from_value(pod)?)
         .await?;
@@ -346,10 +403,11 @@ async fn create_pod(pods: &Api<Pod>, name: &str, node: &str) -> Result<()> {
 
 /// Resident memory of an idle agent (no pods, then with `pods` sleeping pods), and
 /// of one shim.
-pub async fn agent_memory(pods: usize) -> Result<()> {
+pub async fn agent_memory(pods: usize, containerd: bool) -> Result<()> {
     let plane = Plane::start("60s", "40s").await?;
+    let rt = NodeRuntime::start(containerd, plane.dir.path()).await?;
     let client = plane.admin().await?;
-    let (agent, data) = start_agent(&plane, "idle-1")?;
+    let (agent, data) = start_agent(&plane, "idle-1", &rt)?;
     wait_node(&client, "idle-1").await?;
     tokio::time::sleep(Duration::from_secs(20)).await;
     let (_, idle) = proc_usage(agent.pid()).context("agent process")?;
@@ -359,7 +417,7 @@ pub async fn agent_memory(pods: usize) -> Result<()> {
     );
     let api = bench_namespace(&client).await?;
     for i in 0..pods {
-        create_pod(&api, &format!("idle-{i}"), "idle-1").await?;
+        create_pod(&api, &format!("idle-{i}"), "idle-1", &rt.image).await?;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -384,10 +442,21 @@ pub async fn agent_memory(pods: usize) -> Result<()> {
         "agent idle, {pods} pods:     {:.1} MiB resident",
         busy as f64 / 1048576.0
     );
-    let shim_rss: Vec<u64> = find_pids(&data, "shim.pid")
-        .into_iter()
-        .filter_map(|p| proc_usage(p).map(|u| u.1))
-        .collect();
+    let shim_rss: Vec<u64> = match &rt.containerd {
+        None => find_pids(&data, "shim.pid"),
+        Some(c) => containerd_shims(&c.socket),
+    }
+    .into_iter()
+    .filter_map(|p| proc_usage(p).map(|u| u.1))
+    .collect();
+    if let Some(c) = &rt.containerd
+        && let Some((_, rss)) = proc_usage(c.pid())
+    {
+        println!(
+            "containerd:               {:.1} MiB resident",
+            rss as f64 / 1048576.0
+        );
+    }
     if !shim_rss.is_empty() {
         let avg = shim_rss.iter().sum::<u64>() as f64 / shim_rss.len() as f64;
         println!(
@@ -398,6 +467,22 @@ pub async fn agent_memory(pods: usize) -> Result<()> {
     }
     kill_workloads(&data);
     Ok(())
+}
+
+/// Pids of containerd shims serving the containerd on `socket`.
+fn containerd_shims(socket: &Path) -> Vec<u32> {
+    let sock = socket.to_string_lossy().into_owned();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd);
+            (cmd.contains("containerd-shim") && cmd.contains(sock.as_str())).then_some(pid)
+        })
+        .collect()
 }
 
 fn find_pids(dir: &Path, file: &str) -> Vec<u32> {
@@ -426,14 +511,30 @@ fn find_files(dir: &Path, file: &str) -> Vec<PathBuf> {
     out
 }
 
-/// Create -> Running (as a watcher of the global API sees it), process runtime, one
-/// pod at a time on an otherwise idle node.
-pub async fn pod_start(count: usize) -> Result<()> {
+/// Create -> Running (as a watcher of the global API sees it), one pod at a time
+/// on an otherwise idle node. With containerd the image is present (a first,
+/// unmeasured pod pulls it).
+pub async fn pod_start(count: usize, containerd: bool) -> Result<()> {
     let plane = Plane::start("60s", "40s").await?;
+    let rt = NodeRuntime::start(containerd, plane.dir.path()).await?;
     let client = plane.admin().await?;
-    let (_agent, data) = start_agent(&plane, "start-1")?;
+    let (_agent, data) = start_agent(&plane, "start-1", &rt)?;
     wait_node(&client, "start-1").await?;
     let api = bench_namespace(&client).await?;
+    if rt.containerd.is_some() {
+        create_pod(&api, "warm-up", "start-1", &rt.image).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let p = api.get("warm-up").await?;
+            if p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the warm-up pod did not start: {:?}", p.status);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     let watch_api = api.clone();
     let w = tokio::spawn(async move {
@@ -451,7 +552,7 @@ pub async fn pod_start(count: usize) -> Result<()> {
     for i in 0..count {
         let name = format!("start-{i}");
         let t0 = Instant::now();
-        create_pod(&api, &name, "start-1").await?;
+        create_pod(&api, &name, "start-1", &rt.image).await?;
         let done = loop {
             match tokio::time::timeout(Duration::from_secs(30), rx.recv()).await {
                 Ok(Some((n, t))) if n == name => break t,
@@ -468,7 +569,8 @@ pub async fn pod_start(count: usize) -> Result<()> {
     w.abort();
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
     println!(
-        "pod start, create -> Running observed by a watcher, {count} pods one at a time: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        "pod start ({} runtime), create -> Running observed by a watcher, {count} pods one at a time: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        if containerd { "containerd" } else { "process" },
         ms(0.5),
         ms(0.9),
         ms(0.99),

@@ -86,11 +86,17 @@ enum Mode {
     AgentMemory {
         #[arg(long, default_value_t = 10)]
         pods: usize,
+        /// Run the pods on a private containerd instead of the process runtime.
+        #[arg(long)]
+        containerd: bool,
     },
-    /// Pod start latency (create -> Running), process runtime.
+    /// Pod start latency (create -> Running).
     PodStart {
         #[arg(long, default_value_t = 100)]
         pods: usize,
+        /// Run the pods on a private containerd instead of the process runtime.
+        #[arg(long)]
+        containerd: bool,
     },
     /// Pod creates through the API with concurrent clients, per backend.
     Create {
@@ -474,14 +480,14 @@ async fn main() -> Result<()> {
             )
             .await
         }
-        Mode::AgentMemory { pods } => edge::agent_memory(pods).await,
+        Mode::AgentMemory { pods, containerd } => edge::agent_memory(pods, containerd).await,
         Mode::Place {
             nodes,
             replicas,
             workloads,
             cities,
         } => place::run(nodes, replicas, workloads, cities),
-        Mode::PodStart { pods } => edge::pod_start(pods).await,
+        Mode::PodStart { pods, containerd } => edge::pod_start(pods, containerd).await,
         Mode::E2e {
             nodes,
             deployments,

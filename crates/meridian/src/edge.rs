@@ -138,7 +138,11 @@ pub async fn run_region(args: RegionArgs) -> Result<()> {
     let region = Region::start(cfg)
         .await
         .with_context(|| format!("starting region {}", args.name))?;
-    for path in &args.import_images {
+    for path in args
+        .import_images
+        .iter()
+        .filter(|p| !p.as_os_str().is_empty())
+    {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let names = region
             .shared
@@ -188,6 +192,12 @@ pub struct AgentArgs {
     /// Pull images directly from their registries instead of through the region.
     #[arg(long)]
     no_image_mirror: bool,
+    /// Image filesystem usage (percent) above which unused images are removed...
+    #[arg(long, default_value_t = 85.0)]
+    image_gc_high: f64,
+    /// ...down to this usage (percent).
+    #[arg(long, default_value_t = 80.0)]
+    image_gc_low: f64,
     #[arg(long, default_value = ".meridian-agent")]
     data_dir: PathBuf,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -255,6 +265,11 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
     cfg.backoff.base = args.restart_backoff;
     cfg.reconnect_cap = args.reconnect_max;
     cfg.coordinates = args.coordinates;
+    if !(0.0..=100.0).contains(&args.image_gc_low) || args.image_gc_low > args.image_gc_high {
+        bail!("--image-gc-low must be within 0..=--image-gc-high (percent)");
+    }
+    cfg.image_gc.high_percent = args.image_gc_high;
+    cfg.image_gc.low_percent = args.image_gc_low;
     let agent = Agent::start(
         cfg,
         make_runtime(
@@ -405,7 +420,7 @@ pub async fn start_demo_world(
     server: &Server,
     data_dir: &Path,
     simulated: bool,
-    containerd: Option<&crate::containerd::PrivateContainerd>,
+    containerd: Option<&meridian_agent::runtime::private::PrivateContainerd>,
 ) -> Result<DemoWorld> {
     let token = server.system_token(SystemRole::Region).await?;
     let yaml =

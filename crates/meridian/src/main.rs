@@ -1,6 +1,5 @@
 //! `meridian`: every Meridian component as a subcommand of one binary.
 
-mod containerd;
 mod edge;
 mod tenant;
 
@@ -244,11 +243,12 @@ async fn up(up: UpArgs) -> Result<()> {
     let kubeconfig = tenant::create_tenant(&args.data_dir, "demo", None).await?;
     let containerd = match up.runtime {
         UpRuntime::Containerd => Some(
-            containerd::PrivateContainerd::start(
+            meridian_agent::runtime::private::PrivateContainerd::start(
                 &args.data_dir.join("containerd"),
                 &format!("{}/pause:1", meridian_oci::LOCAL_REGISTRY),
             )
-            .await?,
+            .await
+            .context("starting a private containerd")?,
         ),
         UpRuntime::Process => None,
     };

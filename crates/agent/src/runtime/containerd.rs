@@ -23,7 +23,10 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tokio::sync::Mutex;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::{ContainerHandle, Exit, PullPolicy, RunState, Runtime, RuntimeError, StartRequest};
+use super::{
+    ContainerHandle, Exit, GcReport, ImageGcPolicy, PullPolicy, RunState, Runtime, RuntimeError,
+    StartRequest,
+};
 
 pub const LABEL_POD_UID: &str = "meridian.io/pod-uid";
 pub const LABEL_CONTAINER: &str = "meridian.io/container";
@@ -41,6 +44,8 @@ pub struct ContainerdRuntime {
     /// One pull at a time per image (concurrent pods of one image wait for it).
     pulls: Mutex<HashMap<String, std::sync::Arc<Mutex<()>>>>,
     mirrors: Option<Mirrors>,
+    /// Image reference → when a container last started from it (for image GC).
+    last_used: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// Pull through the region's image cache: the agent writes containerd's
@@ -228,6 +233,7 @@ impl ContainerdRuntime {
             sandboxes: Mutex::new(HashMap::new()),
             pulls: Mutex::new(HashMap::new()),
             mirrors: None,
+            last_used: Default::default(),
         }
     }
 
@@ -418,6 +424,42 @@ impl ContainerdRuntime {
         Ok(())
     }
 
+    /// The image filesystem's mount point and its usage in percent.
+    async fn image_fs_usage(&self) -> Result<f64, RuntimeError> {
+        let info = self
+            .images()
+            .image_fs_info(req_(cri::ImageFsInfoRequest {}))
+            .await
+            .map_err(|e| RuntimeError::Unavailable(status_err("image filesystem info", e)))?
+            .into_inner();
+        let mount = info
+            .image_filesystems
+            .first()
+            .and_then(|f| f.fs_id.as_ref())
+            .map(|id| id.mountpoint.clone())
+            .ok_or_else(|| RuntimeError::Unavailable("no image filesystem reported".into()))?;
+        let st = nix::sys::statvfs::statvfs(mount.as_str())
+            .map_err(|e| RuntimeError::Unavailable(format!("statvfs {mount}: {e}")))?;
+        let total = st.blocks() as f64 * st.fragment_size() as f64;
+        let avail = st.blocks_available() as f64 * st.fragment_size() as f64;
+        if total <= 0.0 {
+            return Ok(0.0);
+        }
+        Ok(100.0 * (total - avail) / total)
+    }
+
+    /// The sandbox image containerd's CRI plugin is configured with.
+    async fn sandbox_image(&self) -> Option<String> {
+        let status = self
+            .rt()
+            .status(req_(cri::StatusRequest { verbose: true }))
+            .await
+            .ok()?
+            .into_inner();
+        let config: serde_json::Value = serde_json::from_str(status.info.get("config")?).ok()?;
+        config["sandboxImage"].as_str().map(String::from)
+    }
+
     /// Removes exited containers of this pod container older than `keep_from`.
     async fn prune(&self, pod_uid: &str, container: &str, keep_from: u32) {
         let Ok(list) = self
@@ -454,6 +496,98 @@ impl ContainerdRuntime {
             }))
             .await
             .map(|r| r.into_inner())
+    }
+}
+
+impl ContainerdRuntime {
+    async fn collect_images(&self, policy: &ImageGcPolicy) -> Result<GcReport, RuntimeError> {
+        let used_percent = self.image_fs_usage().await?;
+        let mut report = GcReport {
+            used_percent,
+            ..Default::default()
+        };
+        if used_percent < policy.high_percent {
+            return Ok(report);
+        }
+        let unavailable =
+            |what: &str, e: tonic::Status| RuntimeError::Unavailable(status_err(what, e));
+        let images = self
+            .images()
+            .list_images(req_(cri::ListImagesRequest { filter: None }))
+            .await
+            .map_err(|e| unavailable("listing images", e))?
+            .into_inner()
+            .images;
+        // Images of any container (running or not) and the sandbox image stay.
+        let containers = self
+            .rt()
+            .list_containers(req_(cri::ListContainersRequest { filter: None }))
+            .await
+            .map_err(|e| unavailable("listing containers", e))?
+            .into_inner()
+            .containers;
+        let mut keep: std::collections::HashSet<String> = containers
+            .iter()
+            .flat_map(|c| {
+                [c.image_ref.clone()]
+                    .into_iter()
+                    .chain(c.image.as_ref().map(|i| i.image.clone()))
+            })
+            .collect();
+        if let Some(s) = self.sandbox_image().await {
+            keep.insert(s);
+        }
+        let last_used = self
+            .last_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut candidates: Vec<(Option<std::time::Instant>, cri::Image)> = images
+            .into_iter()
+            .filter(|i| {
+                !keep.contains(&i.id)
+                    && !i
+                        .repo_tags
+                        .iter()
+                        .chain(&i.repo_digests)
+                        .any(|t| keep.contains(t))
+            })
+            .map(|i| {
+                let used = i
+                    .repo_tags
+                    .iter()
+                    .filter_map(|t| last_used.get(t).copied())
+                    .max();
+                (used, i)
+            })
+            .collect();
+        // Never used by this agent first, then the least recently used.
+        candidates.sort_by_key(|(used, _)| *used);
+        for (_, image) in candidates {
+            if self.image_fs_usage().await? < policy.low_percent {
+                break;
+            }
+            let name = image
+                .repo_tags
+                .first()
+                .cloned()
+                .unwrap_or_else(|| image.id.clone());
+            match self
+                .images()
+                .remove_image(req_(cri::RemoveImageRequest {
+                    image: Some(spec(&image.id)),
+                }))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(image = %name, bytes = image.size, "image garbage-collected");
+                    report.freed_bytes += image.size;
+                    report.removed.push(name);
+                }
+                Err(e) => tracing::warn!(image = %name, "cannot remove image: {}", e.message()),
+            }
+        }
+        Ok(report)
     }
 }
 
@@ -496,6 +630,10 @@ impl Runtime for ContainerdRuntime {
             });
         }
         self.ensure_image(&req).await?;
+        self.last_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req.image.image.clone(), std::time::Instant::now());
         let sandbox = self.sandbox(&req).await?;
         if req.attempt >= 2 {
             self.prune(&req.pod_uid, &req.container, req.attempt - 1)
@@ -700,6 +838,10 @@ impl Runtime for ContainerdRuntime {
             .map(|v| v.value);
         let mem = s.memory.and_then(|m| m.working_set_bytes).map(|v| v.value);
         Some((cpu.unwrap_or(0), mem.unwrap_or(0)))
+    }
+
+    async fn gc_images(&self, policy: &ImageGcPolicy) -> Option<Result<GcReport, RuntimeError>> {
+        Some(self.collect_images(policy).await)
     }
 
     async fn remove_pod(&self, pod_uid: &str) {

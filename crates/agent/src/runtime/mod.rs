@@ -4,6 +4,7 @@
 
 pub mod containerd;
 pub mod fake;
+pub mod private;
 pub mod process;
 
 use std::path::PathBuf;
@@ -22,6 +23,9 @@ pub enum RuntimeError {
     /// Starting failed (reason `RunContainerError`).
     #[error("{0}")]
     Start(String),
+    /// The runtime could not answer (containerd down, ...).
+    #[error("{0}")]
+    Unavailable(String),
     /// The image could not be had: `reason` is the Kubernetes waiting reason
     /// (`ErrImagePull`, `InvalidImageName`, `ErrImageNeverPull`).
     #[error("{message}")]
@@ -97,6 +101,32 @@ impl PullPolicy {
     }
 }
 
+/// When the agent removes unused images (kubelet's image GC thresholds).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ImageGcPolicy {
+    pub high_percent: f64,
+    pub low_percent: f64,
+    pub interval: Duration,
+}
+
+impl Default for ImageGcPolicy {
+    fn default() -> Self {
+        Self {
+            high_percent: 85.0,
+            low_percent: 80.0,
+            interval: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GcReport {
+    /// Image filesystem usage when the run began, percent.
+    pub used_percent: f64,
+    pub removed: Vec<String>,
+    pub freed_bytes: u64,
+}
+
 /// A host path bind-mounted into the container.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mount {
@@ -166,6 +196,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// The pod is gone from this node: release what the runtime holds for it
     /// (containerd: the pod sandbox and its exited containers).
     async fn remove_pod(&self, _pod_uid: &str) {}
+
+    /// Removes unused images when the image filesystem is fuller than
+    /// `policy.high_percent`, oldest-used first, down to `policy.low_percent`.
+    /// `None`: this runtime keeps no images.
+    async fn gc_images(&self, _policy: &ImageGcPolicy) -> Option<Result<GcReport, RuntimeError>> {
+        None
+    }
 
     /// The container id shown in `status.containerStatuses[].containerID`.
     fn container_id(&self, handle: &ContainerHandle) -> Option<String> {

@@ -21,14 +21,7 @@ use crate::harness::*;
 use fixtures::{Containerd, Registry};
 
 fn containerd_args(c: &Containerd) -> Vec<String> {
-    vec![
-        "--runtime".into(),
-        "containerd".into(),
-        "--containerd-socket".into(),
-        c.socket.to_string_lossy().into_owned(),
-        "--containerd-hosts-dir".into(),
-        c.hosts_dir.to_string_lossy().into_owned(),
-    ]
+    c.inner.agent_args()
 }
 
 fn container_state(p: &Pod) -> (Option<String>, Option<String>, i32) {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use meridian_agent::runtime::containerd;
+use meridian_agent::runtime::private::PrivateContainerd;
 use meridian_oci::registry::RegistryClient;
 use meridian_oci::{Image, Reference};
 
@@ -111,73 +111,29 @@ pub fn pause() -> Image {
 /// registries through `hosts.toml` files in `hosts_dir`.
 pub struct Containerd {
     pub socket: PathBuf,
-    pub root: PathBuf,
     pub hosts_dir: PathBuf,
-    child: Option<Child>,
-    dir: PathBuf,
+    pub inner: PrivateContainerd,
 }
 
 impl Containerd {
     pub async fn start(dir: &Path, registry: &Registry) -> Containerd {
-        let bin = require("containerd");
+        require("containerd");
         require("runc");
         std::fs::create_dir_all(dir).unwrap();
         let pause = registry.push("meridian/pause:1", &pause()).await;
-        let hosts_dir = dir.join("certs.d");
+        let inner = PrivateContainerd::start(dir, &pause)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         write_hosts(
-            &hosts_dir,
+            &inner.hosts_dir,
             &registry.addr,
             &format!("http://{}", registry.addr),
         );
-        let socket = containerd::private_socket(dir);
-        let root = dir.join("root");
-        let config = dir.join("config.toml");
-        std::fs::write(&config, containerd::private_config(dir, &pause, &hosts_dir)).unwrap();
-        let log = std::fs::File::create(dir.join("containerd.log")).unwrap();
-        let child = Command::new(bin)
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start containerd");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let rt = containerd::ContainerdRuntime::new(&socket);
-        loop {
-            if socket.exists() && rt.check().await.is_ok() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not answer on {} (log: {})",
-                socket.display(),
-                std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
         Containerd {
-            socket,
-            root,
-            hosts_dir,
-            child: Some(child),
-            dir: dir.to_owned(),
+            socket: inner.socket.clone(),
+            hosts_dir: inner.hosts_dir.clone(),
+            inner,
         }
-    }
-
-    /// Stops containerd and everything it started (shims, containers, mounts).
-    pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = child.kill();
-        let _ = child.wait();
-        containerd::kill_private_leftovers(&self.dir);
-    }
-}
-
-impl Drop for Containerd {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 

@@ -12,7 +12,8 @@ use fixtures::{Containerd, Registry};
 use meridian_agent::runtime::containerd::ContainerdRuntime;
 use meridian_agent::runtime::process::ProcessRuntime;
 use meridian_agent::runtime::{
-    ContainerHandle, Exit, ImageRequest, PullPolicy, RunState, Runtime, RuntimeError, StartRequest,
+    ContainerHandle, Exit, ImageGcPolicy, ImageRequest, PullPolicy, RunState, Runtime,
+    RuntimeError, StartRequest,
 };
 use tempfile::TempDir;
 
@@ -334,4 +335,65 @@ async fn containerd_containers_outlive_the_agent_and_are_found_again() {
         matches!(&gone, RunState::Exited(e) if e.reason.as_deref() == Some("ContainerMissing")),
         "{gone:?}"
     );
+}
+
+#[tokio::test]
+async fn containerd_image_gc_removes_unused_images_and_keeps_those_in_use() {
+    let ce = containerd_env().await;
+    let rt = ContainerdRuntime::new(&ce.containerd.socket);
+    let other =
+        meridian_oci::build::busybox(Path::new("/bin/busybox"), &["true"], Vec::new()).unwrap();
+    let unused = ce.registry.push("test/unused:1", &other).await;
+    // Pull the unused image by running (and removing) a pod from it.
+    let mut req = request(&ce.env, "gc-a", "c", "true");
+    req.image.image = unused.clone();
+    let h = rt.start(req).await.expect("start");
+    wait_exit(&rt, &h, Duration::from_secs(30)).await;
+    rt.remove_pod("gc-a").await;
+    // A running container keeps its image.
+    let h = rt
+        .start(request(
+            &ce.env,
+            "gc-b",
+            "c",
+            "while true; do sleep 0.1; done",
+        ))
+        .await
+        .expect("start");
+    let never = ImageGcPolicy {
+        high_percent: 100.0,
+        low_percent: 100.0,
+        ..Default::default()
+    };
+    let r = rt.gc_images(&never).await.unwrap().unwrap();
+    assert!(
+        r.removed.is_empty(),
+        "below the high threshold nothing goes: {r:?}"
+    );
+    let always = ImageGcPolicy {
+        high_percent: 0.0,
+        low_percent: 0.0,
+        ..Default::default()
+    };
+    let r = rt.gc_images(&always).await.unwrap().unwrap();
+    assert_eq!(r.removed, vec![unused.clone()], "{r:?}");
+    assert!(r.freed_bytes > 0);
+    // The image in use and the sandbox image are still there: a new container
+    // starts without a registry.
+    let mut again = request(&ce.env, "gc-b", "d", "true");
+    again.image.pull_policy = PullPolicy::Never;
+    let h2 = rt.start(again).await.expect("the image in use was kept");
+    wait_exit(&rt, &h2, Duration::from_secs(30)).await;
+    let mut gone = request(&ce.env, "gc-c", "c", "true");
+    gone.image.image = unused;
+    gone.image.pull_policy = PullPolicy::Never;
+    assert!(matches!(
+        rt.start(gone).await,
+        Err(RuntimeError::Image {
+            reason: "ErrImageNeverPull",
+            ..
+        })
+    ));
+    rt.stop(&h, Duration::from_secs(1)).await;
+    rt.remove_pod("gc-b").await;
 }

@@ -1,13 +1,14 @@
-//! A private containerd for `meridian up --runtime containerd`: its own root,
-//! state, socket and configuration under the data dir, so the demo never touches
-//! a system containerd, and everything it started goes away with `up`.
+//! A private containerd: its own root, state, socket and configuration under a
+//! directory, so a demo (`meridian up --runtime containerd`), a benchmark or a
+//! test never touches a system containerd, and everything it started goes away
+//! when it is dropped.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use meridian_agent::runtime::containerd::{
+use super::RuntimeError;
+use super::containerd::{
     ContainerdRuntime, kill_private_leftovers, private_config, private_socket,
 };
 
@@ -19,17 +20,19 @@ pub struct PrivateContainerd {
 }
 
 impl PrivateContainerd {
-    pub async fn start(dir: &Path, sandbox_image: &str) -> Result<Self> {
+    pub async fn start(dir: &Path, sandbox_image: &str) -> Result<Self, RuntimeError> {
+        let fail = |m: String| RuntimeError::Start(m);
         let bin = ["/usr/bin/containerd", "/usr/local/bin/containerd"]
             .into_iter()
             .map(PathBuf::from)
             .find(|p| p.exists())
-            .context("containerd is not installed (Debian: apt-get install containerd runc)")?;
+            .ok_or_else(|| {
+                fail("containerd is not installed (Debian: apt-get install containerd runc)".into())
+            })?;
         // A previous `up` that was killed may have left shims and mounts.
         kill_private_leftovers(dir);
         let hosts_dir = dir.join("certs.d");
-        std::fs::create_dir_all(&hosts_dir)
-            .with_context(|| format!("creating {}", hosts_dir.display()))?;
+        std::fs::create_dir_all(&hosts_dir)?;
         let config = dir.join("config.toml");
         std::fs::write(&config, private_config(dir, sandbox_image, &hosts_dir))?;
         let log_path = dir.join("containerd.log");
@@ -40,7 +43,7 @@ impl PrivateContainerd {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .context("starting containerd")?;
+            .map_err(|e| fail(format!("starting containerd: {e}")))?;
         let socket = private_socket(dir);
         let mut me = Self {
             dir: dir.to_owned(),
@@ -55,16 +58,38 @@ impl PrivateContainerd {
                 return Ok(me);
             }
             if let Ok(Some(status)) = me.child.try_wait() {
-                bail!("containerd exited ({status}); see {}", log_path.display());
+                return Err(fail(format!(
+                    "containerd exited ({status}); see {}",
+                    log_path.display()
+                )));
             }
             if Instant::now() > deadline {
-                bail!(
+                return Err(fail(format!(
                     "containerd did not answer in 30 s; see {}",
                     log_path.display()
-                );
+                )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+impl PrivateContainerd {
+    /// The `meridian agent` arguments that run pods on this containerd.
+    pub fn agent_args(&self) -> Vec<String> {
+        vec![
+            "--runtime".into(),
+            "containerd".into(),
+            "--containerd-socket".into(),
+            self.socket.to_string_lossy().into_owned(),
+            "--containerd-hosts-dir".into(),
+            self.hosts_dir.to_string_lossy().into_owned(),
+        ]
+    }
+
+    /// containerd's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
