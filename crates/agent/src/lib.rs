@@ -8,6 +8,7 @@ pub mod facts;
 pub mod hollow;
 pub mod logs;
 pub mod pods;
+pub mod refs;
 pub mod runtime;
 pub mod shim;
 pub mod state;
@@ -285,7 +286,22 @@ impl Agent {
                     let Some(m) = m else { return Ok(()) };
                     match m.msg {
                         Some(region_message::Msg::Desired(d)) => {
-                            let pods = d.pods.into_iter().map(|p| (p.uid, p.pod_json)).collect();
+                            let pods = d
+                                .pods
+                                .into_iter()
+                                .map(|p| {
+                                    let refs = p
+                                        .refs
+                                        .into_iter()
+                                        .filter(|r| !r.json.is_empty())
+                                        .filter_map(|r| {
+                                            let obj = serde_json::from_slice(&r.json).ok()?;
+                                            Some(((r.kind, r.name), obj))
+                                        })
+                                        .collect();
+                                    (p.uid, p.pod_json, refs)
+                                })
+                                .collect();
                             self.manager.set_desired(pods).await;
                         }
                         Some(region_message::Msg::LogRequest(r)) => {

@@ -18,6 +18,7 @@ use meridian_proto::{PodEvent, PodStatusUpdate};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, watch};
 
+use crate::refs::Refs;
 use crate::runtime::{
     Exit, ImageRequest, Mount, PullPolicy, RunState, Runtime, RuntimeError, StartRequest,
 };
@@ -129,7 +130,7 @@ impl Ctx {
 
 #[derive(Clone)]
 enum Cmd {
-    Run(Arc<Pod>),
+    Run(Arc<Pod>, Arc<Refs>),
     Stop,
 }
 
@@ -159,7 +160,8 @@ impl PodManager {
         for (uid, json) in pods {
             match serde_json::from_slice::<Pod>(&json) {
                 Ok(pod) => {
-                    workers.insert(uid.clone(), spawn_worker(self.ctx.clone(), uid, pod));
+                    let refs = self.ctx.state.refs(&uid).unwrap_or_default();
+                    workers.insert(uid.clone(), spawn_worker(self.ctx.clone(), uid, pod, refs));
                 }
                 Err(e) => tracing::warn!(%uid, "dropping unreadable cached pod: {e}"),
             }
@@ -172,12 +174,13 @@ impl PodManager {
         self.workers.lock().await.keys().cloned().collect()
     }
 
-    /// Replaces the desired set: new pods start, missing ones stop, the rest carry on.
-    pub async fn set_desired(&self, pods: Vec<(String, Vec<u8>)>) {
+    /// Replaces the desired set (uid, pod JSON, referenced objects): new pods
+    /// start, missing ones stop, the rest carry on.
+    pub async fn set_desired(&self, pods: Vec<(String, Vec<u8>, Refs)>) {
         let mut workers = self.workers.lock().await;
         workers.retain(|_, w| !w.task.is_finished());
         let mut keep = std::collections::HashSet::new();
-        for (uid, json) in pods {
+        for (uid, json, refs) in pods {
             let pod: Pod = match serde_json::from_slice(&json) {
                 Ok(p) => p,
                 Err(e) => {
@@ -186,24 +189,35 @@ impl PodManager {
                 }
             };
             keep.insert(uid.clone());
+            // What the region could not resolve this time keeps its last known value.
+            let mut merged = self.ctx.state.refs(&uid).unwrap_or_default();
+            let refs_changed = refs.iter().any(|(k, v)| merged.get(k) != Some(v));
+            merged.extend(refs);
+            if refs_changed && let Err(e) = self.ctx.state.put_refs(&uid, &merged) {
+                tracing::error!(%uid, "cannot cache pod references: {e}");
+            }
             match workers.get(&uid) {
                 Some(w) => {
-                    if let Cmd::Run(old) = &*w.tx.borrow()
+                    if let Cmd::Run(old, _) = &*w.tx.borrow()
                         && old.metadata == pod.metadata
                         && old.spec == pod.spec
+                        && !refs_changed
                     {
                         continue;
                     }
                     if let Err(e) = self.ctx.state.put_pod(&uid, &json) {
                         tracing::error!(%uid, "cannot cache pod: {e}");
                     }
-                    let _ = w.tx.send(Cmd::Run(Arc::new(pod)));
+                    let _ = w.tx.send(Cmd::Run(Arc::new(pod), Arc::new(merged)));
                 }
                 None => {
                     if let Err(e) = self.ctx.state.put_pod(&uid, &json) {
                         tracing::error!(%uid, "cannot cache pod: {e}");
                     }
-                    workers.insert(uid.clone(), spawn_worker(self.ctx.clone(), uid, pod));
+                    workers.insert(
+                        uid.clone(),
+                        spawn_worker(self.ctx.clone(), uid, pod, merged),
+                    );
                 }
             }
         }
@@ -244,8 +258,8 @@ impl PodManager {
     }
 }
 
-fn spawn_worker(ctx: Arc<Ctx>, uid: String, pod: Pod) -> Worker {
-    let (tx, rx) = watch::channel(Cmd::Run(Arc::new(pod)));
+fn spawn_worker(ctx: Arc<Ctx>, uid: String, pod: Pod, refs: Refs) -> Worker {
+    let (tx, rx) = watch::channel(Cmd::Run(Arc::new(pod), Arc::new(refs)));
     let task = tokio::spawn(run_worker(ctx, uid, rx));
     Worker { tx, task }
 }
@@ -262,6 +276,30 @@ struct Live {
     readiness: ProbeState,
 }
 
+impl Live {
+    /// Whether a failed pull or configuration lookup is still backing off (a
+    /// failed pull then shows as `ImagePullBackOff`).
+    fn backing_off(&mut self, c: &Container) -> bool {
+        if self.pull_retry_at.is_none_or(|at| Instant::now() >= at) {
+            return false;
+        }
+        if self
+            .waiting
+            .as_ref()
+            .is_some_and(|(r, _)| r == "ErrImagePull")
+        {
+            self.waiting = Some((
+                "ImagePullBackOff".into(),
+                format!(
+                    "Back-off pulling image {:?}",
+                    c.image.clone().unwrap_or_default()
+                ),
+            ));
+        }
+        true
+    }
+}
+
 #[derive(Default)]
 struct ProbeState {
     next: Option<Instant>,
@@ -273,6 +311,7 @@ struct PodWorker {
     ctx: Arc<Ctx>,
     uid: String,
     pod: Arc<Pod>,
+    refs: Arc<Refs>,
     records: HashMap<String, ContainerRecord>,
     live: HashMap<String, Live>,
     started: Timestamp,
@@ -281,7 +320,7 @@ struct PodWorker {
 }
 
 async fn run_worker(ctx: Arc<Ctx>, uid: String, mut rx: watch::Receiver<Cmd>) {
-    let Cmd::Run(pod) = rx.borrow().clone() else {
+    let Cmd::Run(pod, refs) = rx.borrow().clone() else {
         return;
     };
     let records: HashMap<String, ContainerRecord> = ctx
@@ -298,6 +337,7 @@ async fn run_worker(ctx: Arc<Ctx>, uid: String, mut rx: watch::Receiver<Cmd>) {
         ctx,
         uid,
         pod,
+        refs,
         records,
         live: HashMap::new(),
         started,
@@ -312,8 +352,9 @@ async fn run_worker(ctx: Arc<Ctx>, uid: String, mut rx: watch::Receiver<Cmd>) {
                 w.stop_all().await;
                 return;
             }
-            Cmd::Run(pod) => {
+            Cmd::Run(pod, refs) => {
                 w.pod = pod;
+                w.refs = refs;
                 w.reconcile().await;
                 w.publish();
             }
@@ -410,7 +451,14 @@ impl PodWorker {
     }
 
     fn env(&self, c: &Container) -> Vec<(String, String)> {
+        self.env_checked(c).0
+    }
+
+    /// The container's environment, and the first reference that could not be
+    /// resolved (a missing ConfigMap, Secret or key: the container cannot start).
+    fn env_checked(&self, c: &Container) -> (Vec<(String, String)>, Option<String>) {
         let meta = &self.pod.metadata;
+        let mut problem = None;
         // Image runtimes take PATH and HOME from the image's config.
         let mut env: Vec<(String, String)> = if self.ctx.runtime.name() == "process" {
             vec![
@@ -425,7 +473,19 @@ impl PodWorker {
             env.retain(|(x, _)| x != k);
             env.push((k.to_owned(), v));
         };
+        match crate::refs::env_from(&self.refs, c) {
+            Ok(vars) => {
+                for (k, v) in vars {
+                    set(&k, v);
+                }
+            }
+            Err(e) => problem = Some(e),
+        }
         for e in c.env.iter().flatten() {
+            let from_ref = e
+                .value_from
+                .as_ref()
+                .map(|f| crate::refs::env_value(&self.refs, f));
             let value = if let Some(v) = &e.value {
                 expand(v, |k| lookup(&env_snapshot(&e.name, &c.env), k))
             } else if let Some(f) = e.value_from.as_ref().and_then(|f| f.field_ref.as_ref()) {
@@ -442,15 +502,27 @@ impl PodWorker {
                     p => label_or_annotation(meta, p).unwrap_or_default(),
                 }
             } else {
-                String::new()
+                match from_ref {
+                    Some(Ok(Some(v))) => v,
+                    // An optional reference that is missing: no variable at all.
+                    Some(Ok(None)) => continue,
+                    Some(Err(why)) => {
+                        problem.get_or_insert(why);
+                        continue;
+                    }
+                    None => String::new(),
+                }
             };
             set(&e.name, value);
         }
-        env
+        (env, problem)
     }
 
-    fn start_request(&self, c: &Container, attempt: u32) -> StartRequest {
-        let env = self.env(c);
+    fn start_request(&self, c: &Container, attempt: u32) -> Result<StartRequest, String> {
+        let (env, problem) = self.env_checked(c);
+        if let Some(p) = problem {
+            return Err(p);
+        }
         let lookup_env = |k: &str| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
         let expanded = |v: &Option<Vec<String>>| -> Vec<String> {
             v.iter().flatten().map(|a| expand(a, lookup_env)).collect()
@@ -458,13 +530,16 @@ impl PodWorker {
         let (command, args) = (expanded(&c.command), expanded(&c.args));
         let argv: Vec<String> = command.iter().chain(&args).cloned().collect();
         let image = c.image.clone().unwrap_or_default();
+        let credentials = meridian_oci::Reference::parse(&image)
+            .ok()
+            .and_then(|r| crate::refs::pull_credentials(&self.refs, &self.pod, &r.registry));
         let limits = c.resources.as_ref().and_then(|r| r.limits.as_ref());
         let milli = |k: &str| {
             limits
                 .and_then(|l| l.get(k))
                 .and_then(|q| meridian_api::quantity::parse_milli(&q.0).ok())
         };
-        StartRequest {
+        Ok(StartRequest {
             pod_uid: self.uid.clone(),
             container: c.name.clone(),
             attempt,
@@ -483,12 +558,12 @@ impl PodWorker {
                 pod_namespace: self.namespace(),
                 pull_policy: PullPolicy::resolve(c.image_pull_policy.as_deref(), &image),
                 image,
-                credentials: None,
+                credentials,
                 command,
                 args,
             },
-            mounts: self.mounts(c),
-        }
+            mounts: self.mounts(c)?,
+        })
     }
 
     fn volumes(&self) -> Vec<k8s_openapi::api::core::v1::Volume> {
@@ -500,27 +575,32 @@ impl PodWorker {
     }
 
     /// Host directories for the container's volume mounts: emptyDir volumes live
-    /// in the pod's directory (gone with the pod), hostPath volumes are the node's
-    /// own paths. Other volume kinds are not mounted (they need objects the agent
-    /// does not receive yet) and are reported by [`PodWorker::unsupported_volumes`].
-    fn mounts(&self, c: &Container) -> Vec<Mount> {
+    /// in the pod's directory (gone with the pod), ConfigMap and Secret volumes
+    /// are written there from the objects the region shipped (read-only mounts),
+    /// hostPath volumes are the node's own paths. Other kinds are reported by
+    /// [`PodWorker::unsupported_volumes`].
+    fn mounts(&self, c: &Container) -> Result<Vec<Mount>, String> {
         let volumes = self.volumes();
         let mut out = Vec::new();
         for m in c.volume_mounts.iter().flatten() {
             let Some(v) = volumes.iter().find(|v| v.name == m.name) else {
                 continue;
             };
+            let dir = self
+                .ctx
+                .data_dir
+                .join("pods")
+                .join(&self.uid)
+                .join("volumes")
+                .join(&v.name);
+            let mut read_only = m.read_only.unwrap_or(false);
             let host_path = if v.empty_dir.is_some() {
-                let dir = self
-                    .ctx
-                    .data_dir
-                    .join("pods")
-                    .join(&self.uid)
-                    .join("volumes")
-                    .join(&v.name);
                 if let Err(e) = std::fs::create_dir_all(&dir) {
                     tracing::warn!(uid = %self.uid, volume = %v.name, "cannot create emptyDir: {e}");
                 }
+                dir
+            } else if crate::refs::write_volume(&self.refs, v, &dir)? {
+                read_only = true;
                 dir
             } else if let Some(h) = &v.host_path {
                 PathBuf::from(&h.path)
@@ -536,10 +616,10 @@ impl PodWorker {
             out.push(Mount {
                 host_path,
                 container_path: m.mount_path.clone(),
-                read_only: m.read_only.unwrap_or(false),
+                read_only,
             });
         }
-        out
+        Ok(out)
     }
 
     /// Volume mounts of `c` whose volume kind this node cannot provide.
@@ -550,7 +630,11 @@ impl PodWorker {
             .flatten()
             .filter_map(|m| {
                 let v = volumes.iter().find(|v| v.name == m.name)?;
-                (v.empty_dir.is_none() && v.host_path.is_none()).then(|| v.name.clone())
+                let supported = v.empty_dir.is_some()
+                    || v.host_path.is_some()
+                    || v.config_map.is_some()
+                    || v.secret.is_some();
+                (!supported).then(|| v.name.clone())
             })
             .collect()
     }
@@ -562,22 +646,7 @@ impl PodWorker {
             let live = self.live.entry(c.name.clone()).or_default();
             match (&rec.handle, &rec.exit) {
                 (None, _) => {
-                    if let Some(at) = live.pull_retry_at
-                        && Instant::now() < at
-                    {
-                        if live
-                            .waiting
-                            .as_ref()
-                            .is_some_and(|(r, _)| r == "ErrImagePull")
-                        {
-                            live.waiting = Some((
-                                "ImagePullBackOff".into(),
-                                format!(
-                                    "Back-off pulling image {:?}",
-                                    c.image.clone().unwrap_or_default()
-                                ),
-                            ));
-                        }
+                    if live.backing_off(&c) {
                         continue;
                     }
                     if live.waiting.is_none() {
@@ -620,6 +689,10 @@ impl PodWorker {
                 },
                 (Some(_), Some(exit)) => {
                     if !should_restart(&policy, exit) {
+                        continue;
+                    }
+                    // A restart that could not get its image or configuration.
+                    if live.backing_off(&c) {
                         continue;
                     }
                     let delay = self.delay_ms(&rec);
@@ -670,20 +743,28 @@ impl PodWorker {
     }
 
     async fn start(&mut self, c: &Container, attempt: u32, mut rec: ContainerRecord) {
-        let req = self.start_request(c, attempt);
         rec.attempt = attempt;
         let unsupported = self.unsupported_volumes(c);
         let result = if self.ctx.runtime.name() != "process" && !unsupported.is_empty() {
             Err(RuntimeError::Config(format!(
-                "volume(s) {} cannot be mounted: this node provides emptyDir and hostPath \
-                 volumes only",
+                "volume(s) {} cannot be mounted: this node provides emptyDir, hostPath, \
+                 configMap and secret volumes",
                 unsupported.join(", ")
             )))
         } else {
-            self.ctx.runtime.start(req).await
+            match self.start_request(c, attempt) {
+                Ok(req) => self.ctx.runtime.start(req).await,
+                Err(why) => Err(RuntimeError::Config(why)),
+            }
         };
-        if let Err(RuntimeError::Image { reason, message }) = &result {
-            // Pull failures are not container restarts: retry with back-off, stay Pending.
+        let not_started = match &result {
+            Err(RuntimeError::Image { reason, message }) => Some((*reason, message.clone())),
+            Err(RuntimeError::Config(m)) => Some(("CreateContainerConfigError", m.clone())),
+            _ => None,
+        };
+        if let Some((reason, message)) = &not_started {
+            // Pull failures and missing configuration are not container restarts:
+            // retry with back-off, stay Pending (as kubelet does).
             let base = self.ctx.backoff.base;
             let cap = self.ctx.backoff.cap;
             let live = self.live.entry(c.name.clone()).or_default();

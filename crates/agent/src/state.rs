@@ -11,6 +11,9 @@ use crate::runtime::{ContainerHandle, Exit};
 
 const PODS: TableDefinition<&str, &[u8]> = TableDefinition::new("pods");
 const CONTAINERS: TableDefinition<&str, &[u8]> = TableDefinition::new("containers");
+/// Pod uid → the ConfigMaps and Secrets it references (JSON of [`crate::refs::Refs`]
+/// as a list of `[kind, name, object]`).
+const REFS: TableDefinition<&str, &[u8]> = TableDefinition::new("refs");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -52,6 +55,7 @@ impl LocalState {
         let tx = db.begin_write().map_err(dberr)?;
         tx.open_table(PODS).map_err(dberr)?;
         tx.open_table(CONTAINERS).map_err(dberr)?;
+        tx.open_table(REFS).map_err(dberr)?;
         tx.commit().map_err(dberr)?;
         Ok(Self { db })
     }
@@ -77,11 +81,38 @@ impl LocalState {
         tx.commit().map_err(dberr)
     }
 
-    /// Forgets a pod and its containers.
+    /// The pod's referenced objects as last received.
+    pub fn refs(&self, uid: &str) -> Result<crate::refs::Refs, StateError> {
+        let tx = self.db.begin_read().map_err(dberr)?;
+        let t = tx.open_table(REFS).map_err(dberr)?;
+        let Some(v) = t.get(uid).map_err(dberr)? else {
+            return Ok(Default::default());
+        };
+        let list: Vec<(String, String, serde_json::Value)> = serde_json::from_slice(v.value())?;
+        Ok(list.into_iter().map(|(k, n, o)| ((k, n), o)).collect())
+    }
+
+    pub fn put_refs(&self, uid: &str, refs: &crate::refs::Refs) -> Result<(), StateError> {
+        let list: Vec<(&String, &String, &serde_json::Value)> =
+            refs.iter().map(|((k, n), o)| (k, n, o)).collect();
+        let data = serde_json::to_vec(&list)?;
+        let tx = self.db.begin_write().map_err(dberr)?;
+        tx.open_table(REFS)
+            .map_err(dberr)?
+            .insert(uid, data.as_slice())
+            .map_err(dberr)?;
+        tx.commit().map_err(dberr)
+    }
+
+    /// Forgets a pod, its containers and its references.
     pub fn remove_pod(&self, uid: &str) -> Result<(), StateError> {
         let tx = self.db.begin_write().map_err(dberr)?;
         {
             tx.open_table(PODS)
+                .map_err(dberr)?
+                .remove(uid)
+                .map_err(dberr)?;
+            tx.open_table(REFS)
                 .map_err(dberr)?
                 .remove(uid)
                 .map_err(dberr)?;

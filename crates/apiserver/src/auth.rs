@@ -182,7 +182,9 @@ fn system_allows(role: SystemRole, verb: Verb, r: &Resource, sub: Option<&str>) 
         (SystemRole::Region, "nodes" | "leases") => true,
         (SystemRole::Region, "pods") => read || sub == Some("status") || verb == Verb::Delete,
         (SystemRole::Region, "edgeclusters") => true,
-        (SystemRole::Region, _) => read && r.plural != "secrets",
+        // One by one, for the pods on its nodes (never a list or watch of them all).
+        (SystemRole::Region, "secrets") => verb == Verb::Get,
+        (SystemRole::Region, _) => read,
         (SystemRole::Scheduler, "pods") => {
             read || matches!(sub, Some("binding" | "status"))
                 || verb == Verb::Update
@@ -228,6 +230,9 @@ mod tests {
         assert!(authorize(&r, Verb::Update, res("pods"), Some("status")).is_ok());
         assert!(authorize(&r, Verb::Update, res("pods"), None).is_err());
         assert!(authorize(&r, Verb::Create, res("deployments"), None).is_err());
+        assert!(authorize(&r, Verb::Get, res("secrets"), None).is_ok());
+        assert!(authorize(&r, Verb::List, res("secrets"), None).is_err());
+        assert!(authorize(&r, Verb::Watch, res("secrets"), None).is_err());
     }
 
     #[test]

@@ -230,11 +230,18 @@ fn apply_pod(
     });
     puts.push((uid.clone(), cached.json.clone()));
     let node = cached.node.clone();
-    if let Some(old) = pods.insert(uid, cached)
+    let mut cached = cached;
+    // The pod spec's references cannot change: keep what was resolved.
+    if let Some(old) = pods.by_uid.get(&uid) {
+        cached.refs = old.refs.clone();
+    }
+    if let Some(old) = pods.insert(uid.clone(), cached)
         && old != node
     {
         touched.insert(old);
     }
+    drop(pods);
+    crate::refs::enqueue_if_needed(shared, &uid, pod);
     if !unchanged {
         touched.insert(node);
     }

@@ -19,6 +19,7 @@ pub mod http;
 pub mod hub;
 pub mod images;
 pub mod lifecycle;
+pub mod refs;
 mod state;
 
 use std::net::SocketAddr;
@@ -183,7 +184,22 @@ impl Region {
                 }
             })?;
         let shared = Arc::new(Shared::new(cfg, store, client, Arc::new(images)));
+        let (refs_tx, refs_rx) = tokio::sync::mpsc::unbounded_channel();
+        let _ = shared.refs_tx.set(refs_tx);
         shared.load().await?;
+        // Pods loaded from the store have no references resolved yet.
+        let loaded: Vec<(String, bytes::Bytes)> = state::lock(&shared.pods)
+            .by_uid
+            .iter()
+            .map(|(u, p)| (u.clone(), p.json.clone()))
+            .collect();
+        for (uid, json) in loaded {
+            let maybe = memchr::memmem::find(&json, b"configMap").is_some()
+                || memchr::memmem::find(&json, b"ecret").is_some();
+            if maybe && let Ok(pod) = serde_json::from_slice(&json) {
+                refs::enqueue_if_needed(&shared, &uid, &pod);
+            }
+        }
         let mut tasks = Vec::new();
         let router = http::router(shared.clone());
         tasks.push(tokio::spawn(async move {
@@ -192,6 +208,7 @@ impl Region {
             }
         }));
         tasks.push(tokio::spawn(lifecycle::run(shared.clone())));
+        tasks.push(tokio::spawn(refs::run(shared.clone(), refs_rx)));
         tasks.push(tokio::spawn(lifecycle::checkpoint_leases(shared.clone())));
         tasks.extend(global::spawn(shared.clone()));
         tracing::info!(region = %shared.cfg.name, %addr, "region started");

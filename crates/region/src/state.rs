@@ -109,6 +109,8 @@ pub struct CachedPod {
     /// Hash of what the agent acts on (spec, labels, annotations): a status-only
     /// change — most watch events, our own uploads echoing back — keeps it.
     pub desired: u64,
+    /// The ConfigMaps and Secrets the pod references, as last resolved.
+    pub refs: std::sync::Arc<Vec<meridian_proto::PodRef>>,
 }
 
 #[derive(Default)]
@@ -169,6 +171,8 @@ pub struct Shared {
     pub evict_hold: Mutex<HashMap<String, std::time::Instant>>,
     /// The edge image service (pull-through cache) on the region's port.
     pub images: std::sync::Arc<crate::images::ImageCache>,
+    /// Pods (uid) whose ConfigMaps/Secrets must be (re)fetched: `refs::run`.
+    pub refs_tx: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -212,6 +216,7 @@ impl CachedPod {
                         .hash(&mut h);
                     h.finish()
                 },
+                refs: Default::default(),
             },
         ))
     }
@@ -226,6 +231,7 @@ impl Shared {
     ) -> Self {
         Self {
             images,
+            refs_tx: Default::default(),
             cfg,
             store,
             client,
@@ -341,6 +347,7 @@ impl Shared {
                         (!p.gone).then(|| DesiredPod {
                             uid: u.clone(),
                             pod_json: p.json.to_vec(),
+                            refs: p.refs.to_vec(),
                         })
                     })
                     .collect()

@@ -24,6 +24,19 @@ fn containerd_args(c: &Containerd) -> Vec<String> {
     c.inner.agent_args()
 }
 
+/// A world with a registry holding `demo/busybox:1` and one agent, `paris-1`, on a
+/// private containerd.
+async fn containerd_world() -> (World, Registry, Containerd, String) {
+    let mut w = World::start(RegionOpts::default()).await;
+    let registry = Registry::start(&w.path("registry"));
+    let image = registry.push("demo/busybox:1", &fixtures::busybox()).await;
+    let containerd = Containerd::start(&w.path("containerd"), &registry).await;
+    let args = containerd_args(&containerd);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    w.add_agent_with("paris-1", &args).await;
+    (w, registry, containerd, image)
+}
+
 fn container_state(p: &Pod) -> (Option<String>, Option<String>, i32) {
     let c = p
         .status
@@ -62,13 +75,7 @@ async fn http_get(port: u16) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerd_pods_serve_log_restart_get_oom_killed_and_survive_an_agent_restart() {
-    let mut w = World::start(RegionOpts::default()).await;
-    let registry = Registry::start(&w.path("registry"));
-    let image = registry.push("demo/busybox:1", &fixtures::busybox()).await;
-    let containerd = Containerd::start(&w.path("containerd"), &registry).await;
-    let args = containerd_args(&containerd);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    w.add_agent_with("paris-1", &args).await;
+    let (mut w, registry, _containerd, image) = containerd_world().await;
 
     // A Deployment serving on a host port.
     let port = free_port();
@@ -371,4 +378,89 @@ async fn ten_agents_pulling_one_image_cause_one_upstream_pull() {
         .map(|(_, v)| v)
         .sum();
     assert_eq!(manifest_gets, 1, "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmaps_and_secrets_reach_containers_as_files_and_env() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+    let (w, _registry, _containerd, image) = containerd_world().await;
+    let secrets: Api<Secret> = Api::namespaced(w.client.clone(), "edge");
+    let secret = json!({"metadata": {"name": "creds"}, "stringData": {"token": "t0k3n"}});
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(secret).unwrap(),
+        )
+        .await
+        .unwrap();
+    // The ConfigMap does not exist yet: the pod waits with a clear reason.
+    w.create_pod(json!({
+        "metadata": {"name": "configured"},
+        "spec": {
+            "nodeName": "paris-1",
+            "terminationGracePeriodSeconds": 1,
+            "volumes": [
+                {"name": "cfg", "configMap": {"name": "settings"}},
+                {"name": "sec", "secret": {"secretName": "creds", "items": [{"key": "token", "path": "api/token"}]}},
+            ],
+            "containers": [{
+                "name": "c", "image": image,
+                "command": ["sh", "-c", "echo \"mode=$MODE token=$(cat /etc/sec/api/token) conf=$(cat /etc/cfg/app.conf) all=$FROM_ALL\"; sleep 3600"],
+                "env": [
+                    {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "mode"}}},
+                ],
+                "envFrom": [{"configMapRef": {"name": "settings"}, "prefix": "FROM_"}],
+                "volumeMounts": [
+                    {"name": "cfg", "mountPath": "/etc/cfg"},
+                    {"name": "sec", "mountPath": "/etc/sec"},
+                ],
+            }],
+        },
+    }))
+    .await;
+    eventually("the pod waits for its ConfigMap", Duration::from_secs(30), || async {
+        let p = w.pod("configured").await;
+        let waiting = p
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .and_then(|c| c.state.as_ref())
+            .and_then(|s| s.waiting.as_ref())
+            .map(|w| (w.reason.clone().unwrap_or_default(), w.message.clone().unwrap_or_default()));
+        matches!(waiting, Some((r, m)) if r == "CreateContainerConfigError" && m.contains("configmap \"settings\" not found"))
+    })
+    .await;
+    let maps: Api<ConfigMap> = Api::namespaced(w.client.clone(), "edge");
+    let cm = json!({"metadata": {"name": "settings"},
+        "data": {"mode": "edge", "app.conf": "threads=4", "ALL": "yes"}});
+    maps.create(&PostParams::default(), &serde_json::from_value(cm).unwrap())
+        .await
+        .unwrap();
+    eventually(
+        "the pod starts once the ConfigMap exists",
+        Duration::from_secs(90),
+        || async {
+            w.pod("configured")
+                .await
+                .status
+                .and_then(|s| s.phase)
+                .as_deref()
+                == Some("Running")
+        },
+    )
+    .await;
+    let want = "mode=edge token=t0k3n conf=threads=4 all=yes";
+    eventually(
+        "the container saw its files and env",
+        Duration::from_secs(30),
+        || async {
+            w.pods()
+                .logs("configured", &LogParams::default())
+                .await
+                .is_ok_and(|l| l.contains(want))
+        },
+    )
+    .await;
+    assert_eq!(restart_count(&w.pod("configured").await), 0);
 }

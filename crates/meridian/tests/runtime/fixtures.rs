@@ -40,19 +40,35 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Registry {
+        Self::start_inner(dir, None)
+    }
+
+    /// A registry that wants basic auth (htpasswd with bcrypt, as docker-registry
+    /// requires).
+    pub fn start_with_auth(dir: &Path, user: &str, password: &str) -> Registry {
+        Self::start_inner(dir, Some((user, password)))
+    }
+
+    fn start_inner(dir: &Path, auth: Option<(&str, &str)>) -> Registry {
         let bin = require("docker-registry");
         std::fs::create_dir_all(dir).unwrap();
         let port = free_port();
         let config = dir.join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
-                 delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("data").display()
-            ),
-        )
-        .unwrap();
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+             delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.join("data").display()
+        );
+        if let Some((user, password)) = auth {
+            let htpasswd = dir.join("htpasswd");
+            let hash = bcrypt::hash(password, 5).unwrap();
+            std::fs::write(&htpasswd, format!("{user}:{hash}\n")).unwrap();
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        std::fs::write(&config, yaml).unwrap();
         let log = std::fs::File::create(dir.join("registry.log")).unwrap();
         let child = Command::new(bin)
             .arg("serve")
@@ -75,9 +91,17 @@ impl Registry {
 
     /// Pushes `image` as `<this registry>/<name>` and returns the full reference.
     pub async fn push(&self, name: &str, image: &Image) -> String {
+        self.push_as(name, image, None).await
+    }
+
+    pub async fn push_as(&self, name: &str, image: &Image, creds: Option<(&str, &str)>) -> String {
         let full = format!("{}/{name}", self.addr);
         let r = Reference::parse(&full).unwrap();
-        RegistryClient::new(None).push(&r, image).await.unwrap();
+        let creds = creds.map(|(u, p)| meridian_oci::registry::Credentials {
+            username: u.into(),
+            password: p.into(),
+        });
+        RegistryClient::new(creds).push(&r, image).await.unwrap();
         full
     }
 

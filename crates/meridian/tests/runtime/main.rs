@@ -397,3 +397,43 @@ async fn containerd_image_gc_removes_unused_images_and_keeps_those_in_use() {
     rt.stop(&h, Duration::from_secs(1)).await;
     rt.remove_pod("gc-b").await;
 }
+
+#[tokio::test]
+async fn containerd_pulls_from_a_registry_that_wants_credentials() {
+    let ce = containerd_env().await;
+    let private = Registry::start_with_auth(&ce.env.dir.path().join("private"), "bob", "s3cret");
+    let image = private
+        .push_as("team/app:1", &fixtures::busybox(), Some(("bob", "s3cret")))
+        .await;
+    fixtures::write_hosts(
+        &ce.containerd.hosts_dir,
+        &private.addr,
+        &format!("http://{}", private.addr),
+    );
+    let rt = ContainerdRuntime::new(&ce.containerd.socket);
+    let mut req = request(&ce.env, "auth", "c", "true");
+    req.image.image = image;
+    match rt.start(req.clone()).await {
+        Err(RuntimeError::Image { reason, message }) => {
+            assert_eq!(reason, "ErrImagePull");
+            assert!(
+                message.contains("401") || message.to_lowercase().contains("unauthorized"),
+                "{message}"
+            );
+        }
+        other => panic!("pulled without credentials: {other:?}"),
+    }
+    req.image.credentials = Some(("bob".into(), "wrong".into()));
+    assert!(matches!(
+        rt.start(req.clone()).await,
+        Err(RuntimeError::Image { .. })
+    ));
+    req.image.credentials = Some(("bob".into(), "s3cret".into()));
+    let h = rt
+        .start(req)
+        .await
+        .expect("pull with the right credentials");
+    let exit = wait_exit(&rt, &h, Duration::from_secs(30)).await;
+    assert_eq!(exit.exit_code, 0);
+    rt.remove_pod("auth").await;
+}
