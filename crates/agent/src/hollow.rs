@@ -146,6 +146,12 @@ async fn session(
                             tx.send(AgentMessage { msg: Some(agent_message::Msg::PodStatus(batch)) }).await.map_err(|_| "closed")?;
                         }
                     }
+                    // A hollow node has every image at once.
+                    Some(region_message::Msg::PullImages(p)) => {
+                        let results = p.images.into_iter().map(|image| meridian_proto::ImagePullResult { image, error: String::new() }).collect();
+                        let done = meridian_proto::ImagesPulled { id: p.id, results };
+                        tx.send(AgentMessage { msg: Some(agent_message::Msg::ImagesPulled(done)) }).await.map_err(|_| "closed")?;
+                    }
                     _ => {}
                 }
             }

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use meridian_proto::agent_hub_client::AgentHubClient;
 use meridian_proto::{
-    AgentMessage, Heartbeat, LogChunk, LogRequest, NodeFacts, PodStatusBatch, PodUsage, Register,
-    agent_message, region_message,
+    AgentMessage, Heartbeat, ImagePullResult, ImagesPulled, LogChunk, LogRequest, NodeFacts,
+    PodStatusBatch, PodUsage, Register, agent_message, region_message,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -320,6 +320,22 @@ impl Agent {
                             if r.fatal {
                                 return Err(format!("{}: {}", r.reason, r.message));
                             }
+                        }
+                        Some(region_message::Msg::PullImages(p)) => {
+                            let runtime = self.manager.ctx.runtime.clone();
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                let mut results = Vec::with_capacity(p.images.len());
+                                for image in p.images {
+                                    let error = match runtime.pull_image(&image, None).await {
+                                        Ok(()) => String::new(),
+                                        Err(e) => e.to_string(),
+                                    };
+                                    results.push(ImagePullResult { image, error });
+                                }
+                                let done = ImagesPulled { id: p.id, results };
+                                let _ = tx.send(msg(agent_message::Msg::ImagesPulled(done))).await;
+                            });
                         }
                         Some(region_message::Msg::Registered(_)) | None => {}
                     }

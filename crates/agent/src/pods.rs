@@ -753,7 +753,35 @@ impl PodWorker {
             )))
         } else {
             match self.start_request(c, attempt) {
-                Ok(req) => self.ctx.runtime.start(req).await,
+                Ok(req) => {
+                    // Say when a pull is about to happen, and how long it took.
+                    let pulling = req.image.pull_policy != PullPolicy::Never
+                        && self.ctx.runtime.image_present(&req.image.image).await == Some(false);
+                    let image = req.image.image.clone();
+                    if pulling {
+                        self.event("Normal", "Pulling", format!("Pulling image {image:?}"));
+                        // The pull may take a while: say so in the pod's status now.
+                        let live = self.live.entry(c.name.clone()).or_default();
+                        live.waiting = Some((
+                            "ContainerCreating".into(),
+                            format!("pulling image {image:?}"),
+                        ));
+                        self.publish();
+                    }
+                    let t0 = Instant::now();
+                    let r = self.ctx.runtime.start(req).await;
+                    if pulling && !matches!(r, Err(RuntimeError::Image { .. })) {
+                        self.event(
+                            "Normal",
+                            "Pulled",
+                            format!(
+                                "Pulled image {image:?} and started the container in {:.3}s",
+                                t0.elapsed().as_secs_f64()
+                            ),
+                        );
+                    }
+                    r
+                }
                 Err(why) => Err(RuntimeError::Config(why)),
             }
         };

@@ -2,6 +2,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 pub const GROUP: &str = "meridian.io";
 pub const VERSION: &str = "v1alpha1";
@@ -497,3 +498,60 @@ pub struct DenialRecord {
 /// Object annotation that unlocks a protected object until the given time
 /// (RFC 3339, at most 24 hours ahead).
 pub const UNLOCK_ANNOTATION: &str = "risk.meridian.io/unlock-until";
+
+/// Warms images onto nodes ahead of a rollout: every region pulls them through
+/// its image cache onto its connected nodes that match `nodeSelector`, and reports
+/// per region how many nodes have them.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImagePrePull {
+    #[serde(default)]
+    pub api_version: String,
+    #[serde(default)]
+    pub kind: String,
+    #[serde(default)]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: ImagePrePullSpec,
+    /// Written by the regions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<ImagePrePullStatus>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImagePrePullSpec {
+    /// Image references, as in a container's `image`.
+    #[serde(default)]
+    pub images: Vec<String>,
+    /// Nodes whose labels match all of these (every node when empty).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImagePrePullStatus {
+    /// Per region: nodes targeted, how many have every image, failures.
+    #[serde(default)]
+    pub regions: BTreeMap<String, RegionPrePull>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionPrePull {
+    #[serde(default)]
+    pub observed_generation: i64,
+    #[serde(default)]
+    pub nodes: i64,
+    #[serde(default)]
+    pub pulled: i64,
+    #[serde(default)]
+    pub failed: i64,
+    /// The first failures, `node: image: why`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<String>,
+}
+
+/// Most images one ImagePrePull may name.
+pub const MAX_PREPULL_IMAGES: usize = 20;

@@ -10,7 +10,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::error::{ApiError, Cause};
-use crate::meridian::{self, EdgeCluster, PlacementPolicy, RiskPolicy, Tenant};
+use crate::meridian::{self, EdgeCluster, ImagePrePull, PlacementPolicy, RiskPolicy, Tenant};
 use crate::validation::{self as v, NameRule};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -442,7 +442,41 @@ pub static RESOURCES: &[Resource] = &[
         normalize: |v, c| typed::<RiskPolicy>(v, c, |p, c| check_risk_policy(p, true, c)),
         ..COMMON
     },
+    Resource {
+        group: meridian::GROUP,
+        version: meridian::VERSION,
+        kind: "ImagePrePull",
+        plural: "imageprepulls",
+        singular: "imageprepull",
+        short_names: &["ipp"],
+        has_status: true,
+        normalize: |v, c| typed::<ImagePrePull>(v, c, check_image_prepull),
+        ..COMMON
+    },
 ];
+
+fn check_image_prepull(p: &ImagePrePull, c: &mut Vec<Cause>) {
+    let images = &p.spec.images;
+    if images.is_empty() {
+        c.push(Cause::required("spec.images"));
+    }
+    if images.len() > meridian::MAX_PREPULL_IMAGES {
+        c.push(Cause::invalid(
+            "spec.images",
+            &images.len().to_string(),
+            format!("at most {} images", meridian::MAX_PREPULL_IMAGES),
+        ));
+    }
+    for (i, img) in images.iter().enumerate() {
+        if img.is_empty() || img.len() > 4096 || img.chars().any(|ch| ch.is_whitespace()) {
+            c.push(Cause::invalid(
+                format!("spec.images[{i}]"),
+                img,
+                "must be an image reference (no spaces)",
+            ));
+        }
+    }
+}
 
 /// Kinds a risk policy may select: everything users delete, not the platform's own
 /// bookkeeping.

@@ -182,6 +182,7 @@ fn system_allows(role: SystemRole, verb: Verb, r: &Resource, sub: Option<&str>) 
         (SystemRole::Region, "nodes" | "leases") => true,
         (SystemRole::Region, "pods") => read || sub == Some("status") || verb == Verb::Delete,
         (SystemRole::Region, "edgeclusters") => true,
+        (SystemRole::Region, "imageprepulls") => read || sub == Some("status"),
         // One by one, for the pods on its nodes (never a list or watch of them all).
         (SystemRole::Region, "secrets") => verb == Verb::Get,
         (SystemRole::Region, _) => read,

@@ -120,6 +120,13 @@ fn columns(kind: &str) -> Vec<(&'static str, &'static str, u8)> {
             ("Objectives Met", "string", 0),
             ("Age", "string", 0),
         ],
+        "ImagePrePull" => vec![
+            ("Images", "integer", 0),
+            ("Nodes", "integer", 0),
+            ("Pulled", "integer", 0),
+            ("Failed", "integer", 0),
+            ("Age", "string", 0),
+        ],
         "RiskPolicy" | "ClusterRiskPolicy" => vec![
             ("Mode", "string", 0),
             ("Rules", "string", 0),
@@ -302,6 +309,22 @@ fn cells(kind: &str, o: &Value, snap: &Snapshot) -> Vec<Value> {
                 int(&st["replicas"]),
                 int(&st["pending"]),
                 json!(format!("{met}/{}", objectives.len())),
+                json!(created),
+            ]
+        }
+        "ImagePrePull" => {
+            let regions = st["regions"].as_object().cloned().unwrap_or_default();
+            let sum = |k: &str| {
+                regions
+                    .values()
+                    .map(|r| r[k].as_i64().unwrap_or(0))
+                    .sum::<i64>()
+            };
+            vec![
+                json!(o["spec"]["images"].as_array().map_or(0, Vec::len)),
+                json!(sum("nodes")),
+                json!(sum("pulled")),
+                json!(sum("failed")),
                 json!(created),
             ]
         }

@@ -439,8 +439,18 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     let (ok, out) = kubectl(&kubeconfig, &["delete", "pod", "hello"]);
     assert!(ok, "{out}");
 
-    // the Deployment example is scheduled over three cities and runs (pods of the
-    // first, deleted, Deployment may still be being collected: ignore those)
+    // the Deployment example is scheduled over three cities and runs. Pods of the
+    // first, deleted, Deployment still being collected would count in the spread
+    // (they carry app=web): wait for them to go first.
+    wait_for("the first web Deployment's pods are collected", 60, || {
+        let (_, out) = kubectl(&kubeconfig, &["get", "pods", "-l", "app=web", "-o", "name"]);
+        if out.trim().is_empty() || out.contains("No resources found") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
     let (_, before) = kubectl(&kubeconfig, &["get", "pods", "-l", "app=web", "-o", "name"]);
     let before: std::collections::BTreeSet<String> = before
         .lines()
@@ -781,6 +791,25 @@ async fn meridian_up_with_containerd_runs_the_container_example() {
     assert!(id.starts_with("containerd://"), "{id}");
     let (ok, out) = kubectl(&kc, &["logs", "deploy/edge-web"]);
     assert!(ok && out.contains("serving on :18080"), "{out}");
+    // An ImagePrePull warms Paris; kubectl shows how far it got.
+    let (ok, out) = kubectl(&kc, &["apply", "-f", &example("image-prepull.yaml")]);
+    assert!(ok, "{out}");
+    wait_for("the pre-pull reaches paris-1", 60, || {
+        let (_, out) = kubectl(&kc, &["get", "ipp", "warm-busybox"]);
+        // NAME IMAGES NODES PULLED FAILED AGE
+        let row: Vec<&str> = out
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        if row.get(1..5) == Some(&["1", "1", "1", "0"]) {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
     // A public image cannot be pulled here: the pod says so in kubectl's STATUS.
     let (ok, out) = kubectl(
         &kc,

@@ -406,6 +406,7 @@ async fn serve(
                     shared.metrics.rejected.inc();
                 }
             }
+            agent_message::Msg::ImagesPulled(r) => crate::prepull::pulled(shared, node, r).await,
             agent_message::Msg::LogChunk(c) => {
                 let waiter = lock(&shared.logs).get(&c.request_id).cloned();
                 // The HTTP side removes its waiter when the response ends.

@@ -19,6 +19,7 @@ pub mod http;
 pub mod hub;
 pub mod images;
 pub mod lifecycle;
+pub mod prepull;
 pub mod refs;
 mod state;
 
@@ -209,6 +210,7 @@ impl Region {
         }));
         tasks.push(tokio::spawn(lifecycle::run(shared.clone())));
         tasks.push(tokio::spawn(refs::run(shared.clone(), refs_rx)));
+        tasks.push(tokio::spawn(prepull::run(shared.clone())));
         tasks.push(tokio::spawn(lifecycle::checkpoint_leases(shared.clone())));
         tasks.extend(global::spawn(shared.clone()));
         tracing::info!(region = %shared.cfg.name, %addr, "region started");

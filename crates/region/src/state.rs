@@ -171,6 +171,8 @@ pub struct Shared {
     pub evict_hold: Mutex<HashMap<String, std::time::Instant>>,
     /// The edge image service (pull-through cache) on the region's port.
     pub images: std::sync::Arc<crate::images::ImageCache>,
+    /// Image pre-pulls in progress on this region's nodes.
+    pub prepulls: Mutex<crate::prepull::PrePulls>,
     /// Pods (uid) whose ConfigMaps/Secrets must be (re)fetched: `refs::run`.
     pub refs_tx: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
@@ -232,6 +234,7 @@ impl Shared {
         Self {
             images,
             refs_tx: Default::default(),
+            prepulls: Default::default(),
             cfg,
             store,
             client,

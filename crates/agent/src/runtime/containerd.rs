@@ -165,7 +165,8 @@ pub fn kill_private_leftovers(dir: &Path) -> usize {
         }
     }
     std::thread::sleep(Duration::from_millis(200));
-    let prefix = dir.to_string_lossy().into_owned();
+    // Strictly below `dir`: `dir` itself may be a mount of the caller's.
+    let prefix = format!("{}/", dir.to_string_lossy());
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let mut ours: Vec<&str> = mounts
         .lines()
@@ -351,8 +352,12 @@ impl ContainerdRuntime {
     }
 
     /// Makes the image present as its pull policy says.
-    async fn ensure_image(&self, req: &StartRequest) -> Result<(), RuntimeError> {
-        let image = &req.image.image;
+    async fn ensure_image(
+        &self,
+        image_req: &super::ImageRequest,
+        sandbox: Option<cri::PodSandboxConfig>,
+    ) -> Result<(), RuntimeError> {
+        let image = &image_req.image;
         let parsed = meridian_oci::Reference::parse(image).map_err(|e| RuntimeError::Image {
             reason: "InvalidImageName",
             message: e.to_string(),
@@ -379,7 +384,7 @@ impl ContainerdRuntime {
                 .await
                 .map(|r| r.into_inner().image.is_some())
         };
-        match req.image.pull_policy {
+        match image_req.pull_policy {
             PullPolicy::Never | PullPolicy::IfNotPresent => {
                 let here = present()
                     .await
@@ -387,7 +392,7 @@ impl ContainerdRuntime {
                 if here {
                     return Ok(());
                 }
-                if req.image.pull_policy == PullPolicy::Never {
+                if image_req.pull_policy == PullPolicy::Never {
                     return Err(RuntimeError::Image {
                         reason: "ErrImageNeverPull",
                         message: format!(
@@ -398,8 +403,7 @@ impl ContainerdRuntime {
             }
             PullPolicy::Always => {}
         }
-        let auth = req
-            .image
+        let auth = image_req
             .credentials
             .as_ref()
             .map(|(u, p)| cri::AuthConfig {
@@ -412,7 +416,7 @@ impl ContainerdRuntime {
                 cri::PullImageRequest {
                     image: Some(spec(image)),
                     auth,
-                    sandbox_config: Some(Self::sandbox_config(req)),
+                    sandbox_config: sandbox,
                 },
                 PULL_TIMEOUT,
             ))
@@ -629,7 +633,8 @@ impl Runtime for ContainerdRuntime {
                 message: "the container names no image".into(),
             });
         }
-        self.ensure_image(&req).await?;
+        self.ensure_image(&req.image, Some(Self::sandbox_config(&req)))
+            .await?;
         self.last_used
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -838,6 +843,31 @@ impl Runtime for ContainerdRuntime {
             .map(|v| v.value);
         let mem = s.memory.and_then(|m| m.working_set_bytes).map(|v| v.value);
         Some((cpu.unwrap_or(0), mem.unwrap_or(0)))
+    }
+
+    async fn image_present(&self, image: &str) -> Option<bool> {
+        self.images()
+            .image_status(req_(cri::ImageStatusRequest {
+                image: Some(spec(image)),
+                verbose: false,
+            }))
+            .await
+            .ok()
+            .map(|r| r.into_inner().image.is_some())
+    }
+
+    async fn pull_image(
+        &self,
+        image: &str,
+        credentials: Option<(String, String)>,
+    ) -> Result<(), RuntimeError> {
+        let req = super::ImageRequest {
+            image: image.to_owned(),
+            pull_policy: PullPolicy::IfNotPresent,
+            credentials,
+            ..Default::default()
+        };
+        self.ensure_image(&req, None).await
     }
 
     async fn gc_images(&self, policy: &ImageGcPolicy) -> Option<Result<GcReport, RuntimeError>> {

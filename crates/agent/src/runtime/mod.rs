@@ -193,6 +193,23 @@ pub trait Runtime: Send + Sync + 'static {
     /// Cumulative cpu time (nanoseconds) and resident memory (bytes).
     async fn usage(&self, handle: &ContainerHandle) -> Option<(u64, u64)>;
 
+    /// Whether `image` is on the node (`None`: this runtime does not use images).
+    async fn image_present(&self, _image: &str) -> Option<bool> {
+        None
+    }
+
+    /// Pulls `image` onto the node ahead of use (ImagePrePull).
+    async fn pull_image(
+        &self,
+        image: &str,
+        _credentials: Option<(String, String)>,
+    ) -> Result<(), RuntimeError> {
+        Err(RuntimeError::Config(format!(
+            "the {} runtime does not use images ({image})",
+            self.name()
+        )))
+    }
+
     /// The pod is gone from this node: release what the runtime holds for it
     /// (containerd: the pod sandbox and its exited containers).
     async fn remove_pod(&self, _pod_uid: &str) {}

@@ -33,7 +33,7 @@ async fn containerd_world() -> (World, Registry, Containerd, String) {
     let containerd = Containerd::start(&w.path("containerd"), &registry).await;
     let args = containerd_args(&containerd);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    w.add_agent_with("paris-1", &args).await;
+    w.add_agent_with("paris-1", "Paris", &args).await;
     (w, registry, containerd, image)
 }
 
@@ -157,6 +157,23 @@ async fn containerd_pods_serve_log_restart_get_oom_killed_and_survive_an_agent_r
         "followed logs: {seen:?}"
     );
 
+    // The pull was announced as Events.
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(w.client.clone(), "edge");
+    eventually(
+        "Pulling and Pulled events",
+        Duration::from_secs(20),
+        || async {
+            let list = events.list(&ListParams::default()).await.unwrap().items;
+            let has = |reason: &str| {
+                list.iter().any(|e| {
+                    e.reason.as_deref() == Some(reason)
+                        && e.message.as_deref().is_some_and(|m| m.contains(&image))
+                })
+            };
+            has("Pulling") && has("Pulled")
+        },
+    )
+    .await;
     // The image came through the region's cache.
     let fetched = w
         .region_metric("meridian_region_image_upstream_fetches")
@@ -322,7 +339,7 @@ async fn ten_agents_pulling_one_image_cause_one_upstream_pull() {
     for (i, c) in containerds.iter().enumerate() {
         let args = containerd_args(c);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        w.add_agent_with(&format!("node-{i}"), &args).await;
+        w.add_agent_with(&format!("node-{i}"), "Paris", &args).await;
     }
     let deploy: Api<Deployment> = Api::namespaced(w.client.clone(), "edge");
     let d = json!({
@@ -463,4 +480,165 @@ async fn configmaps_and_secrets_reach_containers_as_files_and_env() {
     )
     .await;
     assert_eq!(restart_count(&w.pod("configured").await), 0);
+
+    // imagePullSecrets: the region ships the Secret, containerd gets the credentials.
+    let private = Registry::start_with_auth(&w.path("private"), "bob", "s3cret");
+    let private_image = private
+        .push_as("team/app:1", &fixtures::busybox(), Some(("bob", "s3cret")))
+        .await;
+    let auth = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode("bob:s3cret")
+    };
+    let cfg = json!({"auths": {private.addr.clone(): {"auth": auth}}}).to_string();
+    let pull = json!({"metadata": {"name": "pull"}, "type": "kubernetes.io/dockerconfigjson",
+        "stringData": {".dockerconfigjson": cfg}});
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(pull).unwrap(),
+        )
+        .await
+        .unwrap();
+    for (name, secrets) in [
+        ("with-secret", json!([{"name": "pull"}])),
+        ("without", json!([])),
+    ] {
+        w.create_pod(json!({
+            "metadata": {"name": name},
+            // Always: an image already on the node is not proof of access (as in
+            // Kubernetes, where only a pull checks credentials).
+            "spec": {"nodeName": "paris-1", "imagePullSecrets": secrets, "containers": [{
+                "name": "c", "image": private_image, "imagePullPolicy": "Always",
+                "command": ["sh", "-c", "sleep 3600"]}]},
+        }))
+        .await;
+    }
+    eventually(
+        "the pod with the pull secret runs",
+        Duration::from_secs(60),
+        || async {
+            w.pod("with-secret")
+                .await
+                .status
+                .and_then(|s| s.phase)
+                .as_deref()
+                == Some("Running")
+        },
+    )
+    .await;
+    eventually(
+        "the pod without it cannot pull",
+        Duration::from_secs(60),
+        || async {
+            matches!(
+                container_state(&w.pod("without").await).0.as_deref(),
+                Some("ErrImagePull" | "ImagePullBackOff")
+            )
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_prepull_warms_the_selected_nodes_and_reports_per_region() {
+    let (mut w, registry, _paris, image) = containerd_world().await;
+    let nice = Containerd::start(&w.path("containerd-nice"), &registry).await;
+    let args = containerd_args(&nice);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    w.add_agent_with("nice-1", "Nice", &args).await;
+    let ar = kube::api::ApiResource {
+        group: "meridian.io".into(),
+        version: "v1alpha1".into(),
+        api_version: "meridian.io/v1alpha1".into(),
+        kind: "ImagePrePull".into(),
+        plural: "imageprepulls".into(),
+    };
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(w.client.clone(), "edge", &ar);
+    let missing = format!("{}/demo/not-there:1", registry.addr);
+    for (name, images) in [("warm", vec![image.clone()]), ("broken", vec![missing])] {
+        let obj = json!({
+            "apiVersion": "meridian.io/v1alpha1", "kind": "ImagePrePull",
+            "metadata": {"name": name},
+            "spec": {"images": images, "nodeSelector": {"topology.meridian.io/city": "Paris"}},
+        });
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(obj).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let region = |name: &'static str| {
+        let api = api.clone();
+        async move {
+            let o = api.get(name).await.ok()?;
+            Some(o.data["status"]["regions"]["test-region"].clone())
+        }
+    };
+    eventually(
+        "the pre-pull reports paris-1 warm",
+        Duration::from_secs(60),
+        || async {
+            region("warm")
+                .await
+                .is_some_and(|r| r["nodes"] == 1 && r["pulled"] == 1)
+        },
+    )
+    .await;
+    eventually(
+        "the broken pre-pull reports its failure",
+        Duration::from_secs(60),
+        || async {
+            region("broken").await.is_some_and(|r| {
+                r["failed"] == 1
+                    && r["failures"][0]
+                        .as_str()
+                        .is_some_and(|f| f.starts_with("paris-1: ") && f.contains("not-there"))
+            })
+        },
+    )
+    .await;
+    // The image is on paris-1 (a pod that may not pull starts), not on nice-1.
+    for node in ["paris-1", "nice-1"] {
+        w.create_pod(json!({
+            "metadata": {"name": format!("never-{node}")},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1, "containers": [{
+                "name": "c", "image": image, "imagePullPolicy": "Never",
+                "command": ["sh", "-c", "sleep 3600"]}]},
+        }))
+        .await;
+    }
+    eventually(
+        "never-paris-1 runs from the warmed image",
+        Duration::from_secs(60),
+        || async {
+            w.pod("never-paris-1")
+                .await
+                .status
+                .and_then(|s| s.phase)
+                .as_deref()
+                == Some("Running")
+        },
+    )
+    .await;
+    eventually(
+        "never-nice-1 has no image",
+        Duration::from_secs(30),
+        || async {
+            container_state(&w.pod("never-nice-1").await).0.as_deref() == Some("ErrImageNeverPull")
+        },
+    )
+    .await;
+    // Invalid objects are refused with the field.
+    let bad = json!({"apiVersion": "meridian.io/v1alpha1", "kind": "ImagePrePull",
+        "metadata": {"name": "bad"}, "spec": {"images": ["has space"]}});
+    let err = api
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(bad).unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("spec.images[0]"), "{err}");
 }

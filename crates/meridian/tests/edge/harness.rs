@@ -291,13 +291,13 @@ impl World {
         self.add_agent_in(name, "Paris").await;
     }
 
-    /// Starts an agent with extra arguments; waits until its Node is Ready.
-    pub async fn add_agent_with(&mut self, name: &str, args: &[&str]) {
+    /// Starts an agent in `city` with extra arguments; waits until its Node is Ready.
+    pub async fn add_agent_with(&mut self, name: &str, city: &str, args: &[&str]) {
         self.agent_args.insert(
             name.to_owned(),
             args.iter().map(|a| a.to_string()).collect(),
         );
-        self.add_agent_in(name, "Paris").await;
+        self.add_agent_in(name, city).await;
     }
 
     /// Starts an agent in `city` behind its own proxy; waits until its Node is Ready.

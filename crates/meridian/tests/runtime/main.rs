@@ -437,3 +437,82 @@ async fn containerd_pulls_from_a_registry_that_wants_credentials() {
     assert_eq!(exit.exit_code, 0);
     rt.remove_pod("auth").await;
 }
+
+/// Unmounts the tmpfs a test mounted, even when it panics.
+struct Tmpfs(std::path::PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_is_a_clear_pull_error_and_running_containers_carry_on() {
+    // Declared first, dropped last: after containerd and the tmpfs are gone.
+    let mut env = Env {
+        dir: TempDir::new().unwrap(),
+        image: String::new(),
+    };
+    let registry = Registry::start(&env.dir.path().join("registry"));
+    env.image = registry.push("test/busybox:1", &fixtures::busybox()).await;
+    // 24 MiB that do not compress, in an image too big for containerd's 20 MiB disk.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let noise: Vec<u8> = (0..24 << 20)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let big = meridian_oci::build::image(
+        &[meridian_oci::build::Entry::File {
+            path: "noise".into(),
+            mode: 0o644,
+            data: noise,
+        }],
+        &Default::default(),
+    )
+    .unwrap();
+    let big = registry.push("test/big:1", &big).await;
+    let disk = env.dir.path().join("containerd");
+    std::fs::create_dir_all(&disk).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=20m", "tmpfs"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(
+        ok.success(),
+        "mounting a tmpfs needs root (the test command runs as root)"
+    );
+    let _unmount = Tmpfs(disk.clone());
+    let containerd = fixtures::Containerd::start(&disk, &registry).await;
+    let rt = ContainerdRuntime::new(&containerd.socket);
+    let h = rt
+        .start(request(
+            &env,
+            "small",
+            "c",
+            "while true; do sleep 0.1; done",
+        ))
+        .await
+        .expect("a small image fits");
+    let mut req = request(&env, "big", "c", "true");
+    req.image.image = big;
+    match rt.start(req).await {
+        Err(RuntimeError::Image { reason, message }) => {
+            assert_eq!(reason, "ErrImagePull");
+            assert!(message.contains("no space left on device"), "{message}");
+        }
+        other => panic!("a 24 MiB image fitted on a 20 MiB disk: {other:?}"),
+    }
+    assert_eq!(rt.inspect(&h).await, RunState::Running);
+    rt.stop(&h, Duration::from_secs(1)).await;
+    rt.remove_pod("small").await;
+    rt.remove_pod("big").await;
+}
