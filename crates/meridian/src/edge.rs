@@ -82,6 +82,14 @@ pub struct RegionArgs {
     /// Upstream registries (host:port) the image cache reaches over plain HTTP.
     #[arg(long, value_delimiter = ',')]
     insecure_registry: Vec<String>,
+    /// Size limit of the image cache in GiB (least recently used blobs are
+    /// evicted; imported images never are). 0: unbounded.
+    #[arg(long, default_value_t = 50.0)]
+    image_cache_gib: f64,
+    /// How long the image cache trusts a tag's digest before checking upstream
+    /// again (a HEAD request; the manifest is fetched only if it changed).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    image_tag_ttl: Duration,
     /// OCI image archives to load into the image cache at start (for regions
     /// without registry access; `meridian image busybox` writes one).
     #[arg(long, value_delimiter = ',')]
@@ -135,6 +143,11 @@ pub async fn run_region(args: RegionArgs) -> Result<()> {
     cfg.summary_interval = args.summary_interval;
     cfg.labels = args.labels.clone();
     cfg.insecure_registries = args.insecure_registry.clone();
+    if args.image_cache_gib.is_nan() || args.image_cache_gib < 0.0 {
+        bail!("--image-cache-gib must be 0 (unbounded) or more");
+    }
+    cfg.image_cache_max_bytes =
+        (args.image_cache_gib > 0.0).then_some((args.image_cache_gib * (1u64 << 30) as f64) as u64);
     let region = Region::start(cfg)
         .await
         .with_context(|| format!("starting region {}", args.name))?;

@@ -206,6 +206,31 @@ impl RegistryClient {
         })
     }
 
+    /// The digest the registry gives for a manifest (HEAD, no body), when it
+    /// says (`Docker-Content-Digest`).
+    pub async fn manifest_digest(
+        &self,
+        r: &Reference,
+        object: &str,
+    ) -> Result<Option<String>, OciError> {
+        let resp = Self::send(
+            r,
+            self.req(
+                reqwest::Method::HEAD,
+                &format!("{}/manifests/{object}", self.base(r)),
+            )
+            .header(reqwest::header::ACCEPT, ACCEPT_MANIFESTS),
+            |s| s.is_success(),
+        )
+        .await?;
+        Ok(resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .filter(|d| crate::valid_digest(d))
+            .map(String::from))
+    }
+
     /// A blob, checked against its digest.
     pub async fn blob(&self, r: &Reference, digest: &str) -> Result<Bytes, OciError> {
         if !crate::valid_digest(digest) {

@@ -253,6 +253,16 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
             "Tags served from the last known digest because the upstream failed",
             &im.stale_served,
         ),
+        (
+            "image_tags_revalidated",
+            "Tags found unchanged upstream by a HEAD request (no manifest transferred)",
+            &im.revalidated,
+        ),
+        (
+            "image_evicted_bytes",
+            "Blob bytes removed to keep the image cache under its size limit",
+            &im.evicted_bytes,
+        ),
     ] {
         let c = Counter::<u64>::default();
         c.inc_by(v.load(Ordering::Relaxed));

@@ -94,6 +94,7 @@ impl AgentHub for Hub {
                 msg: Some(region_message::Msg::Desired(desired)),
             })
             .await;
+        crate::prepull::node_joined(&self.shared, &node, &tx).await;
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let reason = serve(&shared, &node, &tx, &mut inbound).await;

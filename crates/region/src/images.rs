@@ -44,6 +44,10 @@ pub struct ImageMetrics {
     pub hits: AtomicU64,
     /// Tag lookups answered from the last known digest because the upstream failed.
     pub stale_served: AtomicU64,
+    /// Blob bytes removed to keep the cache under its size limit.
+    pub evicted_bytes: AtomicU64,
+    /// Tags found unchanged upstream by a HEAD (no manifest transferred).
+    pub revalidated: AtomicU64,
 }
 
 type Flight = Arc<OnceCell<Result<(Bytes, String), String>>>;
@@ -54,6 +58,8 @@ pub struct ImageCache {
     dir: PathBuf,
     client: RegistryClient,
     tag_ttl: Duration,
+    /// Size limit of stored blobs and manifests (`None`: unbounded).
+    max_bytes: Option<u64>,
     tags: std::sync::Mutex<TagCache>,
     inflight: Mutex<HashMap<String, Flight>>,
     pub metrics: ImageMetrics,
@@ -73,7 +79,7 @@ impl ImageCache {
     /// A cache in `dir`; upstream registries listed in `insecure` (and loopback
     /// ones) are reached over plain HTTP.
     pub fn open(dir: &Path, insecure: &[String]) -> std::io::Result<Self> {
-        for sub in ["blobs", "manifests", "tags", "tmp"] {
+        for sub in ["blobs", "manifests", "tags", "tmp", "pinned"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
         // Leftovers of writes a crash interrupted.
@@ -90,6 +96,7 @@ impl ImageCache {
             dir: dir.to_owned(),
             client,
             tag_ttl: Duration::from_secs(30),
+            max_bytes: None,
             tags: Default::default(),
             inflight: Default::default(),
             metrics: ImageMetrics::default(),
@@ -98,6 +105,12 @@ impl ImageCache {
 
     pub fn with_tag_ttl(mut self, ttl: Duration) -> Self {
         self.tag_ttl = ttl;
+        self
+    }
+
+    /// Keeps stored content under `max` bytes (least recently used blobs go).
+    pub fn with_max_bytes(mut self, max: Option<u64>) -> Self {
+        self.max_bytes = max;
         self
     }
 
@@ -161,6 +174,8 @@ impl ImageCache {
             if !p.exists() {
                 self.write_atomic(&p, data)?;
             }
+            // Imported content has no upstream to come back from: never evicted.
+            self.write_atomic(&self.pin_path(&digest), b"")?;
         }
         let digest = self.store_manifest(&image.manifest, meridian_oci::MEDIA_MANIFEST)?;
         if let Some(tag) = &name.tag {
@@ -273,6 +288,24 @@ impl ImageCache {
         let tag = reference.to_owned();
         let got = self
             .once(format!("t:{ns}/{repo}:{tag}"), || async {
+                // Revalidate what we have with a HEAD: unchanged tags cost no body.
+                let known = last_known
+                    .as_deref()
+                    .map(str::trim)
+                    .and_then(|d| self.load_manifest(d).map(|m| (d.to_owned(), m)));
+                if let Some((d, m)) = known
+                    && self
+                        .client
+                        .manifest_digest(&r, &tag)
+                        .await
+                        .ok()
+                        .flatten()
+                        .as_deref()
+                        == Some(d.as_str())
+                {
+                    self.metrics.revalidated.fetch_add(1, Ordering::Relaxed);
+                    return Ok(m);
+                }
                 let m = self
                     .client
                     .manifest(&r, &tag)
@@ -329,6 +362,10 @@ impl ImageCache {
         let path = self.blob_path(digest);
         if path.exists() {
             self.metrics.hits.fetch_add(1, Ordering::Relaxed);
+            // The modification time is the blob's last use, for eviction.
+            if let Ok(f) = std::fs::File::options().append(true).open(&path) {
+                let _ = f.set_modified(std::time::SystemTime::now());
+            }
             return Ok(path);
         }
         if ns == LOCAL_REGISTRY {
@@ -345,6 +382,7 @@ impl ImageCache {
                 self.count_fetch(bytes.len());
                 self.write_atomic(&self.blob_path(&d), &bytes)
                     .map_err(|e| e.to_string())?;
+                self.evict();
                 Ok((Bytes::new(), String::new()))
             })
             .await;
@@ -353,6 +391,56 @@ impl ImageCache {
             Err(e) if e.contains("not found") => Err((StatusCode::NOT_FOUND, e)),
             Err(e) => Err((StatusCode::BAD_GATEWAY, e)),
         }
+    }
+
+    fn pin_path(&self, digest: &str) -> PathBuf {
+        self.dir
+            .join("pinned")
+            .join(digest.trim_start_matches("sha256:"))
+    }
+
+    /// Bounds the cache: above `max_bytes`, removes least recently used blobs
+    /// (not imported ones) down to 90 % of it. Returns the bytes freed.
+    pub fn evict(&self) -> u64 {
+        let Some(max) = self.max_bytes else {
+            return 0;
+        };
+        let mut used = self.disk_usage();
+        if used <= max {
+            return 0;
+        }
+        let target = max / 10 * 9;
+        let mut blobs: Vec<(std::time::SystemTime, u64, PathBuf)> =
+            std::fs::read_dir(self.dir.join("blobs"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| !self.dir.join("pinned").join(e.file_name()).exists())
+                .filter_map(|e| {
+                    let m = e.metadata().ok()?;
+                    Some((m.modified().ok()?, m.len(), e.path()))
+                })
+                .collect();
+        blobs.sort();
+        let mut freed = 0;
+        for (_, len, path) in blobs {
+            if used <= target {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                used = used.saturating_sub(len);
+                freed += len;
+                self.metrics.evicted_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+        }
+        if used > max {
+            tracing::warn!(
+                used,
+                max,
+                "image cache over its limit with only imported content left"
+            );
+        }
+        freed
     }
 
     /// Stored blob and manifest bytes (for metrics and garbage collection).
@@ -481,6 +569,48 @@ async fn serve(
                 Err(e) => oci_error(StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN", e.to_string()),
             },
             Err((code, msg)) => oci_error(code, "BLOB_UNKNOWN", msg),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eviction_removes_least_recently_used_blobs_but_never_imported_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ImageCache::open(dir.path(), &[])
+            .unwrap()
+            .with_max_bytes(Some(3_500));
+        // An imported image (pinned), then five cached blobs of 1000 bytes, oldest first.
+        let img = meridian_oci::build::image(&[], &Default::default()).unwrap();
+        let local = Reference::parse("meridian.local/x:1").unwrap();
+        cache.import(&local, &img).unwrap();
+        let pinned: Vec<String> = img.blobs().into_iter().map(|(d, _)| d).collect();
+        let mut cached = Vec::new();
+        for i in 0..5u8 {
+            let data = vec![i; 1000];
+            let d = sha256_digest(&data);
+            let p = cache.blob_path(&d);
+            cache.write_atomic(&p, &data).unwrap();
+            let t = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000 + i as u64);
+            std::fs::File::options()
+                .append(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+            cached.push(d);
+        }
+        assert!(cache.disk_usage() > 3_500);
+        let freed = cache.evict();
+        assert!(freed >= 2_000, "{freed}");
+        assert!(cache.disk_usage() <= 3_500 / 10 * 9);
+        assert!(!cache.blob_path(&cached[0]).exists(), "oldest first");
+        assert!(cache.blob_path(&cached[4]).exists(), "newest kept");
+        for d in pinned {
+            assert!(cache.blob_path(&d).exists(), "imported content stays");
         }
     }
 }

@@ -89,6 +89,10 @@ pub struct RegionConfig {
     /// Upstream registries the image cache reaches over plain HTTP (loopback
     /// registries always are).
     pub insecure_registries: Vec<String>,
+    /// Size limit of the image cache (least recently used blobs are evicted).
+    pub image_cache_max_bytes: Option<u64>,
+    /// How long a tag's digest is trusted before it is checked upstream again.
+    pub image_tag_ttl: Duration,
 }
 
 impl RegionConfig {
@@ -113,6 +117,8 @@ impl RegionConfig {
             summary_interval: Duration::from_secs(60),
             labels: Default::default(),
             insecure_registries: Vec::new(),
+            image_cache_max_bytes: Some(50 << 30),
+            image_tag_ttl: Duration::from_secs(30),
         }
     }
 

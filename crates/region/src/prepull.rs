@@ -5,7 +5,8 @@
 //! agent's stream; the pulls go through this region's image cache, so the
 //! long-haul link carries each image once), and reports in
 //! `status.regions.<region>`: nodes targeted, how many have every image, the
-//! first failures. A new generation of the object is pulled again.
+//! first failures. A new generation of the object is pulled again; a node that
+//! connects later (joins, or comes back before it answered) gets the pull then.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub struct Progress {
     namespace: String,
     name: String,
     generation: i64,
+    images: Vec<String>,
+    selector: BTreeMap<String, String>,
     nodes: HashSet<String>,
     pulled: HashSet<String>,
     failures: BTreeMap<String, String>,
@@ -47,8 +50,12 @@ pub struct Progress {
 
 #[derive(Default)]
 pub struct PrePulls {
-    /// By request id (`uid/generation`).
+    /// By request id (`uid/generation`): the latest generation of every object.
     active: HashMap<String, Progress>,
+}
+
+fn uid_of(id: &str) -> &str {
+    id.rsplit_once('/').map(|(u, _)| u).unwrap_or(id)
 }
 
 fn node_matches(node_json: &[u8], selector: &BTreeMap<String, String>) -> bool {
@@ -78,8 +85,16 @@ pub async fn run(shared: Arc<Shared>) {
                 continue;
             }
         };
-        let (watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) = ev else {
-            continue;
+        let obj = match ev {
+            watcher::Event::Apply(obj) | watcher::Event::InitApply(obj) => obj,
+            watcher::Event::Delete(obj) => {
+                let uid = obj.metadata.uid.unwrap_or_default();
+                lock(&shared.prepulls)
+                    .active
+                    .retain(|id, _| uid_of(id) != uid);
+                continue;
+            }
+            _ => continue,
         };
         let Ok(p) = serde_json::to_value(&obj).and_then(serde_json::from_value::<ImagePrePull>)
         else {
@@ -130,6 +145,33 @@ async fn start(shared: &Arc<Shared>, p: &ImagePrePull) {
     }
 }
 
+/// A node (re)connected: it gets every pre-pull that selects it and that it has
+/// not completed.
+pub async fn node_joined(shared: &Arc<Shared>, node: &str, tx: &crate::state::SessionTx) {
+    let Some(node_json) = lock(&shared.nodes).get(node).map(|n| n.node.json.clone()) else {
+        return;
+    };
+    let todo: Vec<(String, Vec<String>)> = {
+        let mut all = lock(&shared.prepulls);
+        all.active
+            .iter_mut()
+            .filter(|(_, p)| !p.pulled.contains(node) && node_matches(&node_json, &p.selector))
+            .map(|(id, p)| {
+                p.nodes.insert(node.to_owned());
+                p.failures.remove(node);
+                (id.clone(), p.images.clone())
+            })
+            .collect()
+    };
+    for (id, images) in todo {
+        report(shared, &id).await;
+        let m = RegionMessage {
+            msg: Some(region_message::Msg::PullImages(PullImages { id, images })),
+        };
+        let _ = tx.send(m).await;
+    }
+}
+
 /// An agent's answer.
 pub async fn pulled(shared: &Arc<Shared>, node: &str, r: ImagesPulled) {
     {
@@ -157,9 +199,9 @@ pub async fn pulled(shared: &Arc<Shared>, node: &str, r: ImagesPulled) {
     report(shared, &r.id).await;
 }
 
-/// Writes this region's entry of the object's status; forgets finished pulls.
+/// Writes this region's entry of the object's status.
 async fn report(shared: &Arc<Shared>, id: &str) {
-    let (ns, name, entry, finished) = {
+    let (ns, name, entry) = {
         let all = lock(&shared.prepulls);
         let Some(p) = all.active.get(id) else {
             return;
@@ -176,8 +218,7 @@ async fn report(shared: &Arc<Shared>, id: &str) {
                 .map(|(n, why)| format!("{n}: {why}"))
                 .collect(),
         };
-        let finished = p.pulled.len() + p.failures.len() >= p.nodes.len();
-        (p.namespace.clone(), p.name.clone(), entry, finished)
+        (p.namespace.clone(), p.name.clone(), entry)
     };
     let api: Api<DynamicObject> = Api::namespaced_with(shared.client.clone(), &ns, &resource());
     let patch = json!({"status": {"regions": {shared.cfg.name.clone(): entry}}});
@@ -186,9 +227,6 @@ async fn report(shared: &Arc<Shared>, id: &str) {
         .await
     {
         tracing::warn!(%ns, %name, "ImagePrePull status: {e}");
-    }
-    if finished {
-        lock(&shared.prepulls).active.remove(id);
     }
 }
 

@@ -308,12 +308,15 @@ async fn counting_proxy(target: String) -> (SocketAddr, Counts) {
                     .get("content-type")
                     .cloned()
                     .unwrap_or_else(|| "application/octet-stream".parse().unwrap());
+                let digest = resp.headers().get("docker-content-digest").cloned();
                 let body = resp.bytes().await.unwrap();
-                axum::response::Response::builder()
+                let mut b = axum::response::Response::builder()
                     .status(status.as_u16())
-                    .header("content-type", ct)
-                    .body(axum::body::Body::from(body))
-                    .unwrap()
+                    .header("content-type", ct);
+                if let Some(d) = digest {
+                    b = b.header("docker-content-digest", d);
+                }
+                b.body(axum::body::Body::from(body)).unwrap()
             },
         )
         .with_state((counts.clone(), client, target));
@@ -326,7 +329,12 @@ async fn counting_proxy(target: String) -> (SocketAddr, Counts) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_agents_pulling_one_image_cause_one_upstream_pull() {
     const N: usize = 10;
-    let mut w = World::start(RegionOpts::default()).await;
+    // Every tag lookup checks upstream again (a HEAD): the manifest still crosses once.
+    let mut w = World::start(RegionOpts {
+        image_tag_ttl: "0s",
+        ..Default::default()
+    })
+    .await;
     let registry = Registry::start(&w.path("registry"));
     let img = fixtures::busybox();
     registry.push("demo/app:1", &img).await;
@@ -383,15 +391,29 @@ async fn ten_agents_pulling_one_image_cause_one_upstream_pull() {
         },
     )
     .await;
+    // A later pull (Always) of the same tag: the region asks upstream with a HEAD
+    // whether the tag moved, and serves its copy.
+    w.create_pod(json!({
+        "metadata": {"name": "again"},
+        "spec": {"nodeName": "node-0", "terminationGracePeriodSeconds": 1, "containers": [{
+            "name": "c", "image": image, "imagePullPolicy": "Always",
+            "command": ["sh", "-c", "sleep 3600"]}]},
+    }))
+    .await;
+    eventually("the second pull ran", Duration::from_secs(60), || async {
+        w.pod("again").await.status.and_then(|s| s.phase).as_deref() == Some("Running")
+    })
+    .await;
     let counts = counts.lock().unwrap().clone();
     let m = img.parsed_manifest().unwrap();
     for digest in [&m.config.digest, &m.layers[0].digest] {
         let key = format!("GET /v2/demo/app/blobs/{digest}");
         assert_eq!(counts.get(&key), Some(&1), "{key}: {counts:?}");
     }
+    // (A HEAD may revalidate the tag for the later pull: no manifest crosses again.)
     let manifest_gets: usize = counts
         .iter()
-        .filter(|(k, _)| k.contains("/manifests/"))
+        .filter(|(k, _)| k.starts_with("GET ") && k.contains("/manifests/"))
         .map(|(_, v)| v)
         .sum();
     assert_eq!(manifest_gets, 1, "{counts:?}");
@@ -596,6 +618,21 @@ async fn an_image_prepull_warms_the_selected_nodes_and_reports_per_region() {
                         .as_str()
                         .is_some_and(|f| f.starts_with("paris-1: ") && f.contains("not-there"))
             })
+        },
+    )
+    .await;
+    // A node that joins later in Paris gets the warm image too.
+    let paris2 = Containerd::start(&w.path("containerd-paris-2"), &registry).await;
+    let args = containerd_args(&paris2);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    w.add_agent_with("paris-2", "Paris", &args).await;
+    eventually(
+        "the late joiner is warmed as well",
+        Duration::from_secs(60),
+        || async {
+            region("warm")
+                .await
+                .is_some_and(|r| r["nodes"] == 2 && r["pulled"] == 2)
         },
     )
     .await;

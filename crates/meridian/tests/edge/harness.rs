@@ -120,6 +120,7 @@ pub struct RegionOpts {
     pub lease_timeout: &'static str,
     pub grace: &'static str,
     pub rate: &'static str,
+    pub image_tag_ttl: &'static str,
 }
 
 impl Default for RegionOpts {
@@ -128,6 +129,7 @@ impl Default for RegionOpts {
             lease_timeout: "2s",
             grace: "5s",
             rate: "0.5",
+            image_tag_ttl: "30s",
         }
     }
 }
@@ -270,6 +272,8 @@ impl World {
                 self.opts.rate,
                 "--summary-interval",
                 "5s",
+                "--image-tag-ttl",
+                self.opts.image_tag_ttl,
             ],
             &self.log("region"),
         ));
