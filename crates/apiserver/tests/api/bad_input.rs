@@ -65,6 +65,7 @@ async fn bad_requests_get_status_objects_and_change_nothing() {
         case("malformed JSON", Method::POST, pods, "{\"metadata\": {", 400, "BadRequest"),
         with(case("malformed YAML", Method::POST, pods, "metadata: [unclosed", 400, "BadRequest"), "application/yaml"),
         case("empty body", Method::POST, pods, "", 400, "BadRequest"),
+        with(case("protobuf body", Method::POST, pods, "k8s\u{0}\n", 415, "UnsupportedMediaType"), "application/vnd.kubernetes.protobuf"),
         case("not an object", Method::POST, pods, "[1,2,3]", 400, "BadRequest"),
         case("wrong kind", Method::POST, pods, json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"}}).to_string(), 400, "BadRequest"),
         case("wrong type", Method::POST, pods, json!({"metadata": {"name": "x"}, "spec": {"containers": "nope"}}).to_string(), 400, "BadRequest"),
