@@ -268,8 +268,9 @@ fn spawn_worker(ctx: Arc<Ctx>, uid: String, pod: Pod, refs: Refs) -> Worker {
 #[derive(Default)]
 struct Live {
     waiting: Option<(String, String)>,
-    /// Image pulls that failed in a row, and when to try again.
-    pull_failures: u32,
+    /// Starts that could not begin (image pull or configuration lookup failed) in
+    /// a row, and when to try again.
+    start_failures: u32,
     pull_retry_at: Option<Instant>,
     ready: bool,
     liveness: ProbeState,
@@ -796,11 +797,11 @@ impl PodWorker {
             let base = self.ctx.backoff.base;
             let cap = self.ctx.backoff.cap;
             let live = self.live.entry(c.name.clone()).or_default();
-            live.pull_failures += 1;
+            live.start_failures += 1;
             let delay = if *reason == "InvalidImageName" {
                 cap
             } else {
-                (base * 2u32.saturating_pow(live.pull_failures.min(16) - 1)).min(cap)
+                (base * 2u32.saturating_pow(live.start_failures.min(16) - 1)).min(cap)
             };
             live.pull_retry_at = Some(Instant::now() + delay);
             live.waiting = Some(((*reason).into(), message.clone()));

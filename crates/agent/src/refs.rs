@@ -54,13 +54,18 @@ fn get<'a>(refs: &'a Refs, kind: &str, name: &str) -> Option<&'a Value> {
     refs.get(&(kind.to_owned(), name.to_owned()))
 }
 
-fn missing(kind: &str, name: &str) -> String {
+/// `configmap "name"` / `secret "name"`, as kubelet names them in errors.
+fn describe(kind: &str, name: &str) -> String {
     let k = if kind == CONFIG_MAP {
         "configmap"
     } else {
         "secret"
     };
-    format!("{k} \"{name}\" not found")
+    format!("{k} \"{name}\"")
+}
+
+fn missing(kind: &str, name: &str) -> String {
+    format!("{} not found", describe(kind, name))
 }
 
 /// The value of an env var's `valueFrom` that names a ConfigMap or Secret key.
@@ -85,7 +90,7 @@ pub fn env_value(refs: &Refs, from: &EnvVarSource) -> Result<Option<String>, Str
         None if optional => Ok(None),
         None => Err(format!(
             "couldn't find key {key} in {}",
-            missing(kind, name).replace(" not found", "")
+            describe(kind, name)
         )),
     }
 }
@@ -158,7 +163,7 @@ pub fn write_volume(refs: &Refs, v: &Volume, dir: &Path) -> Result<bool, String>
                 None => Err(format!(
                     "configured key {} not found in {}",
                     i.key,
-                    missing(kind, &name).replace(" not found", "")
+                    describe(kind, &name)
                 )),
             })
             .collect::<Result<_, _>>()?,

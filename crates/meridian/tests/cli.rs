@@ -781,8 +781,16 @@ async fn meridian_up_with_containerd_runs_the_container_example() {
         }
     })
     .await;
-    let (ok, out) = kubectl(&kc, &["get", "pods", "-l", "app=edge-web"]);
-    assert!(ok && out.contains("Running"), "{out}");
+    // The container can answer before its Running status has travelled up.
+    wait_for("kubectl shows edge-web Running", 30, || {
+        let (ok, out) = kubectl(&kc, &["get", "pods", "-l", "app=edge-web"]);
+        if ok && out.contains("Running") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
     let pods = get_json(&kc, &["pods", "-l", "app=edge-web"]);
     let id = pods["items"][0]["status"]["containerStatuses"][0]["containerID"]
         .as_str()

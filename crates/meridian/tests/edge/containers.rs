@@ -401,7 +401,7 @@ async fn ten_agents_pulling_one_image_cause_one_upstream_pull() {
     }))
     .await;
     eventually("the second pull ran", Duration::from_secs(60), || async {
-        w.pod("again").await.status.and_then(|s| s.phase).as_deref() == Some("Running")
+        w.phase("again").await.as_deref() == Some("Running")
     })
     .await;
     let counts = counts.lock().unwrap().clone();
@@ -479,14 +479,7 @@ async fn configmaps_and_secrets_reach_containers_as_files_and_env() {
     eventually(
         "the pod starts once the ConfigMap exists",
         Duration::from_secs(90),
-        || async {
-            w.pod("configured")
-                .await
-                .status
-                .and_then(|s| s.phase)
-                .as_deref()
-                == Some("Running")
-        },
+        || async { w.phase("configured").await.as_deref() == Some("Running") },
     )
     .await;
     let want = "mode=edge token=t0k3n conf=threads=4 all=yes";
@@ -539,14 +532,7 @@ async fn configmaps_and_secrets_reach_containers_as_files_and_env() {
     eventually(
         "the pod with the pull secret runs",
         Duration::from_secs(60),
-        || async {
-            w.pod("with-secret")
-                .await
-                .status
-                .and_then(|s| s.phase)
-                .as_deref()
-                == Some("Running")
-        },
+        || async { w.phase("with-secret").await.as_deref() == Some("Running") },
     )
     .await;
     eventually(
@@ -649,14 +635,7 @@ async fn an_image_prepull_warms_the_selected_nodes_and_reports_per_region() {
     eventually(
         "never-paris-1 runs from the warmed image",
         Duration::from_secs(60),
-        || async {
-            w.pod("never-paris-1")
-                .await
-                .status
-                .and_then(|s| s.phase)
-                .as_deref()
-                == Some("Running")
-        },
+        || async { w.phase("never-paris-1").await.as_deref() == Some("Running") },
     )
     .await;
     eventually(

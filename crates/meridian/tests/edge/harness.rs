@@ -403,6 +403,11 @@ impl World {
             .unwrap();
     }
 
+    /// The pod's `status.phase`, if it has one.
+    pub async fn phase(&self, name: &str) -> Option<String> {
+        self.pod(name).await.status.and_then(|s| s.phase)
+    }
+
     pub async fn pod(&self, name: &str) -> Pod {
         self.pods().get(name).await.unwrap()
     }
