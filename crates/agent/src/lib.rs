@@ -6,6 +6,7 @@
 
 pub mod facts;
 pub mod hollow;
+pub mod join;
 pub mod logs;
 pub mod pods;
 pub mod refs;
@@ -65,6 +66,21 @@ pub struct AgentConfig {
     pub coordinates: Option<(f64, f64)>,
     /// When unused images are removed (image runtimes only).
     pub image_gc: runtime::ImageGcPolicy,
+    /// Joined through the center: the region and the TLS identity come from
+    /// `DATA/identity` (see [`join`]) instead of `regions`.
+    pub onboarding: Option<Onboarding>,
+}
+
+/// How a node that joined through the center keeps its place.
+#[derive(Clone, Debug)]
+pub struct Onboarding {
+    pub dir: join::IdentityDir,
+    /// What the node re-plans with (name, labels, facts).
+    pub spec: join::JoinSpec,
+    /// Re-plan after the region has been unreachable this long.
+    pub replan_after: Duration,
+    /// How often the node asks the center whether to move (its region draining).
+    pub center_interval: Duration,
 }
 
 impl AgentConfig {
@@ -82,6 +98,7 @@ impl AgentConfig {
             reconnect_cap: Duration::from_secs(30),
             coordinates: None,
             image_gc: Default::default(),
+            onboarding: None,
         }
     }
 }
@@ -130,6 +147,10 @@ pub struct Agent {
     cfg: AgentConfig,
     manager: Arc<PodManager>,
     facts: NodeFacts,
+    /// Set when the node moved to another region: the current session ends.
+    moved: Arc<tokio::sync::Notify>,
+    /// When a region last accepted the node's registration.
+    registered_at: std::sync::Mutex<Instant>,
 }
 
 impl Agent {
@@ -142,7 +163,7 @@ impl Agent {
                 cfg.node_name
             )));
         }
-        if cfg.regions.is_empty() {
+        if cfg.regions.is_empty() && cfg.onboarding.is_none() {
             return Err(AgentError::Config(
                 "at least one region address is needed".into(),
             ));
@@ -178,6 +199,8 @@ impl Agent {
             cfg,
             manager,
             facts,
+            moved: Arc::new(tokio::sync::Notify::new()),
+            registered_at: std::sync::Mutex::new(Instant::now()),
         })
     }
 
@@ -192,10 +215,42 @@ impl Agent {
             self.manager.ctx.runtime.clone(),
             self.cfg.image_gc,
         )));
+        let _maintain = self
+            .cfg
+            .onboarding
+            .clone()
+            .map(|o| AbortOnDrop(tokio::spawn(maintain_identity(o, self.moved.clone()))));
         let mut failures: u32 = 0;
         let mut idx = 0usize;
         loop {
-            let addr = self.cfg.regions[idx % self.cfg.regions.len()].clone();
+            if let Some(o) = &self.cfg.onboarding {
+                let since = self
+                    .registered_at
+                    .lock()
+                    .map(|t| t.elapsed())
+                    .unwrap_or_default();
+                if since > o.replan_after {
+                    tracing::warn!(unreachable_for = ?since, "region unreachable for long: re-planning through the center");
+                    match replan(o, "unreachable").await {
+                        Ok(a) => tracing::info!(region = %a.region, "re-planned"),
+                        Err(e) => tracing::warn!("re-plan: {e}"),
+                    }
+                    if let Ok(mut t) = self.registered_at.lock() {
+                        *t = Instant::now();
+                    }
+                }
+            }
+            let addr = match self.cfg.onboarding.as_ref().and_then(|o| o.dir.saved()) {
+                Some(saved) => saved.endpoint,
+                None if self.cfg.regions.is_empty() => {
+                    tracing::error!(
+                        "no region: the identity directory has no assignment (join first)"
+                    );
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    continue;
+                }
+                None => self.cfg.regions[idx % self.cfg.regions.len()].clone(),
+            };
             let began = Instant::now();
             match self.session(&addr).await {
                 Ok(()) => tracing::info!(region = %addr, "region closed the stream"),
@@ -215,8 +270,27 @@ impl Agent {
     }
 
     async fn session(&self, addr: &str) -> Result<(), String> {
-        let channel = tonic::transport::Endpoint::from_shared(addr.to_owned())
-            .map_err(|e| format!("bad region address {addr:?}: {e}"))?
+        let mut endpoint = tonic::transport::Endpoint::from_shared(addr.to_owned())
+            .map_err(|e| format!("bad region address {addr:?}: {e}"))?;
+        let mut labels = self.cfg.labels.clone();
+        if let Some(o) = &self.cfg.onboarding {
+            let read = |r: Result<String, join::JoinError>| r.map_err(|e| e.to_string());
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read(
+                    o.dir.ca_pem(),
+                )?))
+                .identity(tonic::transport::Identity::from_pem(
+                    read(o.dir.cert_pem())?,
+                    read(o.dir.key_pem())?,
+                ));
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| format!("TLS configuration: {e}"))?;
+            if let Some(saved) = o.dir.saved() {
+                labels.extend(saved.labels);
+            }
+        }
+        let channel = endpoint
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(30))
@@ -230,7 +304,7 @@ impl Agent {
         let (tx, rx) = mpsc::channel::<AgentMessage>(256);
         let register = Register {
             node_name: self.cfg.node_name.clone(),
-            labels: self.cfg.labels.clone().into_iter().collect(),
+            labels: labels.into_iter().collect(),
             facts: Some(self.facts.clone()),
             running_pods: self.manager.running().await,
             agent_version: env!("CARGO_PKG_VERSION").into(),
@@ -250,6 +324,9 @@ impl Agent {
         let heartbeat = match first.msg {
             Some(region_message::Msg::Registered(r)) => {
                 tracing::info!(region = %r.region, node = %self.cfg.node_name, "registered");
+                if let Ok(mut t) = self.registered_at.lock() {
+                    *t = Instant::now();
+                }
                 if r.heartbeat_seconds > 0 && self.cfg.heartbeat == Duration::from_secs(10) {
                     Duration::from_secs(r.heartbeat_seconds.into())
                 } else {
@@ -358,6 +435,9 @@ impl Agent {
                     let beat = Heartbeat { seq, usage: Some(usage), pods };
                     tx.send(msg(agent_message::Msg::Heartbeat(beat))).await.map_err(|_| "stream closed")?;
                 }
+                _ = self.moved.notified() => {
+                    return Err("the node moved to another region".into());
+                }
                 _ = outbox.notify.notified() => {
                     let updates = outbox.take_statuses();
                     for chunk in updates.chunks(100) {
@@ -369,6 +449,59 @@ impl Agent {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Re-plans through the center with the node's certificate.
+async fn replan(
+    o: &Onboarding,
+    reason: &str,
+) -> Result<meridian_api::onboarding::Assignment, join::JoinError> {
+    let saved = o
+        .dir
+        .saved()
+        .ok_or_else(|| join::JoinError::Identity("not joined".into()))?;
+    let client = join::CenterClient::from_identity(&saved.center, &o.dir)?;
+    join::join(&client, None, &o.spec, &o.dir, Some(reason)).await
+}
+
+/// Renews the certificate before it expires (the stream stays up: TLS checks it
+/// when connecting), and asks the center now and then whether to move.
+async fn maintain_identity(o: Onboarding, moved: Arc<tokio::sync::Notify>) {
+    let mut next_check = Instant::now() + o.center_interval;
+    loop {
+        let renew_in = join::next_renewal(&o.dir);
+        let check_in = next_check.saturating_duration_since(Instant::now());
+        tokio::time::sleep(renew_in.min(check_in)).await;
+        if let Err(e) = join::renew_if_due(&o.dir, false).await {
+            tracing::warn!("certificate renewal (will retry): {e}");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        if Instant::now() < next_check {
+            continue;
+        }
+        next_check = Instant::now() + o.center_interval;
+        let status = match o.dir.saved() {
+            Some(saved) => match join::CenterClient::from_identity(&saved.center, &o.dir) {
+                Ok(c) => c.self_status().await,
+                Err(e) => Err(e),
+            },
+            None => continue,
+        };
+        match status {
+            Ok(s) if s.replan => {
+                tracing::info!(reason = %s.reason, "the center asks this node to move");
+                match replan(&o, "draining").await {
+                    Ok(a) => {
+                        tracing::info!(region = %a.region, "moved");
+                        moved.notify_waiters();
+                    }
+                    Err(e) => tracing::warn!("re-plan: {e}"),
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!("center check-in: {e}"),
         }
     }
 }

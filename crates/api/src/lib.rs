@@ -8,6 +8,7 @@ pub mod error;
 pub mod events;
 pub mod geo;
 pub mod meridian;
+pub mod onboarding;
 pub mod owners;
 pub mod quantity;
 pub mod resources;

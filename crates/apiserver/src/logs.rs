@@ -14,6 +14,10 @@ use serde_json::Value;
 
 use crate::handlers::Ctx;
 
+/// CA of region serving certificates (the center's `pki/ca.crt`), relative to the
+/// server's data directory.
+pub const REGIONS_CA_FILE: &str = "pki/regions-ca.crt";
+
 /// The file (in the data dir) holding the token regions accept from us.
 pub const REGION_TOKEN_FILE: &str = "system-region.token";
 
@@ -120,10 +124,15 @@ pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
     if let Some(l) = limit {
         query.push(("limitBytes", l.to_string()));
     }
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .build()
-        .map_err(|e| internal(&e.to_string()))?;
+    let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+    // Regions serving TLS have certificates from the nodes' CA (the center's).
+    let regions_ca = cx.state.config.data_dir.join(REGIONS_CA_FILE);
+    if let Ok(pem) = tokio::fs::read(&regions_ca).await {
+        let ca = reqwest::Certificate::from_pem(&pem)
+            .map_err(|e| internal(&format!("{}: {e}", regions_ca.display())))?;
+        builder = builder.add_root_certificate(ca);
+    }
+    let client = builder.build().map_err(|e| internal(&e.to_string()))?;
     let resp = client
         .get(format!("{endpoint}/v1/logs/{uid}"))
         .bearer_auth(token.trim())

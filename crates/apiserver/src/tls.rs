@@ -4,8 +4,6 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
-
 use crate::ServerError;
 
 pub struct Pki {
@@ -18,82 +16,32 @@ fn io(what: &str, e: impl std::fmt::Display) -> ServerError {
     ServerError::Tls(format!("{what}: {e}"))
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<(), ServerError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| io(&tmp.display().to_string(), e))?;
-    f.write_all(contents.as_bytes())
-        .and_then(|_| f.sync_all())
-        .map_err(|e| io(&tmp.display().to_string(), e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io(&path.display().to_string(), e))
-}
-
 /// Loads the PKI from `dir/pki`, creating it on first start. The serving certificate
 /// is valid for `hosts` (names or IP addresses) plus localhost and 127.0.0.1.
 pub fn ensure(dir: &Path, hosts: &[String]) -> Result<Pki, ServerError> {
     let pki = dir.join("pki");
-    std::fs::create_dir_all(&pki).map_err(|e| io("creating pki dir", e))?;
-    let paths = ["ca.crt", "ca.key", "server.crt", "server.key"].map(|f| pki.join(f));
-    if paths.iter().all(|p| p.exists()) {
+    let ca = meridian_pki::Ca::load_or_create(&pki, "meridian-ca").map_err(|e| io("CA", e))?;
+    let (crt, key) = (pki.join("server.crt"), pki.join("server.key"));
+    if crt.exists() && key.exists() {
         let read =
             |p: &Path| std::fs::read_to_string(p).map_err(|e| io(&p.display().to_string(), e));
         return Ok(Pki {
-            ca_pem: read(&paths[0])?,
-            cert_pem: read(&paths[2])?,
-            key_pem: read(&paths[3])?,
+            ca_pem: ca.cert_pem,
+            cert_pem: read(&crt)?,
+            key_pem: read(&key)?,
         });
     }
-    let ca_key = KeyPair::generate().map_err(|e| io("CA key", e))?;
-    let mut ca_params =
-        CertificateParams::new(Vec::<String>::new()).map_err(|e| io("CA params", e))?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "meridian-ca");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca_params.not_after = rcgen::date_time_ymd(2046, 1, 1);
-    let ca_cert = ca_params
-        .self_signed(&ca_key)
-        .map_err(|e| io("CA cert", e))?;
-    let issuer = Issuer::new(ca_params, ca_key);
-
-    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
-    for h in hosts {
-        if !names.contains(h) {
-            names.push(h.clone());
-        }
-    }
-    let key = KeyPair::generate().map_err(|e| io("server key", e))?;
-    let mut params = CertificateParams::new(names).map_err(|e| io("server params", e))?;
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "meridian-apiserver");
-    params.not_after = rcgen::date_time_ymd(2046, 1, 1);
-    let cert = params
-        .signed_by(&key, &issuer)
+    let pair = ca
+        .serving("meridian-apiserver", hosts)
         .map_err(|e| io("server cert", e))?;
-
-    let out = Pki {
-        ca_pem: ca_cert.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    };
-    write_private(&paths[1], &issuer.key().serialize_pem())?;
-    write_private(&paths[0], &out.ca_pem)?;
-    write_private(&paths[3], &out.key_pem)?;
-    write_private(&paths[2], &out.cert_pem)?;
-    Ok(out)
+    meridian_pki::write_private(&key, pair.key_pem.as_bytes()).map_err(|e| io("server key", e))?;
+    meridian_pki::write_private(&crt, pair.cert_pem.as_bytes())
+        .map_err(|e| io("server cert", e))?;
+    Ok(Pki {
+        ca_pem: ca.cert_pem,
+        cert_pem: pair.cert_pem,
+        key_pem: pair.key_pem,
+    })
 }
 
 /// A rustls server configuration for the PKI (HTTP/2 and HTTP/1.1).

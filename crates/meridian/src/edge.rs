@@ -39,15 +39,13 @@ pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
     Ok(out)
 }
 
+/// How a platform component reaches the global API.
 #[derive(clap::Args)]
-pub struct RegionArgs {
-    /// Region name (a DNS label), e.g. eu-west.
-    #[arg(long)]
-    name: String,
+pub struct GlobalArgs {
     /// URL of the global API server.
     #[arg(long)]
     global: Option<String>,
-    /// File with the region's bearer token for the global API (the server writes
+    /// File with the component's bearer token for the global API (the server writes
     /// `system-region.token` in its data dir).
     #[arg(long)]
     token_file: Option<PathBuf>,
@@ -57,12 +55,31 @@ pub struct RegionArgs {
     /// Alternatively, a kubeconfig for the global API.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct RegionArgs {
+    /// Region name (a DNS label), e.g. eu-west.
+    #[arg(long)]
+    name: String,
+    #[command(flatten)]
+    global: GlobalArgs,
     /// Address for the agent hub and the region's HTTP API.
     #[arg(long, default_value = "127.0.0.1:7100")]
     listen: SocketAddr,
-    /// URL agents and the global API use to reach this region (default http://LISTEN).
+    /// URL agents and the global API use to reach this region (default
+    /// http(s)://LISTEN).
     #[arg(long)]
     advertise: Option<String>,
+    /// Serve TLS with this certificate (PEM) and require node certificates from
+    /// `--client-ca` on agent streams (`meridian center serving-cert` writes all three).
+    #[arg(long, requires_all = ["tls_key", "client_ca"])]
+    tls_cert: Option<PathBuf>,
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// CA of node certificates (the center's `pki/ca.crt`).
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
     #[arg(long, default_value = ".meridian-region")]
     data_dir: PathBuf,
     #[arg(long, default_value = "40s", value_parser = parse_duration)]
@@ -96,7 +113,7 @@ pub struct RegionArgs {
     import_images: Vec<PathBuf>,
 }
 
-async fn global_config(args: &RegionArgs) -> Result<(kube::Config, String)> {
+pub async fn global_config(args: &GlobalArgs) -> Result<(kube::Config, String)> {
     let kc = if let Some(path) = &args.kubeconfig {
         kube::config::Kubeconfig::read_from(path)
             .with_context(|| format!("reading {}", path.display()))?
@@ -112,8 +129,14 @@ async fn global_config(args: &RegionArgs) -> Result<(kube::Config, String)> {
         let yaml = meridian_apiserver::kubeconfig::render("region", url, &ca, token.trim(), None);
         kube::config::Kubeconfig::from_yaml(&yaml)?
     };
-    let token = kc
-        .auth_infos
+    let token = kubeconfig_token(&kc).unwrap_or_default();
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    Ok((config, token))
+}
+
+/// The bearer token of a kubeconfig's first user.
+pub fn kubeconfig_token(kc: &kube::config::Kubeconfig) -> Option<String> {
+    kc.auth_infos
         .first()
         .and_then(|a| a.auth_info.as_ref())
         .and_then(|a| a.token.as_ref())
@@ -121,13 +144,10 @@ async fn global_config(args: &RegionArgs) -> Result<(kube::Config, String)> {
             use secrecy::ExposeSecret;
             t.expose_secret().to_owned()
         })
-        .unwrap_or_default();
-    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
-    Ok((config, token))
 }
 
 pub async fn run_region(args: RegionArgs) -> Result<()> {
-    let (global, token) = global_config(&args).await?;
+    let (global, token) = global_config(&args.global).await?;
     let mut cfg = RegionConfig::new(
         args.name.clone(),
         args.listen,
@@ -143,6 +163,18 @@ pub async fn run_region(args: RegionArgs) -> Result<()> {
     cfg.summary_interval = args.summary_interval;
     cfg.labels = args.labels.clone();
     cfg.insecure_registries = args.insecure_registry.clone();
+    if let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.client_ca) {
+        let read = |p: &PathBuf| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        cfg.tls = Some(meridian_region::RegionTls {
+            serving: meridian_pki::CertPair {
+                cert_pem: read(cert)?,
+                key_pem: read(key)?,
+            },
+            client_ca: read(ca)?,
+        });
+    }
     if args.image_cache_gib.is_nan() || args.image_cache_gib < 0.0 {
         bail!("--image-cache-gib must be 0 (unbounded) or more");
     }
@@ -181,15 +213,41 @@ pub enum RuntimeKind {
 }
 
 #[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct AgentCli {
+    #[command(subcommand)]
+    command: Option<AgentCommand>,
+    #[command(flatten)]
+    args: AgentArgs,
+}
+
+#[derive(clap::Subcommand)]
+enum AgentCommand {
+    /// Join through the center (token, probes, certificate), then run as the
+    /// node it assigned. Once joined, `meridian agent --data-dir D --node-name N`
+    /// (or this same command) runs on the saved identity.
+    Join(crate::onboard::JoinArgs),
+}
+
+pub async fn run_agent_cli(cli: AgentCli) -> Result<()> {
+    match cli.command {
+        Some(AgentCommand::Join(args)) => crate::onboard::join_and_run(args).await,
+        None => run_agent_with(cli.args, None).await,
+    }
+}
+
+#[derive(clap::Args)]
 pub struct AgentArgs {
-    /// Region agent-hub address(es), comma separated; the agent fails over between them.
-    #[arg(long, value_delimiter = ',', required = true)]
+    /// Region agent-hub address(es), comma separated; the agent fails over between
+    /// them. Not needed once the node joined through the center.
+    #[arg(long, value_delimiter = ',')]
     region: Vec<String>,
-    #[arg(long)]
-    node_name: String,
+    /// The node's name (a DNS-1123 subdomain).
+    #[arg(long, default_value = "")]
+    pub node_name: String,
     /// Node labels, k=v,... (e.g. topology.meridian.io/city=Paris).
     #[arg(long, default_value = "", value_parser = parse_labels)]
-    labels: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, String>,
     /// Node taints, key=value:Effect,... (applied when the Node is created).
     #[arg(long, value_delimiter = ',', value_parser = check_taint)]
     taints: Vec<String>,
@@ -212,7 +270,7 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 80.0)]
     image_gc_low: f64,
     #[arg(long, default_value = ".meridian-agent")]
-    data_dir: PathBuf,
+    pub data_dir: PathBuf,
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     heartbeat: Duration,
     /// The node's address (pods of the process runtime share it).
@@ -222,7 +280,14 @@ pub struct AgentArgs {
     max_pods: i64,
     /// Declared location, LAT,LON in degrees (e.g. 48.8534,2.3488).
     #[arg(long, value_parser = parse_coordinates)]
-    coordinates: Option<(f64, f64)>,
+    pub coordinates: Option<(f64, f64)>,
+    /// (Joined nodes) re-plan through the center after the region has been
+    /// unreachable this long.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    replan_after: Duration,
+    /// (Joined nodes) how often to ask the center whether to move.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    center_interval: Duration,
     /// Longest wait between reconnect attempts (jittered exponential back-off).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     reconnect_max: Duration,
@@ -264,12 +329,46 @@ async fn make_runtime(
     })
 }
 
-pub async fn run_agent(args: AgentArgs) -> Result<()> {
+pub async fn run_agent_with(
+    args: AgentArgs,
+    spec: Option<meridian_agent::join::JoinSpec>,
+) -> Result<()> {
     let mut cfg = AgentConfig::new(
         args.node_name.clone(),
         args.region.iter().map(|r| with_scheme(r)).collect(),
         args.data_dir.clone(),
     );
+    if args.node_name.is_empty() {
+        bail!("--node-name is required");
+    }
+    let identity = meridian_agent::join::IdentityDir::new(&args.data_dir);
+    let saved = identity.saved();
+    if let Some(saved) = &saved {
+        if saved.node_name != args.node_name {
+            bail!(
+                "{} holds the identity of node {:?}, not {:?}",
+                args.data_dir.display(),
+                saved.node_name,
+                args.node_name
+            );
+        }
+        cfg.onboarding = Some(meridian_agent::Onboarding {
+            dir: identity.clone(),
+            spec: spec.unwrap_or_else(|| meridian_agent::join::JoinSpec {
+                node_name: args.node_name.clone(),
+                machine_id: None,
+                labels: args.labels.clone(),
+                facts: crate::onboard::machine_facts("", "", args.coordinates),
+            }),
+            replan_after: args.replan_after,
+            center_interval: args.center_interval,
+        });
+    } else if args.region.is_empty() {
+        bail!(
+            "give --region ADDR, or join through the center first \
+             (meridian agent join --center URL --token T --ca-hash H)"
+        );
+    }
     cfg.labels = args.labels;
     cfg.taints = args.taints;
     cfg.heartbeat = args.heartbeat;
@@ -290,7 +389,11 @@ pub async fn run_agent(args: AgentArgs) -> Result<()> {
             &args.containerd_socket,
             (!args.no_image_mirror).then(|| Mirrors {
                 hosts_dir: args.containerd_hosts_dir.clone(),
-                endpoints: args.region.iter().map(|r| with_scheme(r)).collect(),
+                endpoints: match &saved {
+                    Some(s) => vec![s.endpoint.clone()],
+                    None => args.region.iter().map(|r| with_scheme(r)).collect(),
+                },
+                ca: saved.as_ref().map(|_| identity.ca_file()),
             }),
         )
         .await?,
@@ -488,6 +591,7 @@ pub async fn start_demo_world(
                 Mirrors {
                     hosts_dir: c.hosts_dir.clone(),
                     endpoints: endpoints.clone(),
+                    ca: None,
                 },
             ),
         ),

@@ -1,6 +1,7 @@
 //! `meridian`: every Meridian component as a subcommand of one binary.
 
 mod edge;
+mod onboard;
 mod tenant;
 
 use std::net::SocketAddr;
@@ -107,8 +108,17 @@ enum Command {
     },
     /// Run a region: an agent hub and node lifecycle for one edge management cluster.
     Region(edge::RegionArgs),
-    /// Run a node agent that dials its region and runs the node's pods.
-    Agent(edge::AgentArgs),
+    /// Run a node agent that dials its region and runs the node's pods
+    /// (`meridian agent join ...` joins through the center first).
+    Agent(Box<edge::AgentCli>),
+    /// Run the resource management center: bootstrap tokens, node inventory,
+    /// region planning and node certificates.
+    Center(onboard::CenterCli),
+    /// Manage bootstrap tokens for joining nodes (admins).
+    Token {
+        #[command(subcommand)]
+        command: onboard::TokenCommand,
+    },
     /// Build images without Docker.
     Image {
         #[command(subcommand)]
@@ -181,7 +191,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Up(args) => up(args).await,
         Command::Tenant { command } => tenant::run(command).await,
         Command::Region(args) => edge::run_region(args).await,
-        Command::Agent(args) => edge::run_agent(args).await,
+        Command::Agent(args) => edge::run_agent_cli(*args).await,
+        Command::Center(args) => onboard::run_center(args).await,
+        Command::Token { command } => onboard::run_token(command).await,
         Command::Image { command } => match command {
             ImageCommand::Busybox { out, busybox } => {
                 let images = meridian_oci::build::builtin_images(&busybox)

@@ -53,6 +53,10 @@ impl AgentHub for Hub {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        let peer = request
+            .extensions()
+            .get::<meridian_pki::Peer>()
+            .and_then(|p| p.0.clone());
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(10), inbound.next())
             .await
@@ -68,7 +72,27 @@ impl AgentHub for Hub {
             self.shared.metrics.rejected.inc();
             Status::invalid_argument(e)
         })?;
-        if let Err(e) = self.check_ownership(&node).await {
+        // With mutual TLS the certificate is the node's identity, and the region it
+        // names is the center's assignment: it overrides an older owner.
+        let assigned_here = match (&self.shared.cfg.tls, peer) {
+            (None, _) => false,
+            (Some(_), None) => {
+                self.shared.metrics.rejected.inc();
+                return Err(Status::unauthenticated(
+                    "this region requires a node certificate (join through the center: \
+                     meridian agent join --center URL --token T)",
+                ));
+            }
+            (Some(_), Some(id)) if id.node != node || id.region != self.shared.cfg.name => {
+                self.shared.metrics.rejected.inc();
+                return Err(Status::permission_denied(format!(
+                    "the certificate of node {:?} (region {:?}) cannot register as node {node:?} in region {:?}",
+                    id.node, id.region, self.shared.cfg.name
+                )));
+            }
+            (Some(_), Some(_)) => true,
+        };
+        if !assigned_here && let Err(e) = self.check_ownership(&node).await {
             self.shared.metrics.rejected.inc();
             return Err(Status::permission_denied(e));
         }

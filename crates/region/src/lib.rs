@@ -93,6 +93,17 @@ pub struct RegionConfig {
     pub image_cache_max_bytes: Option<u64>,
     /// How long a tag's digest is trusted before it is checked upstream again.
     pub image_tag_ttl: Duration,
+    /// Serve over TLS and admit only agents with a node certificate from the
+    /// cluster CA naming this region (mutual TLS). `None`: plain HTTP/2 and no
+    /// node authentication (hollow fleets, development).
+    pub tls: Option<RegionTls>,
+}
+
+/// The region's serving certificate and the CA its nodes' certificates come from.
+#[derive(Clone)]
+pub struct RegionTls {
+    pub serving: meridian_pki::CertPair,
+    pub client_ca: String,
 }
 
 impl RegionConfig {
@@ -119,13 +130,18 @@ impl RegionConfig {
             insecure_registries: Vec::new(),
             image_cache_max_bytes: Some(50 << 30),
             image_tag_ttl: Duration::from_secs(30),
+            tls: None,
         }
     }
 
     pub fn endpoint(&self) -> String {
         self.advertise
             .clone()
-            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .unwrap_or_else(|| format!("{}://{}", self.scheme(), self.listen))
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 }
 
@@ -180,7 +196,7 @@ impl Region {
             })?;
         let mut cfg = cfg;
         if cfg.advertise.is_none() {
-            cfg.advertise = Some(format!("http://{addr}"));
+            cfg.advertise = Some(format!("{}://{addr}", cfg.scheme()));
         }
         let images_dir = cfg.data_dir.join("images");
         let images =
@@ -209,11 +225,18 @@ impl Region {
         }
         let mut tasks = Vec::new();
         let router = http::router(shared.clone());
-        tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router).await {
-                tracing::error!("region server: {e}");
+        match &shared.cfg.tls {
+            Some(tls) => {
+                let config = meridian_pki::server_config(&tls.serving, Some(&tls.client_ca))
+                    .map_err(|e| RegionError::Config(format!("TLS: {e}")))?;
+                tasks.push(tokio::spawn(meridian_pki::serve(listener, config, router)));
             }
-        }));
+            None => tasks.push(tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!("region server: {e}");
+                }
+            })),
+        }
         tasks.push(tokio::spawn(lifecycle::run(shared.clone())));
         tasks.push(tokio::spawn(refs::run(shared.clone(), refs_rx)));
         tasks.push(tokio::spawn(prepull::run(shared.clone())));

@@ -56,6 +56,8 @@ pub struct ContainerdRuntime {
 pub struct Mirrors {
     pub hosts_dir: PathBuf,
     pub endpoints: Vec<String>,
+    /// CA (PEM file) of regions served over TLS.
+    pub ca: Option<PathBuf>,
 }
 
 impl Mirrors {
@@ -78,6 +80,9 @@ impl Mirrors {
             out.push_str(&format!(
                 "\n[host.\"{e}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
             ));
+            if let Some(ca) = self.ca.as_ref().filter(|_| e.starts_with("https://")) {
+                out.push_str(&format!("  ca = \"{}\"\n", ca.display()));
+            }
         }
         out
     }

@@ -523,3 +523,77 @@ impl World {
         kube::Client::try_from(cfg).unwrap()
     }
 }
+
+/// A TCP proxy that delays every chunk by `one_way` in each direction (this
+/// kernel has no `tc netem`): a request/response round trip through it takes
+/// about `2 * one_way` more. Chunks keep their order and the link keeps its
+/// bandwidth (the delay is pipelined, not per chunk in series).
+pub struct DelayProxy {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DelayProxy {
+    pub async fn start(target: u16, one_way: Duration) -> DelayProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn pump(
+            mut from: tokio::net::tcp::OwnedReadHalf,
+            mut to: tokio::net::tcp::OwnedWriteHalf,
+            delay: Duration,
+        ) {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+            let writer = tokio::spawn(async move {
+                while let Some((due, data)) = rx.recv().await {
+                    tokio::time::sleep_until(due.into()).await;
+                    if to.write_all(&data).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = to.shutdown().await;
+            });
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match from.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx
+                            .send((Instant::now() + delay, buf[..n].to_vec()))
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+            drop(tx);
+            let _ = writer.await;
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    let Ok(out) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = out.set_nodelay(true);
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = out.into_split();
+                    tokio::join!(pump(ir, ow, one_way), pump(or, iw, one_way));
+                });
+            }
+        });
+        DelayProxy { port, task }
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

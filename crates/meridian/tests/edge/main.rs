@@ -4,6 +4,7 @@
 mod containers;
 mod harness;
 mod hostile;
+mod onboarding;
 mod workloads;
 
 use std::time::{Duration, Instant};
