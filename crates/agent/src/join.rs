@@ -355,6 +355,30 @@ pub async fn join(
     Ok(a)
 }
 
+/// Asks the center where the node's region is now and saves a changed endpoint.
+/// Returns whether it changed.
+pub async fn refresh_endpoint(dir: &IdentityDir) -> Result<bool, JoinError> {
+    let mut saved = dir
+        .saved()
+        .ok_or_else(|| JoinError::Identity("not joined".into()))?;
+    let status = CenterClient::from_identity(&saved.center, dir)?
+        .self_status()
+        .await?;
+    if status.endpoint.is_empty()
+        || status.endpoint == saved.endpoint
+        || status.region != saved.region
+    {
+        return Ok(false);
+    }
+    tracing::info!(region = %saved.region, from = %saved.endpoint, to = %status.endpoint, "region endpoint changed");
+    saved.endpoint = status.endpoint;
+    dir.write(
+        "assignment.json",
+        &serde_json::to_string_pretty(&saved).map_err(|e| identity_err("assignment", e))?,
+    )?;
+    Ok(true)
+}
+
 /// Renews the node certificate (same key) when less than a third of its lifetime
 /// is left, or when `force`. Returns whether it renewed.
 pub async fn renew_if_due(dir: &IdentityDir, force: bool) -> Result<bool, JoinError> {

@@ -223,6 +223,13 @@ impl Agent {
         let mut failures: u32 = 0;
         let mut idx = 0usize;
         loop {
+            if let Some(o) = &self.cfg.onboarding
+                && failures >= 3
+                && failures.is_multiple_of(3)
+                && let Err(e) = join::refresh_endpoint(&o.dir).await
+            {
+                tracing::debug!("asking the center for the region's endpoint: {e}");
+            }
             if let Some(o) = &self.cfg.onboarding {
                 let since = self
                     .registered_at

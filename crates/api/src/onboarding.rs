@@ -138,6 +138,9 @@ pub struct Renewed {
 pub struct SelfStatus {
     pub node_name: String,
     pub region: String,
+    /// The region's endpoint now (a region may come back on another address).
+    #[serde(default)]
+    pub endpoint: String,
     /// The node should re-plan (its region is draining).
     pub replan: bool,
     #[serde(default)]

@@ -31,7 +31,7 @@ impl Proc {
     }
 }
 
-fn meridian_bin() -> Result<PathBuf> {
+pub(crate) fn meridian_bin() -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.with_file_name("meridian");
     if !bin.exists() {
@@ -43,7 +43,7 @@ fn meridian_bin() -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn spawn(args: &[&str], log: &Path) -> Result<Proc> {
+pub(crate) fn spawn(args: &[&str], log: &Path) -> Result<Proc> {
     let out = std::fs::File::create(log)?;
     // MERIDIAN_BENCH_WRAP_REGION=heaptrack (for example) runs the region under a profiler.
     let wrap = std::env::var("MERIDIAN_BENCH_WRAP_REGION")
@@ -67,14 +67,18 @@ fn spawn(args: &[&str], log: &Path) -> Result<Proc> {
     Ok(Proc(child))
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(0)
 }
 
-async fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> Result<()> {
+pub(crate) async fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !f() {
         if Instant::now() > deadline {

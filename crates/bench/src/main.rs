@@ -6,6 +6,7 @@
 //!   cargo run --release -p meridian-bench -- watch --watchers 1000 --events 100
 //!   cargo run --release -p meridian-bench -- memory --objects 1000000
 //!   cargo run --release -p meridian-bench -- risk --policies 1000
+//!   cargo run --release -p meridian-bench -- join --agents 1000
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 mod e2e;
 mod edge;
+mod join;
 mod place;
 mod risk;
 
@@ -89,6 +91,13 @@ enum Mode {
         /// Run the pods on a private containerd instead of the process runtime.
         #[arg(long)]
         containerd: bool,
+    },
+    /// N agents joining one center at once (probing included) until all are Ready.
+    Join {
+        #[arg(long, default_value_t = 1000)]
+        agents: usize,
+        #[arg(long, default_value_t = 3)]
+        regions: usize,
     },
     /// Pod start latency (create -> Running).
     PodStart {
@@ -488,6 +497,7 @@ async fn main() -> Result<()> {
             cities,
         } => place::run(nodes, replicas, workloads, cities),
         Mode::PodStart { pods, containerd } => edge::pod_start(pods, containerd).await,
+        Mode::Join { agents, regions } => join::join(agents, regions).await,
         Mode::E2e {
             nodes,
             deployments,

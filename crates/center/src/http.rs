@@ -459,6 +459,10 @@ async fn self_status(
 ) -> Res<SelfStatus> {
     let (inv, _) = caller(&s, &peer)?;
     let regions = s.regions_snapshot();
+    let endpoint = regions
+        .get(&inv.region)
+        .map(|r| r.endpoint.clone())
+        .unwrap_or_default();
     let (replan, reason) = match regions.get(&inv.region) {
         None => (true, format!("region {:?} no longer exists", inv.region)),
         Some(r) if r.draining => (true, format!("region {:?} is draining", inv.region)),
@@ -467,6 +471,7 @@ async fn self_status(
     Ok(Json(SelfStatus {
         node_name: inv.node_name,
         region: inv.region,
+        endpoint,
         replan,
         reason,
     }))

@@ -250,6 +250,11 @@ impl Center {
         )?)
     }
 
+    /// The regions as the center sees them now.
+    pub fn regions(&self) -> Vec<RegionInfo> {
+        self.shared.regions_snapshot().into_values().collect()
+    }
+
     /// Reads the regions now rather than at the next refresh.
     pub async fn refresh(&self) {
         if let Some(g) = self.shared.cfg.global.clone()

@@ -92,8 +92,8 @@ pub fn shortlist(
 pub const RTT_BUCKET_MS: f64 = 5.0;
 
 /// Orders the probed candidates best first: reachable (loss below half) before
-/// lossy, then median RTT (in [`RTT_BUCKET_MS`] buckets), then load, then p90,
-/// then the shortlist order. Regions that are no longer open, or that the node
+/// lossy, then median RTT (in [`RTT_BUCKET_MS`] buckets), then load, then p90
+/// (bucketed too), then the shortlist order (nearest first). Regions that are no longer open, or that the node
 /// could not reach at all, are dropped. Returns (region, explanation) pairs.
 pub fn rank(
     candidates: &[Candidate],
@@ -123,7 +123,7 @@ pub fn rank(
             p.loss >= 0.5,
             (p.median_ms / RTT_BUCKET_MS).round() as i64,
             r.load(),
-            p.p90_ms,
+            (p.p90_ms / RTT_BUCKET_MS).round(),
             i,
             c.clone(),
             why,

@@ -413,6 +413,14 @@ pub const DEMO_HELLO_NODE: &str = "paris-1";
 /// (node, city, country, latitude, longitude)
 type DemoNode = (&'static str, &'static str, &'static str, f64, f64);
 
+/// Where each demo region is (its `topology.meridian.io/city` label): the center
+/// shortlists regions nearest to a joining node.
+const DEMO_REGION_CITIES: &[(&str, &str)] = &[
+    ("ap-northeast", "Tokyo"),
+    ("eu-west", "Paris"),
+    ("us-east", "New-York-City"),
+];
+
 /// Regions and their nodes, cities from `world-cities.csv`.
 const DEMO: &[(&str, &[DemoNode])] = &[
     (
@@ -436,6 +444,7 @@ const DEMO: &[(&str, &[DemoNode])] = &[
 ];
 
 pub struct DemoWorld {
+    pub center: meridian_center::Center,
     regions: Vec<Region>,
     agents: Vec<tokio::task::JoinHandle<()>>,
     simulated: Vec<tokio::task::JoinHandle<()>>,
@@ -507,7 +516,8 @@ impl DemoWorld {
             .map(|r| format!("{} ({})", r.shared.cfg.name, r.addr))
             .collect();
         format!(
-            "{} regions [{}], {} {}-runtime nodes, {} simulated nodes",
+            "center {}, {} regions [{}], {} {}-runtime nodes, {} simulated nodes",
+            self.center.url,
             r.len(),
             r.join(", "),
             self.agents.len(),
@@ -525,6 +535,7 @@ impl Drop for DemoWorld {
         for r in &self.regions {
             r.shutdown();
         }
+        self.center.shutdown();
     }
 }
 
@@ -535,6 +546,7 @@ impl Drop for DemoWorld {
 pub async fn start_demo_world(
     server: &Server,
     data_dir: &Path,
+    center_listen: SocketAddr,
     simulated: bool,
     containerd: Option<&meridian_agent::runtime::private::PrivateContainerd>,
 ) -> Result<DemoWorld> {
@@ -542,7 +554,21 @@ pub async fn start_demo_world(
     let yaml =
         meridian_apiserver::kubeconfig::render("region", &server.url, &server.ca_pem, &token, None);
     let kc = kube::config::Kubeconfig::from_yaml(&yaml)?;
+    // The center: the nodes' CA, tokens, inventory, region planning.
+    let global = kube::Config::from_custom_kubeconfig(kc.clone(), &Default::default()).await?;
+    let mut center_cfg =
+        meridian_center::CenterConfig::new(data_dir.join("center"), center_listen, Some(global));
+    center_cfg.region_refresh = Duration::from_secs(1);
+    let center = meridian_center::Center::start(center_cfg)
+        .await
+        .context("starting the center")?;
+    // The API server reaches regions (for logs) over TLS with the nodes' CA.
+    meridian_pki::write_private(
+        &data_dir.join(meridian_apiserver::REGIONS_CA_FILE),
+        center.ca_pem.as_bytes(),
+    )?;
     let mut world = DemoWorld {
+        center,
         regions: Vec::new(),
         agents: Vec::new(),
         simulated: Vec::new(),
@@ -569,6 +595,15 @@ pub async fn start_demo_world(
             global,
         );
         cfg.proxy_token = token.clone();
+        cfg.labels = DEMO_REGION_CITIES
+            .iter()
+            .filter(|(r, _)| r == region)
+            .map(|(_, c)| (CITY_KEY.to_owned(), (*c).to_owned()))
+            .collect();
+        cfg.tls = Some(meridian_region::RegionTls {
+            serving: world.center.ca().serving(region, &[])?,
+            client_ca: world.center.ca_pem.clone(),
+        });
         let r = Region::start(cfg)
             .await
             .with_context(|| format!("starting region {region}"))?;
@@ -583,57 +618,111 @@ pub async fn start_demo_world(
     let endpoints: Vec<String> = world
         .regions
         .iter()
-        .map(|r| format!("http://{}", r.addr))
+        .map(|r| format!("https://{}", r.addr))
         .collect();
+    let ca_file = data_dir.join(meridian_apiserver::REGIONS_CA_FILE);
     let runtime: Arc<dyn Runtime> = match containerd {
         Some(c) => Arc::new(
             meridian_agent::runtime::containerd::ContainerdRuntime::new(&c.socket).with_mirrors(
                 Mirrors {
                     hosts_dir: c.hosts_dir.clone(),
                     endpoints: endpoints.clone(),
-                    ca: None,
+                    ca: Some(ca_file.clone()),
                 },
             ),
         ),
         None => make_runtime(RuntimeKind::Process, Path::new(""), None).await?,
     };
     let stats = Arc::new(HollowStats::default());
-    for ((region, nodes), endpoint) in DEMO.iter().zip(&endpoints) {
+    // Local nodes join through the center like real ones (probing included); a
+    // node that joined before re-joins with its machine id and keeps its name.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        world.center.refresh().await;
+        // Each region as it runs now (its endpoint changes with its port).
+        let known = world.center.regions();
+        let current = world.regions.iter().all(|r| {
+            known.iter().any(|k| {
+                k.name == r.shared.cfg.name
+                    && k.alive
+                    && k.endpoint == format!("https://{}", r.addr)
+            })
+        });
+        if current {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the regions did not register with the global API within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let local: usize = DEMO.iter().map(|(_, n)| n.len()).sum();
+    let join_token = world
+        .center
+        .create_token(Duration::from_secs(600), local as u32)?
+        .token
+        .unwrap_or_default();
+    let center =
+        meridian_agent::join::CenterClient::new(&world.center.url, &world.center.ca_pem, None)?;
+    for (_, nodes) in DEMO {
         for (node, city, country, lat, lon) in *nodes {
-            let mut cfg = AgentConfig::new(
-                *node,
-                vec![endpoint.clone()],
-                data_dir.join("nodes").join(node),
-            );
-            cfg.coordinates = Some((*lat, *lon));
-            cfg.labels = BTreeMap::from([
-                (
-                    "topology.meridian.io/city".to_owned(),
-                    city.replace(' ', "-"),
-                ),
-                (
-                    "topology.meridian.io/country".to_owned(),
-                    country.to_string(),
-                ),
-                (
-                    "topology.kubernetes.io/zone".to_owned(),
-                    format!("{region}-{}", city.to_lowercase().replace(' ', "-")),
-                ),
+            let node_dir = data_dir.join("nodes").join(node);
+            let labels = BTreeMap::from([
+                (CITY_KEY.to_owned(), city.replace(' ', "-")),
+                (COUNTRY_KEY.to_owned(), country.to_string()),
             ]);
+            let spec = meridian_agent::join::JoinSpec {
+                node_name: (*node).to_owned(),
+                machine_id: None,
+                labels: labels.clone(),
+                facts: crate::onboard::machine_facts("ens", "vm", Some((*lat, *lon))),
+            };
+            let identity = meridian_agent::join::IdentityDir::new(&node_dir);
+            let a = meridian_agent::join::join(&center, Some(&join_token), &spec, &identity, None)
+                .await
+                .with_context(|| format!("{node} joining through the center"))?;
+            let mut cfg = AgentConfig::new(*node, Vec::new(), node_dir.clone());
+            cfg.coordinates = Some((*lat, *lon));
+            cfg.labels = labels;
+            cfg.labels.insert(
+                ZONE_KEY.to_owned(),
+                format!("{}-{}", a.region, city.to_lowercase().replace(' ', "-")),
+            );
+            cfg.onboarding = Some(meridian_agent::Onboarding {
+                dir: identity,
+                spec,
+                replan_after: Duration::from_secs(300),
+                center_interval: Duration::from_secs(60),
+            });
             let agent = Agent::start(cfg, runtime.clone())
                 .await
                 .with_context(|| format!("starting agent {node}"))?;
             world.agents.push(tokio::spawn(agent.run()));
         }
-        if simulated {
-            let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?.connect_lazy();
+    }
+    if simulated {
+        // Hollow nodes get certificates straight from the CA (they run nothing,
+        // so they skip probing), one TLS identity and connection each.
+        for ((region, _), endpoint) in DEMO.iter().zip(&endpoints) {
             for (name, cfg) in simulated_nodes(region) {
-                world.simulated.push(tokio::spawn(run_node(
-                    channel.clone(),
-                    name,
-                    cfg,
-                    stats.clone(),
-                )));
+                let (key, csr) = meridian_pki::node_key_and_csr(&name)?;
+                let cert = world.center.ca().sign_node(
+                    &csr,
+                    &name,
+                    region,
+                    Duration::from_secs(365 * 86400),
+                )?;
+                let tls = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(
+                        &world.center.ca_pem,
+                    ))
+                    .identity(tonic::transport::Identity::from_pem(cert, key));
+                let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?
+                    .tls_config(tls)?
+                    .connect_lazy();
+                world
+                    .simulated
+                    .push(tokio::spawn(run_node(channel, name, cfg, stats.clone())));
             }
         }
     }

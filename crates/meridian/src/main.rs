@@ -73,6 +73,9 @@ struct UpArgs {
     /// busybox-static).
     #[arg(long, value_enum, default_value = "process")]
     runtime: UpRuntime,
+    /// Where the center (node onboarding) listens.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    center_listen: SocketAddr,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -267,6 +270,7 @@ async fn up(up: UpArgs) -> Result<()> {
     let world = edge::start_demo_world(
         &server,
         &args.data_dir,
+        up.center_listen,
         !up.no_simulated,
         containerd.as_ref(),
     )
@@ -311,6 +315,14 @@ async fn up(up: UpArgs) -> Result<()> {
         );
         println!("  curl http://127.0.0.1:18080/");
     }
+    println!();
+    println!("Join a machine of your own (the center plans its region from probes):");
+    println!(
+        "  meridian token create --center {} --center-ca {} --kubeconfig {} --uses 10",
+        world.center.url,
+        args.data_dir.join("center/pki/ca.crt").display(),
+        args.data_dir.join("admin.kubeconfig").display()
+    );
     println!();
     println!("Edge world: {}", world.describe());
     println!();

@@ -510,6 +510,7 @@ async fn up_with(dir: &Path, extra: &[&str]) -> (Proc, std::path::PathBuf) {
     let p = Proc(
         Command::new(env!("CARGO_BIN_EXE_meridian"))
             .args(["up", "--data-dir", &d, "--listen", &listen])
+            .args(["--center-listen", "127.0.0.1:0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

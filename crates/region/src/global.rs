@@ -455,7 +455,8 @@ fn ready_condition(e: &crate::state::NodeEntry) -> NodeCondition {
 
 /// Creates or updates Node objects (registrations, transitions, summaries).
 async fn write_nodes(shared: &Arc<Shared>, names: HashSet<String>) {
-    let work: Vec<(String, Node, bool)> = {
+    let tls = shared.cfg.tls.is_some();
+    let work: Vec<(String, Node, bool, bool)> = {
         let nodes = lock(&shared.nodes);
         names
             .into_iter()
@@ -474,34 +475,49 @@ async fn write_nodes(shared: &Arc<Shared>, names: HashSet<String>) {
                         ),
                     );
                 }
-                Some((name, node, e.created))
+                // With a center, nodes move between regions: a node that is not
+                // connected here may belong to another region by now. Asked once
+                // per first write and per loss, not per summary.
+                let verify =
+                    tls && e.session.is_none() && (!e.created || e.health != Health::Ready);
+                Some((name, node, e.created, verify))
             })
             .collect()
     };
-    let results: Vec<(String, bool)> = futures::stream::iter(work)
-        .map(|(name, node, created)| {
+    let results: Vec<(String, Option<bool>)> = futures::stream::iter(work)
+        .map(|(name, node, created, verify)| {
             let client = shared.client.clone();
+            let shared = shared.clone();
             async move {
+                if verify && crate::lifecycle::still_ours(&shared, &name).await == Some(false) {
+                    return (name, None);
+                }
                 let api: Api<Node> = Api::all(client);
                 let ok = write_node(&api, &name, &node, created).await;
-                (name, ok)
+                (name, Some(ok))
             }
         })
         .buffer_unordered(32)
         .collect()
         .await;
     let mut failed = Vec::new();
+    let mut moved = Vec::new();
     {
         let mut nodes = lock(&shared.nodes);
         for (name, ok) in results {
-            if ok {
-                if let Some(e) = nodes.get_mut(&name) {
-                    e.created = true;
+            match ok {
+                Some(true) => {
+                    if let Some(e) = nodes.get_mut(&name) {
+                        e.created = true;
+                    }
                 }
-            } else {
-                failed.push(name);
+                Some(false) => failed.push(name),
+                None => moved.push(name),
             }
         }
+    }
+    for name in moved {
+        crate::lifecycle::forget(shared, &name).await;
     }
     if !failed.is_empty() {
         shared.global_ok.store(false, Ordering::Relaxed);

@@ -31,7 +31,7 @@ pub async fn run(shared: Arc<Shared>) {
             (tokens + now.duration_since(last).as_secs_f64() * shared.cfg.eviction_rate).min(1.0);
         last = now;
         check_leases(&shared, now);
-        evict(&shared, now, &mut tokens);
+        evict(&shared, now, &mut tokens).await;
     }
 }
 
@@ -73,7 +73,51 @@ fn node_grace(shared: &Shared, n: &crate::state::NodeEntry) -> Option<Duration> 
     n.node.grace.unwrap_or(Some(shared.cfg.eviction_grace))
 }
 
-fn evict(shared: &Shared, now: Instant, tokens: &mut f64) {
+/// Whether the global API still lists `node` under this region. A node the center
+/// moved elsewhere is not ours to mark; `None` when the global API cannot say.
+pub(crate) async fn still_ours(shared: &Shared, node: &str) -> Option<bool> {
+    let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(shared.client.clone());
+    match tokio::time::timeout(Duration::from_secs(3), api.get_opt(node)).await {
+        Ok(Ok(Some(n))) => Some(
+            n.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::REGION_LABEL))
+                .is_none_or(|r| *r == shared.cfg.name),
+        ),
+        Ok(Ok(None)) => Some(true),
+        _ => None,
+    }
+}
+
+/// Drops a node that moved to another region, and its pods, from this region.
+pub(crate) async fn forget(shared: &Shared, node: &str) {
+    lock(&shared.nodes).remove(node);
+    let uids: Vec<String> = {
+        let mut pods = lock(&shared.pods);
+        let uids: Vec<String> = pods
+            .by_node
+            .get(node)
+            .map(|u| u.iter().cloned().collect())
+            .unwrap_or_default();
+        for u in &uids {
+            pods.remove(u);
+        }
+        uids
+    };
+    let key = format!("{}{node}", crate::state::NODE_PREFIX);
+    if let Err(e) = shared
+        .store
+        .txn(meridian_store::Txn::new().delete(key))
+        .await
+    {
+        tracing::error!(%node, "cannot forget node: {e}");
+    }
+    shared.persist_pods(Vec::new(), uids).await;
+    tracing::info!(%node, "node moved to another region: forgotten here, its pods untouched");
+}
+
+async fn evict(shared: &Shared, now: Instant, tokens: &mut f64) {
     // Unreachable nodes, longest first.
     let (total, mut candidates) = {
         let nodes = lock(&shared.nodes);
@@ -144,6 +188,15 @@ fn evict(shared: &Shared, now: Instant, tokens: &mut f64) {
         }
         if *tokens < 1.0 {
             return; // rate limit: the rest waits for the next token
+        }
+        // The center may have moved the node to another region meanwhile.
+        match still_ours(shared, &node).await {
+            Some(true) => {}
+            Some(false) => {
+                forget(shared, &node).await;
+                continue;
+            }
+            None => return, // cannot tell now: mark nothing, ask again next round
         }
         *tokens -= 1.0;
         let since_text = since_wall.map(|t| t.to_string()).unwrap_or_default();

@@ -181,7 +181,7 @@ pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const NODE_PREFIX: &str = "/nodes/";
+pub(crate) const NODE_PREFIX: &str = "/nodes/";
 const POD_PREFIX: &str = "/pods/";
 pub const LEASES_KEY: &str = "/leases";
 

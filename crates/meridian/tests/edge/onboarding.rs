@@ -622,6 +622,30 @@ async fn bad_tokens_are_refused_leaving_nothing_and_a_certificate_is_only_its_no
     let log = std::fs::read_to_string(f.log("agent-alice")).unwrap();
     assert_eq!(log.matches("registered").count(), 1, "no reconnect: {log}");
     assert!(log.contains("node certificate renewed"));
+
+    // near drains: alice is told at her next check-in and moves to the next best;
+    // near, still up, forgets her instead of marking her lost.
+    api.patch(
+        "near",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"draining": true}})),
+    )
+    .await
+    .unwrap();
+    f.wait_region("alice", "mid").await;
+    eventually("near forgets alice", Duration::from_secs(30), || async {
+        std::fs::read_to_string(f.log("region-near"))
+            .unwrap()
+            .contains("node moved to another region")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        f.region_of("alice").await.as_deref(),
+        Some("mid"),
+        "no flapping back"
+    );
+    assert_eq!(alice.saved().unwrap().region, "mid");
 }
 
 /// Opens an agent stream with `dir`'s certificate, registering as `node`.
