@@ -353,6 +353,7 @@ async fn assign(State(s): State<Arc<Shared>>, Body(req): Body<AssignRequest>) ->
             .join("; "),
     };
     let s2 = s.clone();
+    let _turn = s.commits.acquire().await;
     let committed = tokio::task::spawn_blocking(move || {
         s2.store.commit(
             JoinCommit {

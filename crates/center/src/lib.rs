@@ -101,6 +101,9 @@ pub(crate) struct Shared {
     admins: Mutex<HashMap<String, Instant>>,
     joins: std::sync::atomic::AtomicU64,
     refused: std::sync::atomic::AtomicU64,
+    /// redb takes one writer at a time: joins queue here rather than each holding a
+    /// blocking thread (a thousand at once would mean a thousand threads).
+    commits: tokio::sync::Semaphore,
 }
 
 impl Shared {
@@ -196,6 +199,7 @@ impl Center {
             admins: Mutex::new(HashMap::new()),
             joins: Default::default(),
             refused: Default::default(),
+            commits: tokio::sync::Semaphore::new(1),
         });
         let mut tasks = Vec::new();
         if let Some(g) = shared.cfg.global.clone() {

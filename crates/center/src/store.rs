@@ -116,7 +116,11 @@ pub struct JoinCommit<'a> {
 
 impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let database = Database::create(path).map_err(db)?;
+        // Small records, read through the page cache: a modest cache suffices.
+        let database = redb::Builder::new()
+            .set_cache_size(16 << 20)
+            .create(path)
+            .map_err(db)?;
         let tx = database.begin_write().map_err(db)?;
         tx.open_table(TOKENS).map_err(db)?;
         tx.open_table(NODES).map_err(db)?;
