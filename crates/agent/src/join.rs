@@ -87,32 +87,22 @@ impl IdentityDir {
     pub fn ca_file(&self) -> PathBuf {
         self.path("ca.crt")
     }
-    /// This machine's id: given, or made once from `/etc/machine-id` and the data
-    /// directory (several agents may share a host in tests and demos), then kept.
-    pub fn machine_id(&self, given: Option<&str>) -> Result<String, JoinError> {
+    /// This machine's id: given, or the one saved at the first join, or derived
+    /// from `/etc/machine-id` and the data directory (several agents may share a
+    /// host in tests and demos). Saved only when a join succeeds.
+    pub fn machine_id(&self, given: Option<&str>) -> String {
         if let Some(id) = given.filter(|s| !s.is_empty()) {
-            return Ok(id.to_owned());
+            return id.to_owned();
         }
         if let Ok(id) = self.read("machine-id") {
-            return Ok(id.trim().to_owned());
+            return id.trim().to_owned();
         }
         use sha2::Digest;
         let host = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
-        let dir = std::fs::canonicalize(self.0.parent().unwrap_or(&self.0))
-            .unwrap_or_else(|_| self.0.clone());
-        let nonce: [u8; 8] = rand::random();
-        let digest = sha2::Sha256::digest(
-            format!(
-                "{}{}{}",
-                host.trim(),
-                dir.display(),
-                meridian_pki::hex(&nonce)
-            )
-            .as_bytes(),
-        );
-        let id = meridian_pki::hex(&digest[..16]);
-        self.write("machine-id", &id)?;
-        Ok(id)
+        let data = self.0.parent().unwrap_or(&self.0);
+        let dir = std::path::absolute(data).unwrap_or_else(|_| data.to_path_buf());
+        let digest = sha2::Sha256::digest(format!("{}\n{}", host.trim(), dir.display()).as_bytes());
+        meridian_pki::hex(&digest[..16])
     }
 }
 
@@ -290,13 +280,13 @@ pub async fn join(
     dir: &IdentityDir,
     replan_reason: Option<&str>,
 ) -> Result<Assignment, JoinError> {
-    let machine_id = dir.machine_id(spec.machine_id.as_deref())?;
+    let machine_id = dir.machine_id(spec.machine_id.as_deref());
     let offer: JoinOffer = client
         .post(
             "/v1/join",
             &JoinRequest {
                 token: token.map(str::to_owned),
-                machine_id,
+                machine_id: machine_id.clone(),
                 node_name: spec.node_name.clone(),
                 facts: spec.facts.clone(),
                 labels: spec.labels.clone(),
@@ -336,6 +326,7 @@ pub async fn join(
             },
         )
         .await?;
+    dir.write("machine-id", &machine_id)?;
     dir.write("node.key", &key)?;
     dir.write("ca.crt", &a.ca)?;
     dir.write("node.crt", &a.certificate)?;

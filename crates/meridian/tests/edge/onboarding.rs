@@ -261,13 +261,8 @@ impl Fleet {
             "join of {name} should have been refused"
         );
         assert!(
-            !self
-                .path(&format!("agent-{name}/identity/assignment.json"))
-                .exists()
-                && !self
-                    .path(&format!("agent-{name}/identity/node.crt"))
-                    .exists(),
-            "a refused join leaves no identity behind"
+            !self.path(&format!("agent-{name}")).exists(),
+            "a refused join leaves nothing behind on the node"
         );
         String::from_utf8_lossy(&o.stderr).to_string()
     }
@@ -514,6 +509,46 @@ async fn bad_tokens_are_refused_leaving_nothing_and_a_certificate_is_only_its_no
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let o = meridian(&args);
     assert!(String::from_utf8_lossy(&o.stderr).contains("man in the middle"));
+
+    // Malformed requests get a reason and the offending field, and change nothing.
+    let ca = std::fs::read(f.path("center/pki/ca.crt")).unwrap();
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
+        .build()
+        .unwrap();
+    for (body, want) in [
+        (json!({}), "request body"),
+        (
+            json!({"token": once, "machineId": "m", "nodeName": "Bad_Name"}),
+            "nodeName",
+        ),
+        (
+            json!({"token": once, "machineId": "m", "nodeName": "ok", "facts": {"source": "moon"}}),
+            "facts.source",
+        ),
+        (
+            json!({"token": once, "machineId": "m", "nodeName": "ok", "facts": {"latitude": 91.0, "longitude": 0.0}}),
+            "latitude",
+        ),
+    ] {
+        let resp = http
+            .post(format!("{}/v1/join", f.center_url()))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        let e: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(e["reason"], "Invalid");
+        assert!(e["message"].as_str().unwrap().contains(want), "{e}");
+    }
+    let resp = http
+        .post(format!("{}/v1/assign", f.center_url()))
+        .json(&json!({"session": "nope", "probes": [], "csr": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
 
     // Eight machines race for the token's last use: exactly one gets in.
     let (client, _) = meridian_agent::join::CenterClient::discover(&f.center_url(), &f.ca_hash)
