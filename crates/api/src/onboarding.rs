@@ -165,6 +165,9 @@ pub struct TokenRequest {
     pub uses: u32,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Regions nodes joining with it may be placed in (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
     #[serde(default)]
     pub description: String,
 }
@@ -195,6 +198,9 @@ pub struct TokenInfo {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub description: String,
+    /// Regions nodes joining with it may be placed in (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
     #[serde(default)]
     pub history: Vec<TokenUse>,
 }
@@ -223,6 +229,9 @@ pub struct InventoryNode {
     pub facts: MachineFacts,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Regions the node may be placed in, from its token (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
     pub first_joined: String,
     #[serde(default)]
     pub certificate_expires: String,

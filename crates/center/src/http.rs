@@ -164,10 +164,13 @@ async fn join(
     validate(&req).map_err(|e| refuse(&s, e))?;
     let mut exclude = None;
     let mut previous_region = None;
+    let allowed: Vec<String>;
     if let Some(token) = &req.token {
-        s.store
+        let rec = s
+            .store
             .validate_token(token)
             .map_err(|e| refuse(&s, e.into()))?;
+        allowed = rec.info.regions;
     } else if let Some(id) = &peer.0 {
         // A re-plan: the certificate's node, on the machine it was issued to.
         let inv = s.store.node_by_name(&id.node)?;
@@ -193,6 +196,7 @@ async fn join(
         if draining || req.reason == "draining" {
             exclude = Some(inv.region.clone());
         }
+        allowed = inv.regions.clone();
         previous_region = Some(inv.region);
     } else {
         return Err(refuse(
@@ -223,7 +227,11 @@ async fn join(
         ));
     }
     let regions = s.regions_snapshot();
-    let all: Vec<plan::RegionInfo> = regions.values().cloned().collect();
+    let all: Vec<plan::RegionInfo> = regions
+        .values()
+        .filter(|r| allowed.is_empty() || allowed.contains(&r.name))
+        .cloned()
+        .collect();
     let location = req.facts.latitude.zip(req.facts.longitude);
     let candidates = plan::shortlist(&all, location, exclude.as_deref(), s.cfg.shortlist);
     if candidates.is_empty() {
@@ -232,7 +240,11 @@ async fn join(
             ApiErr(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "NoRegion",
-                plan::no_region_reason(&all),
+                if all.is_empty() && !allowed.is_empty() {
+                    format!("none of this token's regions {allowed:?} exists")
+                } else {
+                    plan::no_region_reason(&all)
+                },
             ),
         ));
     }
@@ -243,6 +255,7 @@ async fn join(
         Pending {
             req,
             token,
+            allowed,
             candidates: candidates.clone(),
             previous_region,
             expires: Instant::now() + SESSION_TTL,
@@ -337,6 +350,7 @@ async fn assign(State(s): State<Arc<Shared>>, Body(req): Body<AssignRequest>) ->
         region: chosen.region.clone(),
         facts: p.req.facts.clone(),
         labels,
+        regions: p.allowed.clone(),
         first_joined: now.clone(),
         certificate_expires: expires,
         history: Vec::new(),
@@ -555,9 +569,12 @@ async fn create_token(
         ));
     }
     check_labels(&req.labels)?;
-    let info = s
-        .store
-        .create_token(req.ttl_seconds, req.uses, req.labels, req.description)?;
+    for r in &req.regions {
+        if meridian_api::validation::dns1123_subdomain_problem(r).is_some() {
+            return Err(invalid(format!("regions: {r:?} is not a region name")));
+        }
+    }
+    let info = s.store.create_token(&req)?;
     Ok((StatusCode::CREATED, Json(info)))
 }
 

@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use meridian_api::onboarding::{Candidate, JoinRequest};
+use meridian_api::onboarding::{Candidate, JoinRequest, TokenRequest};
 use meridian_pki::Ca;
 
 pub use plan::RegionInfo;
@@ -79,6 +79,8 @@ impl CenterConfig {
 struct Pending {
     req: JoinRequest,
     token: Option<String>,
+    /// Regions the node may go to (from its token; empty: any).
+    allowed: Vec<String>,
     candidates: Vec<Candidate>,
     previous_region: Option<String>,
     expires: Instant,
@@ -246,12 +248,12 @@ impl Center {
         ttl: Duration,
         uses: u32,
     ) -> Result<meridian_api::onboarding::TokenInfo, CenterError> {
-        Ok(self.shared.store.create_token(
-            ttl.as_secs(),
+        Ok(self.shared.store.create_token(&TokenRequest {
+            ttl_seconds: ttl.as_secs(),
             uses,
-            Default::default(),
-            "meridian up".into(),
-        )?)
+            description: "meridian up".into(),
+            ..Default::default()
+        })?)
     }
 
     /// The regions as the center sees them now.

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use meridian_api::onboarding::{InventoryNode, JoinEvent, TokenInfo, TokenUse};
+use meridian_api::onboarding::{InventoryNode, JoinEvent, TokenInfo, TokenRequest, TokenUse};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -130,13 +130,8 @@ impl Store {
     }
 
     /// Creates a token; returns its info with the secret (shown once).
-    pub fn create_token(
-        &self,
-        ttl_seconds: u64,
-        uses: u32,
-        labels: std::collections::BTreeMap<String, String>,
-        description: String,
-    ) -> Result<TokenInfo, StoreError> {
+    pub fn create_token(&self, req: &TokenRequest) -> Result<TokenInfo, StoreError> {
+        let ttl_seconds = req.ttl_seconds;
         let (id, secret) = (random_part(6), random_part(16));
         let created = now();
         let expires = created
@@ -147,11 +142,12 @@ impl Store {
             token: None,
             created: created.to_string(),
             expires: expires.to_string(),
-            uses,
+            uses: req.uses,
             used: 0,
             revoked: false,
-            labels,
-            description,
+            labels: req.labels.clone(),
+            description: req.description.clone(),
+            regions: req.regions.clone(),
             history: Vec::new(),
         };
         let rec = TokenRecord {
@@ -367,6 +363,14 @@ mod tests {
         }
     }
 
+    fn token_req(ttl_seconds: u64, uses: u32) -> TokenRequest {
+        TokenRequest {
+            ttl_seconds,
+            uses,
+            ..Default::default()
+        }
+    }
+
     fn event() -> JoinEvent {
         JoinEvent {
             at: now().to_string(),
@@ -379,9 +383,7 @@ mod tests {
     fn a_token_is_used_up_revoked_or_forged_and_says_which() {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("c.redb")).unwrap();
-        let t = s
-            .create_token(3600, 1, Default::default(), String::new())
-            .unwrap();
+        let t = s.create_token(&token_req(3600, 1)).unwrap();
         let token = t.token.unwrap();
         let (id, secret) = parse_token(&token).unwrap();
         s.validate_token(&token).unwrap();
@@ -412,17 +414,13 @@ mod tests {
         // The refused join left nothing behind.
         assert!(s.node_by_machine("m2").unwrap().is_none());
         assert!(s.name_owner("n2").unwrap().is_none());
-        let t2 = s
-            .create_token(3600, 5, Default::default(), String::new())
-            .unwrap();
+        let t2 = s.create_token(&token_req(3600, 5)).unwrap();
         assert!(s.revoke(&t2.id).unwrap());
         assert!(matches!(
             s.validate_token(t2.token.as_ref().unwrap()),
             Err(StoreError::Token(TokenProblem::Revoked))
         ));
-        let t3 = s
-            .create_token(0, 5, Default::default(), String::new())
-            .unwrap();
+        let t3 = s.create_token(&token_req(0, 5)).unwrap();
         assert!(matches!(
             s.validate_token(t3.token.as_ref().unwrap()),
             Err(StoreError::Token(TokenProblem::Expired))

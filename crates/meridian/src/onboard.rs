@@ -123,6 +123,9 @@ pub enum TokenCommand {
         labels: BTreeMap<String, String>,
         #[arg(long, default_value = "")]
         description: String,
+        /// Regions nodes joining with it may go to, comma separated (default: any).
+        #[arg(long, value_delimiter = ',')]
+        regions: Vec<String>,
     },
     /// List bootstrap tokens and their uses.
     List {
@@ -187,6 +190,7 @@ pub async fn run_token(cmd: TokenCommand) -> Result<()> {
             uses,
             labels,
             description,
+            regions,
         } => {
             let (client, bearer, ca) = admin.client()?;
             let url = admin.center.trim_end_matches('/');
@@ -198,6 +202,7 @@ pub async fn run_token(cmd: TokenCommand) -> Result<()> {
                     uses,
                     labels,
                     description,
+                    regions,
                 })
                 .send()
                 .await

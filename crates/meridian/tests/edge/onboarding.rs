@@ -658,6 +658,11 @@ async fn bad_tokens_are_refused_leaving_nothing_and_a_certificate_is_only_its_no
     assert_eq!(log.matches("registered").count(), 1, "no reconnect: {log}");
     assert!(log.contains("node certificate renewed"));
 
+    // A token may limit where its nodes go: carol's only allows far.
+    let far_only = f.admin_token(&["--regions", "far"]);
+    f.join("carol", &far_only);
+    f.wait_region("carol", "far").await;
+
     // near drains: alice is told at her next check-in and moves to the next best;
     // near, still up, forgets her instead of marking her lost.
     api.patch(
