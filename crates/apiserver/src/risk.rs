@@ -89,6 +89,8 @@ struct AuditEntry {
     uid: Option<String>,
     policy_key: Arc<str>,
     policy: String,
+    /// The policy object: (kind, namespace, name).
+    policy_ref: (&'static str, Option<String>, String),
     rule: String,
     outcome: Outcome,
     message: String,
@@ -422,6 +424,7 @@ impl RiskGate {
                     uid: uid.clone(),
                     policy_key: key.clone(),
                     policy: policy.clone(),
+                    policy_ref: (p.kind(), p.namespace.clone(), p.name.clone()),
                     rule: rule.to_owned(),
                     outcome,
                     message: message.to_owned(),
@@ -660,10 +663,60 @@ async fn write_events(store: &DynStore, batch: &[AuditEntry]) {
     else {
         return;
     };
-    // (namespace, kind, name, outcome) -> (count, entries)
+    // Allowed removals: one Event per policy and batch, on the policy (the objects
+    // are gone; `kubectl describe riskpolicy` shows what it let through). A storm of
+    // deletions is then one write per policy instead of one per object, which kept
+    // the store's writer from the deletions themselves. audit.log keeps a line each.
+    let mut allowed: BTreeMap<&str, Vec<&AuditEntry>> = BTreeMap::new();
+    for e in batch.iter().filter(|e| e.outcome == Outcome::Allowed) {
+        allowed.entry(&*e.policy_key).or_default().push(e);
+    }
+    let mut txn = Txn::new().lazy();
+    for entries in allowed.values() {
+        let e = entries[0];
+        let (kind, pns, pname) = &e.policy_ref;
+        let ns = pns.clone().unwrap_or_else(|| "default".into());
+        let now = e.time.to_string();
+        let name = format!("{pname}.risk.{}", uuid::Uuid::new_v4().simple());
+        const SHOWN: usize = 10;
+        let mut objects: Vec<String> = entries
+            .iter()
+            .take(SHOWN)
+            .map(|x| match &x.namespace {
+                Some(n) => format!("{} {n}/{} ({})", x.kind, x.name, x.action.as_str()),
+                None => format!("{} {} ({})", x.kind, x.name, x.action.as_str()),
+            })
+            .collect();
+        if entries.len() > SHOWN {
+            objects.push(format!("and {} more", entries.len() - SHOWN));
+        }
+        let mut users: Vec<&str> = entries.iter().map(|x| x.user.as_str()).collect();
+        users.sort_unstable();
+        users.dedup();
+        let ev = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": name, "namespace": ns, "uid": uuid::Uuid::new_v4().to_string(),
+                "creationTimestamp": now},
+            "involvedObject": {"apiVersion": meridian_api::meridian::API_VERSION, "kind": kind,
+                "name": pname, "namespace": pns},
+            "reason": Outcome::Allowed.reason(),
+            "message": format!("allowed {} removal(s) by {}: {}", entries.len(), users.join(", "), objects.join(", ")),
+            "type": "Normal",
+            "source": {"component": "meridian-risk-control"},
+            "reportingComponent": "meridian-risk-control",
+            "firstTimestamp": now, "lastTimestamp": entries[entries.len() - 1].time.to_string(),
+            "count": entries.len(),
+        });
+        let key = events.storage_key(Some(&ns), &name);
+        txn = txn
+            .when(key.clone(), 0)
+            .put(key, Bytes::from(ev.to_string()));
+    }
+    // Everything else (refusals, unlocks, audit-mode would-be refusals): one Event
+    // per object. (namespace, kind, name, outcome) -> (count, entries)
     type Key<'a> = (Option<&'a str>, &'a str, &'a str, &'a str);
     let mut groups: BTreeMap<Key<'_>, (usize, Vec<&AuditEntry>)> = BTreeMap::new();
-    for e in batch {
+    for e in batch.iter().filter(|e| e.outcome != Outcome::Allowed) {
         let k = (
             e.namespace.as_deref(),
             e.kind.as_str(),
@@ -676,7 +729,6 @@ async fn write_events(store: &DynStore, batch: &[AuditEntry]) {
         }
         g.0 += 1;
     }
-    let mut txn = Txn::new();
     for (count, entries) in groups.into_values() {
         let e = entries[0];
         if e.name.is_empty() {
@@ -698,9 +750,6 @@ async fn write_events(store: &DynStore, batch: &[AuditEntry]) {
             .collect::<Vec<_>>()
             .join("; ");
         let message = match e.outcome {
-            Outcome::Allowed => {
-                format!("{} by {} allowed under {under}", e.action.as_str(), e.user)
-            }
             Outcome::Unlocked => format!(
                 "{} by {} of a protected object allowed by its {UNLOCK_ANNOTATION} annotation ({under})",
                 e.action.as_str(),
@@ -753,7 +802,7 @@ async fn write_statuses(
 ) {
     // All of them in one write; a policy changed meanwhile means a fresh attempt.
     for _ in 0..5 {
-        let mut txn = Txn::new();
+        let mut txn = Txn::new().lazy();
         for (key, denials) in &touched {
             let Ok(Some(kv)) = store.get(key).await else {
                 continue;

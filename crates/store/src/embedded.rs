@@ -5,7 +5,11 @@
 //! in a single redb write transaction (each successful one gets its own revision), and
 //! commits once with `Durability::Immediate` (fsync). Only then are the callers
 //! answered and the events published, so an acknowledged write survives `kill -9`,
-//! and N concurrent writers cost one fsync, not N.
+//! and N concurrent writers cost one fsync, not N. A batch of only lazy
+//! transactions (Events and the like, [`Txn::lazy`]) commits without the fsync; the
+//! next durable commit, or an empty one at most [`crate::LAZY_FLUSH`] later, puts it
+//! on disk. A durable write queued behind it then waits for a memory commit, not
+//! for the disk twice.
 //!
 //! Tables: `kv` (key → [`record::encode_kv`]), `log` (revision → the events of that
 //! revision, for watches from a past revision), `meta` (current and compacted revision).
@@ -153,7 +157,30 @@ enum Reply {
 }
 
 fn writer_loop(shared: &Shared, rx: &mpsc::Receiver<Request>) {
-    while let Ok(first) = rx.recv() {
+    // Whether a lazy commit is not on disk yet.
+    let mut unflushed = false;
+    loop {
+        let first = if unflushed {
+            match rx.recv_timeout(crate::LAZY_FLUSH) {
+                Ok(r) => r,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    match flush(shared) {
+                        Ok(()) => unflushed = false,
+                        Err(e) => tracing::error!(error = %e, "embedded store flush failed"),
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let _ = flush(shared);
+                    return;
+                }
+            }
+        } else {
+            match rx.recv() {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -161,9 +188,13 @@ fn writer_loop(shared: &Shared, rx: &mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
+        let lazy = batch
+            .iter()
+            .all(|r| matches!(r, Request::Txn(t, _) if t.lazy));
         let start = shared.revision.load(Ordering::Acquire);
-        match commit_batch(shared, batch, start) {
+        match commit_batch(shared, batch, start, lazy) {
             Ok((revision, replies, published)) => {
+                unflushed = lazy;
                 shared.revision.store(revision, Ordering::Release);
                 for b in published {
                     let _ = shared.live.send(b);
@@ -196,18 +227,29 @@ fn writer_loop(shared: &Shared, rx: &mpsc::Receiver<Request>) {
     }
 }
 
+/// An empty durable commit: puts earlier lazy commits on disk.
+fn flush(shared: &Shared) -> Result<()> {
+    let wtxn = shared.db.begin_write().map_err(db_err)?;
+    wtxn.commit().map_err(db_err)
+}
+
 type BatchOutcome = (Revision, Vec<Reply>, Vec<Batch>);
 
 fn commit_batch(
     shared: &Shared,
     batch: Vec<Request>,
     start: Revision,
+    lazy: bool,
 ) -> std::result::Result<BatchOutcome, (StoreError, Vec<Reply>)> {
     let mut replies = Vec::with_capacity(batch.len());
     let mut published = Vec::new();
     let mut revision = start;
     let outcome = (|| -> Result<()> {
-        let wtxn = shared.db.begin_write().map_err(db_err)?;
+        let mut wtxn = shared.db.begin_write().map_err(db_err)?;
+        if lazy {
+            wtxn.set_durability(redb::Durability::None)
+                .map_err(db_err)?;
+        }
         {
             let mut kv = wtxn.open_table(KV).map_err(db_err)?;
             let mut log = wtxn.open_table(LOG).map_err(db_err)?;

@@ -69,11 +69,24 @@ impl Op {
 pub struct Txn {
     pub compares: Vec<Compare>,
     pub ops: Vec<Op>,
+    /// Best-effort records (Events, status summaries): the embedded store may
+    /// answer before the disk has them and persists them with the next durable
+    /// commit, or within [`LAZY_FLUSH`] if none comes. A crash in that window
+    /// loses them. Other backends commit every transaction durably.
+    pub lazy: bool,
 }
+
+/// Longest a lazy transaction waits for a durable commit to carry it to disk.
+pub const LAZY_FLUSH: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Txn {
     pub fn new() -> Self {
         Self::default()
+    }
+    /// Marks the transaction best-effort (see [`Txn::lazy`]).
+    pub fn lazy(mut self) -> Self {
+        self.lazy = true;
+        self
     }
     pub fn when(mut self, key: impl Into<String>, mod_revision: Revision) -> Self {
         self.compares.push(Compare::ModRevision {

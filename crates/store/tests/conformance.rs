@@ -325,3 +325,34 @@ async fn embedded_store_keeps_data_and_history_across_reopen() {
     let r3 = s.create("/p/c", b("3")).await.unwrap().unwrap();
     assert_eq!(r3, r2 + 1, "revisions continue after reopen");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_lazy_writes_are_visible_at_once_and_on_disk_within_the_flush_interval() {
+    use meridian_store::{LAZY_FLUSH, Txn};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let s = EmbeddedStore::open(&path).unwrap();
+    let r = s
+        .txn(Txn::new().put("/events/a", b("1")).lazy())
+        .await
+        .unwrap();
+    assert!(r.succeeded);
+    assert_eq!(
+        s.get("/events/a").await.unwrap().unwrap().mod_revision,
+        r.revision
+    );
+    // No durable write follows: the writer flushes on its own. A copy of the file
+    // taken then (what a crash would leave) has the write.
+    tokio::time::sleep(LAZY_FLUSH * 3).await;
+    let copy = dir.path().join("copy.redb");
+    std::fs::copy(&path, &copy).unwrap();
+    let c = EmbeddedStore::open(&copy).unwrap();
+    assert_eq!(c.get("/events/a").await.unwrap().unwrap().value, b("1"));
+    assert_eq!(c.current_revision().await.unwrap(), r.revision);
+    // A durable write after a lazy one carries it and continues the revisions.
+    s.txn(Txn::new().put("/events/b", b("2")).lazy())
+        .await
+        .unwrap();
+    let d = s.create("/p/x", b("3")).await.unwrap().unwrap();
+    assert_eq!(d, r.revision + 2);
+}

@@ -184,6 +184,28 @@ async fn a_thousand_concurrent_deletes_against_one_per_30_minutes_let_exactly_on
         .collect();
     let (codes, _) = concurrent_deletes(&[&s], &left[..20], 5).await;
     assert_eq!(count(&codes, 200), 1, "{codes:?}");
+    // Each allowed deletion is in an Event on the policy that let it through.
+    let events = Api::<k8s_openapi::api::core::v1::Event>::default_namespaced(admin.clone());
+    crate::eventually("RiskAllowed events on the policy", || async {
+        let allowed: u64 = events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some("RiskAllowed")
+                    && e.involved_object.kind.as_deref() == Some("RiskPolicy")
+                    && e.involved_object.name.as_deref() == Some("web-safety")
+                    && e.message
+                        .as_deref()
+                        .is_some_and(|m| m.contains("Pod default/"))
+            })
+            .map(|e| e.count.unwrap_or(0) as u64)
+            .sum();
+        allowed == 2
+    })
+    .await;
 }
 
 /// Fridays 18:00 to Mondays 06:00, Paris time.
