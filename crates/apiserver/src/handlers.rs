@@ -335,12 +335,17 @@ pub fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Value, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
-    if ct.contains("protobuf") || ct.contains("cbor") {
-        // Clients that prefer a binary encoding switch to JSON on 415.
+    if ct.contains("protobuf") {
+        // kubectl's imperative `create` sends built-in kinds this way and does not
+        // fall back to JSON: the kinds it creates are read (see `protobuf`).
+        return crate::protobuf::to_json(body)
+            .map_err(|e| ApiError::new(Reason::UnsupportedMediaType, e));
+    }
+    if ct.contains("cbor") {
         return Err(ApiError::new(
             Reason::UnsupportedMediaType,
             format!(
-                "the body of the request was in an unknown format ({ct:?}); accepted media types include: application/json, application/yaml"
+                "the body of the request was in an unknown format ({ct:?}); accepted media types include: application/json, application/yaml, application/vnd.kubernetes.protobuf"
             ),
         ));
     }

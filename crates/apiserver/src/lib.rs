@@ -13,6 +13,7 @@ mod discovery;
 pub mod handlers;
 pub mod kubeconfig;
 mod logs;
+pub mod protobuf;
 pub use logs::REGIONS_CA_FILE;
 pub mod metrics;
 mod namespaces;

@@ -279,6 +279,32 @@ async fn acknowledged_writes_survive_kill_9() {
     assert_eq!(items.len(), 64, "every acknowledged create is still there");
 }
 
+/// Every non-empty value of `want` is in `got` at the same place.
+fn assert_contains(want: &serde_json::Value, got: &serde_json::Value, at: &str) {
+    use serde_json::Value;
+    match (want, got) {
+        (Value::Null, _) => {}
+        (Value::Object(w), Value::Object(g)) => {
+            for (k, v) in w {
+                if k == "status" || v.is_null() || v.as_object().is_some_and(|o| o.is_empty()) {
+                    continue;
+                }
+                let next = g
+                    .get(k)
+                    .unwrap_or_else(|| panic!("{at}.{k} missing in {got}"));
+                assert_contains(v, next, &format!("{at}.{k}"));
+            }
+        }
+        (Value::Array(w), Value::Array(g)) => {
+            assert_eq!(w.len(), g.len(), "{at}: {want} vs {got}");
+            for (i, (a, b)) in w.iter().zip(g).enumerate() {
+                assert_contains(a, b, &format!("{at}[{i}]"));
+            }
+        }
+        (w, g) => assert_eq!(w, g, "{at}"),
+    }
+}
+
 fn kubectl(kubeconfig: &Path, args: &[&str]) -> (bool, String) {
     let out = Command::new("kubectl")
         .arg("--kubeconfig")
@@ -328,6 +354,59 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     );
     let (ok, out) = kubectl(&kubeconfig, &["get", "all"]);
     assert!(ok && out.contains("deployment.apps/web"), "{out}");
+    // Imperative creates (kubectl sends these as protobuf): each stored object holds
+    // everything kubectl itself renders for the same command.
+    let creates: [(&[&str], &str, &str); 4] = [
+        (
+            &[
+                "create",
+                "configmap",
+                "app-config",
+                "--from-literal=mode=edge",
+                "--from-literal=level=3",
+            ],
+            "configmap",
+            "app-config",
+        ),
+        (
+            &[
+                "create",
+                "secret",
+                "generic",
+                "db",
+                "--from-literal=password=s3cret",
+                "--type=Opaque",
+            ],
+            "secret",
+            "db",
+        ),
+        (
+            &[
+                "create",
+                "deployment",
+                "hello",
+                "--image=meridian.local/busybox:1",
+                "--replicas=2",
+                "--port=8080",
+            ],
+            "deployment",
+            "hello",
+        ),
+        (&["create", "namespace", "team-b"], "namespace", "team-b"),
+    ];
+    for (args, kind, name) in creates {
+        let (ok, out) = kubectl(&kubeconfig, args);
+        assert!(ok, "kubectl {args:?}: {out}");
+        let mut dry = args.to_vec();
+        dry.extend(["--dry-run=client", "-o", "json"]);
+        let (ok, rendered) = kubectl(&kubeconfig, &dry);
+        assert!(ok, "{rendered}");
+        let want: serde_json::Value = serde_json::from_str(&rendered).unwrap();
+        let got = get_json(&kubeconfig, &[kind, name]);
+        assert_contains(&want, &got, kind);
+    }
+    let cm = get_json(&kubeconfig, &["configmap", "app-config"]);
+    assert_eq!(cm["data"]["mode"], "edge");
     let (ok, out) = kubectl(
         &kubeconfig,
         &[
@@ -376,8 +455,8 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     assert!(ok, "{out}");
     assert_eq!(
         out.trim(),
-        "namespace/default",
-        "the tenant sees only its own namespace"
+        "namespace/default\nnamespace/team-b",
+        "the tenant sees only its own namespaces"
     );
     let (ok, out) = kubectl(&kubeconfig, &["delete", "deployment", "web"]);
     assert!(ok, "{out}");
