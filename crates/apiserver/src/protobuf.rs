@@ -2,7 +2,7 @@
 //!
 //! kubectl's typed clients post built-in kinds as `application/vnd.kubernetes.protobuf`
 //! and client-go does not fall back to JSON on a 415 (kubernetes/kubernetes#86253),
-//! so `kubectl create configmap|secret|namespace|deployment` need the server to
+//! so `kubectl create configmap|secret|namespace|deployment|job|service` need the server to
 //! read protobuf. The envelope is the magic `k8s\0` and a `runtime.Unknown`
 //! (apiVersion and kind, the object's bytes); the messages below carry the wire
 //! field numbers of those kinds, for the fields the generators send and then some.
@@ -347,6 +347,116 @@ struct Deployment {
     status: Option<DeploymentStatus>,
 }
 
+#[derive(Clone, PartialEq, Message)]
+struct JobSpec {
+    #[prost(int32, optional, tag = "1")]
+    parallelism: Option<i32>,
+    #[prost(int32, optional, tag = "2")]
+    completions: Option<i32>,
+    #[prost(int64, optional, tag = "3")]
+    active_deadline_seconds: Option<i64>,
+    #[prost(message, optional, tag = "4")]
+    selector: Option<LabelSelector>,
+    #[prost(bool, optional, tag = "5")]
+    manual_selector: Option<bool>,
+    #[prost(message, optional, tag = "6")]
+    template: Option<PodTemplateSpec>,
+    #[prost(int32, optional, tag = "7")]
+    backoff_limit: Option<i32>,
+    #[prost(int32, optional, tag = "8")]
+    ttl_seconds_after_finished: Option<i32>,
+    #[prost(string, optional, tag = "9")]
+    completion_mode: Option<String>,
+    #[prost(bool, optional, tag = "10")]
+    suspend: Option<bool>,
+}
+
+/// Status as Go writes it for a new object (zero values); read and ignored.
+#[derive(Clone, PartialEq, Message)]
+struct JobStatus {
+    #[prost(int32, optional, tag = "4")]
+    active: Option<i32>,
+    #[prost(int32, optional, tag = "5")]
+    succeeded: Option<i32>,
+    #[prost(int32, optional, tag = "6")]
+    failed: Option<i32>,
+    #[prost(string, optional, tag = "7")]
+    completed_indexes: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct Job {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, optional, tag = "2")]
+    spec: Option<JobSpec>,
+    #[prost(message, optional, tag = "3")]
+    status: Option<JobStatus>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ServicePort {
+    #[prost(string, optional, tag = "1")]
+    name: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    protocol: Option<String>,
+    #[prost(int32, optional, tag = "3")]
+    port: Option<i32>,
+    #[prost(message, optional, tag = "4")]
+    target_port: Option<IntOrString>,
+    #[prost(int32, optional, tag = "5")]
+    node_port: Option<i32>,
+    #[prost(string, optional, tag = "6")]
+    app_protocol: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct ServiceSpec {
+    #[prost(message, repeated, tag = "1")]
+    ports: Vec<ServicePort>,
+    #[prost(btree_map = "string, string", tag = "2")]
+    selector: BTreeMap<String, String>,
+    #[prost(string, optional, tag = "3")]
+    cluster_ip: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    r#type: Option<String>,
+    #[prost(string, repeated, tag = "5")]
+    external_ips: Vec<String>,
+    #[prost(string, optional, tag = "7")]
+    session_affinity: Option<String>,
+    #[prost(string, optional, tag = "8")]
+    load_balancer_ip: Option<String>,
+    #[prost(string, repeated, tag = "9")]
+    load_balancer_source_ranges: Vec<String>,
+    #[prost(string, optional, tag = "10")]
+    external_name: Option<String>,
+    #[prost(string, optional, tag = "11")]
+    external_traffic_policy: Option<String>,
+    #[prost(int32, optional, tag = "12")]
+    health_check_node_port: Option<i32>,
+    #[prost(bool, optional, tag = "13")]
+    publish_not_ready_addresses: Option<bool>,
+    #[prost(string, repeated, tag = "18")]
+    cluster_ips: Vec<String>,
+}
+
+/// Status as Go writes it for a new object (an empty load balancer); ignored.
+#[derive(Clone, PartialEq, Message)]
+struct ServiceStatus {
+    #[prost(message, optional, tag = "1")]
+    load_balancer: Option<Empty>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct Service {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, optional, tag = "2")]
+    spec: Option<ServiceSpec>,
+    #[prost(message, optional, tag = "3")]
+    status: Option<ServiceStatus>,
+}
+
 // ------------------------------------------------------------------ to JSON
 
 /// Inserts `v` unless it is what Go's `omitempty` leaves out.
@@ -655,6 +765,85 @@ pub fn to_json(body: &[u8]) -> Result<Value, String> {
                     "progressDeadlineSeconds",
                     opt(d.progress_deadline_seconds),
                 );
+            }
+            o.insert("spec".into(), Value::Object(spec));
+            o
+        }
+        ("batch/v1", "Job") => {
+            let m: Job = exact(&raw, &kind)?;
+            let mut o = Map::new();
+            o.insert("metadata".into(), meta(&m.metadata));
+            let mut spec = Map::new();
+            if let Some(j) = &m.spec {
+                put(&mut spec, "parallelism", opt(j.parallelism));
+                put(&mut spec, "completions", opt(j.completions));
+                put(
+                    &mut spec,
+                    "activeDeadlineSeconds",
+                    opt(j.active_deadline_seconds),
+                );
+                put(&mut spec, "selector", selector(&j.selector));
+                put(&mut spec, "manualSelector", opt(j.manual_selector));
+                spec.insert("template".into(), pod_template(&j.template));
+                put(&mut spec, "backoffLimit", opt(j.backoff_limit));
+                put(
+                    &mut spec,
+                    "ttlSecondsAfterFinished",
+                    opt(j.ttl_seconds_after_finished),
+                );
+                put(&mut spec, "completionMode", s(&j.completion_mode));
+                put(&mut spec, "suspend", opt(j.suspend));
+            }
+            o.insert("spec".into(), Value::Object(spec));
+            o
+        }
+        ("v1", "Service") => {
+            let m: Service = exact(&raw, &kind)?;
+            let mut o = Map::new();
+            o.insert("metadata".into(), meta(&m.metadata));
+            let mut spec = Map::new();
+            if let Some(v) = &m.spec {
+                let ports: Vec<Value> = v
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let mut x = Map::new();
+                        put(&mut x, "name", s(&p.name));
+                        put(&mut x, "protocol", s(&p.protocol));
+                        put(&mut x, "port", opt(p.port));
+                        put(&mut x, "targetPort", int_or_string(&p.target_port));
+                        put(&mut x, "nodePort", opt(p.node_port.filter(|v| *v != 0)));
+                        put(&mut x, "appProtocol", s(&p.app_protocol));
+                        Value::Object(x)
+                    })
+                    .collect();
+                put(&mut spec, "ports", Value::Array(ports));
+                put(&mut spec, "selector", map(&v.selector));
+                put(&mut spec, "clusterIP", s(&v.cluster_ip));
+                put(&mut spec, "clusterIPs", json!(v.cluster_ips));
+                put(&mut spec, "type", s(&v.r#type));
+                put(&mut spec, "externalIPs", json!(v.external_ips));
+                put(&mut spec, "sessionAffinity", s(&v.session_affinity));
+                put(&mut spec, "loadBalancerIP", s(&v.load_balancer_ip));
+                put(
+                    &mut spec,
+                    "loadBalancerSourceRanges",
+                    json!(v.load_balancer_source_ranges),
+                );
+                put(&mut spec, "externalName", s(&v.external_name));
+                put(
+                    &mut spec,
+                    "externalTrafficPolicy",
+                    s(&v.external_traffic_policy),
+                );
+                put(
+                    &mut spec,
+                    "healthCheckNodePort",
+                    opt(v.health_check_node_port.filter(|p| *p != 0)),
+                );
+                if v.publish_not_ready_addresses == Some(true) {
+                    spec.insert("publishNotReadyAddresses".into(), true.into());
+                }
             }
             o.insert("spec".into(), Value::Object(spec));
             o

@@ -356,7 +356,7 @@ async fn meridian_up_then_kubectl_apply_the_example() {
     assert!(ok && out.contains("deployment.apps/web"), "{out}");
     // Imperative creates (kubectl sends these as protobuf): each stored object holds
     // everything kubectl itself renders for the same command.
-    let creates: [(&[&str], &str, &str); 4] = [
+    let creates: [(&[&str], &str, &str); 6] = [
         (
             &[
                 "create",
@@ -393,12 +393,32 @@ async fn meridian_up_then_kubectl_apply_the_example() {
             "hello",
         ),
         (&["create", "namespace", "team-b"], "namespace", "team-b"),
+        (
+            &[
+                "create",
+                "job",
+                "once",
+                "--image=meridian.local/busybox:1",
+                "--",
+                "echo",
+                "hi",
+            ],
+            "job",
+            "once",
+        ),
+        (
+            &["create", "service", "clusterip", "hello", "--tcp=80:8080"],
+            "service",
+            "hello",
+        ),
     ];
     for (args, kind, name) in creates {
         let (ok, out) = kubectl(&kubeconfig, args);
         assert!(ok, "kubectl {args:?}: {out}");
+        // The flags go before a `--` (after it they would be the container's args).
         let mut dry = args.to_vec();
-        dry.extend(["--dry-run=client", "-o", "json"]);
+        let at = dry.iter().position(|a| *a == "--").unwrap_or(dry.len());
+        dry.splice(at..at, ["--dry-run=client", "-o", "json"]);
         let (ok, rendered) = kubectl(&kubeconfig, &dry);
         assert!(ok, "{rendered}");
         let want: serde_json::Value = serde_json::from_str(&rendered).unwrap();
