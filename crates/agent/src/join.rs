@@ -418,3 +418,60 @@ pub fn next_renewal(dir: &IdentityDir) -> Duration {
         .unwrap_or_default()
         .max(Duration::from_secs(1))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::containerd::Mirrors;
+
+    #[test]
+    fn a_joined_nodes_image_mirror_follows_its_assignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = IdentityDir::new(dir.path());
+        let mirrors = Mirrors {
+            hosts_dir: dir.path().join("certs.d"),
+            endpoints: vec!["https://old:7100".into()],
+            ca: Some(id.ca_file()),
+            identity: Some(id.clone()),
+        };
+        // Not joined yet: the configured endpoints.
+        assert!(
+            mirrors
+                .hosts_toml("docker.io")
+                .contains("[host.\"https://old:7100\"]")
+        );
+        let mut saved = Saved {
+            endpoint: "https://eu-west:7100".into(),
+            region: "eu-west".into(),
+            ..Default::default()
+        };
+        id.write("assignment.json", &serde_json::to_string(&saved).unwrap())
+            .unwrap();
+        let toml = mirrors.hosts_toml("docker.io");
+        assert!(toml.contains("[host.\"https://eu-west:7100\"]"), "{toml}");
+        assert!(
+            toml.contains(&format!("ca = \"{}\"", id.ca_file().display())),
+            "{toml}"
+        );
+        // Moved: the next pull goes through the new region.
+        saved.endpoint = "https://us-east:7100".into();
+        id.write("assignment.json", &serde_json::to_string(&saved).unwrap())
+            .unwrap();
+        let toml = mirrors.hosts_toml("docker.io");
+        assert!(
+            toml.contains("us-east") && !toml.contains("eu-west"),
+            "{toml}"
+        );
+    }
+
+    #[test]
+    fn the_machine_id_is_stable_and_saved_only_on_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = IdentityDir::new(dir.path());
+        let a = id.machine_id(None);
+        assert_eq!(a, id.machine_id(None));
+        assert_eq!(a.len(), 32);
+        assert!(!id.0.exists(), "deriving the id writes nothing");
+        assert_eq!(id.machine_id(Some("given")), "given");
+    }
+}

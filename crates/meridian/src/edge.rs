@@ -394,6 +394,7 @@ pub async fn run_agent_with(
                     None => args.region.iter().map(|r| with_scheme(r)).collect(),
                 },
                 ca: saved.as_ref().map(|_| identity.ca_file()),
+                identity: saved.as_ref().map(|_| identity.clone()),
             }),
         )
         .await?,
@@ -628,6 +629,7 @@ pub async fn start_demo_world(
                     hosts_dir: c.hosts_dir.clone(),
                     endpoints: endpoints.clone(),
                     ca: Some(ca_file.clone()),
+                    identity: None,
                 },
             ),
         ),

@@ -58,25 +58,37 @@ pub struct Mirrors {
     pub endpoints: Vec<String>,
     /// CA (PEM file) of regions served over TLS.
     pub ca: Option<PathBuf>,
+    /// A node that joined through the center follows its assignment: after a move
+    /// the mirror is the new region (read at each pull).
+    pub identity: Option<crate::join::IdentityDir>,
 }
 
 impl Mirrors {
+    /// The region endpoints to pull through now.
+    fn current(&self) -> Vec<String> {
+        match self.identity.as_ref().and_then(|i| i.saved()) {
+            Some(saved) => vec![saved.endpoint],
+            None => self.endpoints.clone(),
+        }
+    }
+
     /// The `hosts.toml` for `registry`.
     pub fn hosts_toml(&self, registry: &str) -> String {
+        let endpoints = self.current();
         let loopback = registry.starts_with("127.")
             || registry.starts_with("localhost")
             || registry.starts_with("[::1]");
         let server = match registry {
             "docker.io" => "https://registry-1.docker.io".to_owned(),
             // Served by the region itself: there is no upstream to fall back to.
-            meridian_oci::LOCAL_REGISTRY => self.endpoints.first().cloned().unwrap_or_default(),
+            meridian_oci::LOCAL_REGISTRY => endpoints.first().cloned().unwrap_or_default(),
             r if loopback => format!("http://{r}"),
             r => format!("https://{r}"),
         };
         let mut out = format!(
             "# written by the meridian agent: pulls go through the region\nserver = \"{server}\"\n"
         );
-        for e in &self.endpoints {
+        for e in &endpoints {
             out.push_str(&format!(
                 "\n[host.\"{e}\"]\n  capabilities = [\"pull\", \"resolve\"]\n"
             ));

@@ -591,6 +591,30 @@ async fn bad_tokens_are_refused_leaving_nothing_and_a_certificate_is_only_its_no
         .sum();
     assert_eq!(used, 1);
 
+    // The winning machine joins again under another name: it keeps its identity.
+    let winner = names[0].to_owned();
+    let again = f.admin_token(&["--uses", "1"]);
+    let dir = meridian_agent::join::IdentityDir::new(&f.path(&format!("race-{}", &winner[5..])));
+    let spec = meridian_agent::join::JoinSpec {
+        node_name: "renamed".into(),
+        ..Default::default()
+    };
+    let a = meridian_agent::join::join(&client, Some(&again), &spec, &dir, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        a.node_name, winner,
+        "a re-joining machine keeps its node name"
+    );
+    let inv = center_get(&f, "/v1/nodes").await;
+    let kinds: Vec<&str> = inv[0]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["joined", "rejoined"]);
+
     // A real node, then its certificate used to be someone else.
     let token = f.admin_token(&["--uses", "2"]);
     f.join("alice", &token);
