@@ -54,6 +54,26 @@ fn gpus() -> (i32, String) {
     }
 }
 
+/// What a joining node tells the center about its machine.
+pub fn machine(
+    source: &str,
+    machine_type: &str,
+    coordinates: Option<(f64, f64)>,
+) -> meridian_api::onboarding::MachineFacts {
+    meridian_api::onboarding::MachineFacts {
+        source: source.to_owned(),
+        machine_type: machine_type.to_owned(),
+        arch: arch().into(),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+        memory_bytes: meminfo("MemTotal:").unwrap_or(0).max(0) as u64,
+        gpus: gpus().0.max(0) as u32,
+        latitude: coordinates.map(|c| c.0),
+        longitude: coordinates.map(|c| c.1),
+    }
+}
+
 pub fn detect(data_dir: &Path, max_pods: i64, addresses: Vec<String>) -> NodeFacts {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())

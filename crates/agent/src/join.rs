@@ -87,6 +87,22 @@ impl IdentityDir {
     pub fn ca_file(&self) -> PathBuf {
         self.path("ca.crt")
     }
+    /// The TLS settings of a stream to the node's region: its CA and the node's
+    /// certificate and key.
+    pub fn client_tls(&self) -> Result<tonic::transport::ClientTlsConfig, JoinError> {
+        Ok(client_tls(
+            &self.ca_pem()?,
+            &self.cert_pem()?,
+            &self.key_pem()?,
+        ))
+    }
+    /// A client of the center the node joined, with the node's certificate.
+    pub fn center_client(&self) -> Result<(CenterClient, Saved), JoinError> {
+        let saved = self
+            .saved()
+            .ok_or_else(|| JoinError::Identity("not joined".into()))?;
+        Ok((CenterClient::from_identity(&saved.center, self)?, saved))
+    }
     /// This machine's id: given, or the one saved at the first join, or derived
     /// from `/etc/machine-id` and the data directory (several agents may share a
     /// host in tests and demos). Saved only when a join succeeds.
@@ -104,6 +120,13 @@ impl IdentityDir {
         let digest = sha2::Sha256::digest(format!("{}\n{}", host.trim(), dir.display()).as_bytes());
         meridian_pki::hex(&digest[..16])
     }
+}
+
+/// TLS for a region stream: trust `ca`, present `cert`/`key` (PEM).
+pub fn client_tls(ca: &str, cert: &str, key: &str) -> tonic::transport::ClientTlsConfig {
+    tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+        .identity(tonic::transport::Identity::from_pem(cert, key))
 }
 
 /// How to reach the center.
@@ -349,12 +372,8 @@ pub async fn join(
 /// Asks the center where the node's region is now and saves a changed endpoint.
 /// Returns whether it changed.
 pub async fn refresh_endpoint(dir: &IdentityDir) -> Result<bool, JoinError> {
-    let mut saved = dir
-        .saved()
-        .ok_or_else(|| JoinError::Identity("not joined".into()))?;
-    let status = CenterClient::from_identity(&saved.center, dir)?
-        .self_status()
-        .await?;
+    let (client, mut saved) = dir.center_client()?;
+    let status = client.self_status().await?;
     if status.endpoint.is_empty()
         || status.endpoint == saved.endpoint
         || status.region != saved.region
@@ -387,10 +406,7 @@ pub async fn renew_if_due(dir: &IdentityDir, force: bool) -> Result<bool, JoinEr
     if !force && left > life / 3 {
         return Ok(false);
     }
-    let saved = dir
-        .saved()
-        .ok_or_else(|| JoinError::Identity("not joined".into()))?;
-    let client = CenterClient::from_identity(&saved.center, dir)?;
+    let (client, _) = dir.center_client()?;
     let csr =
         meridian_pki::csr_for(&dir.key_pem()?, &id.node).map_err(|e| identity_err("csr", e))?;
     let r: Renewed = client.post("/v1/renew", &RenewRequest { csr }).await?;

@@ -281,15 +281,7 @@ impl Agent {
             .map_err(|e| format!("bad region address {addr:?}: {e}"))?;
         let mut labels = self.cfg.labels.clone();
         if let Some(o) = &self.cfg.onboarding {
-            let read = |r: Result<String, join::JoinError>| r.map_err(|e| e.to_string());
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(read(
-                    o.dir.ca_pem(),
-                )?))
-                .identity(tonic::transport::Identity::from_pem(
-                    read(o.dir.cert_pem())?,
-                    read(o.dir.key_pem())?,
-                ));
+            let tls = o.dir.client_tls().map_err(|e| e.to_string())?;
             endpoint = endpoint
                 .tls_config(tls)
                 .map_err(|e| format!("TLS configuration: {e}"))?;
@@ -465,11 +457,7 @@ async fn replan(
     o: &Onboarding,
     reason: &str,
 ) -> Result<meridian_api::onboarding::Assignment, join::JoinError> {
-    let saved = o
-        .dir
-        .saved()
-        .ok_or_else(|| join::JoinError::Identity("not joined".into()))?;
-    let client = join::CenterClient::from_identity(&saved.center, &o.dir)?;
+    let (client, _) = o.dir.center_client()?;
     join::join(&client, None, &o.spec, &o.dir, Some(reason)).await
 }
 
@@ -489,12 +477,12 @@ async fn maintain_identity(o: Onboarding, moved: Arc<tokio::sync::Notify>) {
             continue;
         }
         next_check = Instant::now() + o.center_interval;
-        let status = match o.dir.saved() {
-            Some(saved) => match join::CenterClient::from_identity(&saved.center, &o.dir) {
-                Ok(c) => c.self_status().await,
-                Err(e) => Err(e),
-            },
-            None => continue,
+        if o.dir.saved().is_none() {
+            continue;
+        }
+        let status = match o.dir.center_client() {
+            Ok((c, _)) => c.self_status().await,
+            Err(e) => Err(e),
         };
         match status {
             Ok(s) if s.replan => {

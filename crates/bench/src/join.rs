@@ -205,12 +205,11 @@ pub async fn join(agents: usize, regions: usize) -> Result<()> {
                 }
             };
             joined.fetch_add(1, Ordering::Relaxed);
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(&a.ca))
-                .identity(tonic::transport::Identity::from_pem(
-                    &a.certificate,
-                    ident.key_pem().unwrap_or_default(),
-                ));
+            let tls = meridian_agent::join::client_tls(
+                &a.ca,
+                &a.certificate,
+                &ident.key_pem().unwrap_or_default(),
+            );
             let Ok(ep) = tonic::transport::Endpoint::from_shared(a.endpoint.clone()) else {
                 return;
             };

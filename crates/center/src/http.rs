@@ -165,12 +165,14 @@ async fn join(
     let mut exclude = None;
     let mut previous_region = None;
     let allowed: Vec<String>;
+    let mut token_labels = std::collections::BTreeMap::new();
     if let Some(token) = &req.token {
         let rec = s
             .store
             .validate_token(token)
             .map_err(|e| refuse(&s, e.into()))?;
         allowed = rec.info.regions;
+        token_labels = rec.info.labels;
     } else if let Some(id) = &peer.0 {
         // A re-plan: the certificate's node, on the machine it was issued to.
         let inv = s.store.node_by_name(&id.node)?;
@@ -256,6 +258,7 @@ async fn join(
             req,
             token,
             allowed,
+            token_labels,
             candidates: candidates.clone(),
             previous_region,
             expires: Instant::now() + SESSION_TTL,
@@ -322,18 +325,12 @@ async fn assign(State(s): State<Arc<Shared>>, Body(req): Body<AssignRequest>) ->
                 .unwrap_or_default()
         })
         .unwrap_or_default();
-    let (token_id, secret, token_labels) =
-        match p.token.as_deref().and_then(crate::store::parse_token) {
-            Some((id, secret)) => {
-                let labels = s
-                    .store
-                    .validate_token(p.token.as_deref().unwrap_or_default())
-                    .map(|r| r.info.labels)
-                    .unwrap_or_default();
-                (Some(id.to_owned()), Some(secret.to_owned()), labels)
-            }
-            None => (None, None, Default::default()),
-        };
+    // The token was checked at the offer; the commit checks it again, atomically.
+    let (token_id, secret) = match p.token.as_deref().and_then(crate::store::parse_token) {
+        Some((id, secret)) => (Some(id.to_owned()), Some(secret.to_owned())),
+        None => (None, None),
+    };
+    let token_labels = p.token_labels.clone();
     let known = s.store.node_by_machine(&p.req.machine_id)?;
     let kind = match (&known, &p.previous_region) {
         (None, _) => "joined",

@@ -81,6 +81,8 @@ struct Pending {
     token: Option<String>,
     /// Regions the node may go to (from its token; empty: any).
     allowed: Vec<String>,
+    /// Labels the token gives the node.
+    token_labels: BTreeMap<String, String>,
     candidates: Vec<Candidate>,
     previous_region: Option<String>,
     expires: Instant,
@@ -99,6 +101,8 @@ pub(crate) struct Shared {
     sessions: Mutex<HashMap<String, Pending>>,
     /// The global API for admin checks (base URL and a client trusting its CA).
     global_http: Option<(String, reqwest::Client)>,
+    /// The global API for reading regions.
+    global: Option<kube::Client>,
     /// Bearer token hashes that passed the admin check recently.
     admins: Mutex<HashMap<String, Instant>>,
     joins: std::sync::atomic::AtomicU64,
@@ -189,6 +193,16 @@ impl Center {
             }
             None => None,
         };
+        let global = match cfg.global.clone() {
+            Some(mut g) => {
+                g.default_retry = false;
+                Some(
+                    kube::Client::try_from(g)
+                        .map_err(|e| CenterError::Config(format!("global API client: {e}")))?,
+                )
+            }
+            None => None,
+        };
         let (ca_pem, ca_hash) = (ca.cert_pem.clone(), ca.hash());
         let shared = Arc::new(Shared {
             cfg,
@@ -198,17 +212,14 @@ impl Center {
             assigned: Mutex::new(assigned),
             sessions: Mutex::new(HashMap::new()),
             global_http,
+            global,
             admins: Mutex::new(HashMap::new()),
             joins: Default::default(),
             refused: Default::default(),
             commits: tokio::sync::Semaphore::new(1),
         });
         let mut tasks = Vec::new();
-        if let Some(g) = shared.cfg.global.clone() {
-            let mut g = g;
-            g.default_retry = false;
-            let client = kube::Client::try_from(g)
-                .map_err(|e| CenterError::Config(format!("global API client: {e}")))?;
+        if let Some(client) = shared.global.clone() {
             refresh_regions(&shared, &client).await;
             tasks.push(tokio::spawn(region_loop(shared.clone(), client)));
         }
@@ -263,10 +274,8 @@ impl Center {
 
     /// Reads the regions now rather than at the next refresh.
     pub async fn refresh(&self) {
-        if let Some(g) = self.shared.cfg.global.clone()
-            && let Ok(client) = kube::Client::try_from(g)
-        {
-            refresh_regions(&self.shared, &client).await;
+        if let Some(client) = &self.shared.global {
+            refresh_regions(&self.shared, client).await;
         }
     }
 

@@ -358,7 +358,7 @@ pub async fn run_agent_with(
                 node_name: args.node_name.clone(),
                 machine_id: None,
                 labels: args.labels.clone(),
-                facts: crate::onboard::machine_facts("", "", args.coordinates),
+                facts: meridian_agent::facts::machine("", "", args.coordinates),
             }),
             replan_after: args.replan_after,
             center_interval: args.center_interval,
@@ -677,7 +677,7 @@ pub async fn start_demo_world(
                 node_name: (*node).to_owned(),
                 machine_id: None,
                 labels: labels.clone(),
-                facts: crate::onboard::machine_facts("ens", "vm", Some((*lat, *lon))),
+                facts: meridian_agent::facts::machine("ens", "vm", Some((*lat, *lon))),
             };
             let identity = meridian_agent::join::IdentityDir::new(&node_dir);
             let a = meridian_agent::join::join(&center, Some(&join_token), &spec, &identity, None)
@@ -714,11 +714,7 @@ pub async fn start_demo_world(
                     region,
                     Duration::from_secs(365 * 86400),
                 )?;
-                let tls = tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(
-                        &world.center.ca_pem,
-                    ))
-                    .identity(tonic::transport::Identity::from_pem(cert, key));
+                let tls = meridian_agent::join::client_tls(&world.center.ca_pem, &cert, &key);
                 let channel = tonic::transport::Endpoint::from_shared(endpoint.clone())?
                     .tls_config(tls)?
                     .connect_lazy();

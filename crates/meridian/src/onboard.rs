@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use meridian_agent::join::{CenterClient, IdentityDir, JoinSpec};
-use meridian_api::onboarding::{MachineFacts, TokenInfo, TokenRequest};
+use meridian_api::onboarding::{TokenInfo, TokenRequest};
 use meridian_center::{Center, CenterConfig};
 
 use crate::edge::{GlobalArgs, parse_duration, parse_labels};
@@ -279,39 +279,6 @@ pub struct JoinArgs {
     pub agent: crate::edge::AgentArgs,
 }
 
-/// This machine's facts for the center.
-pub fn machine_facts(
-    source: &str,
-    machine_type: &str,
-    coordinates: Option<(f64, f64)>,
-) -> MachineFacts {
-    let memory_bytes = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .unwrap_or(0)
-        * 1024;
-    MachineFacts {
-        source: source.to_owned(),
-        machine_type: machine_type.to_owned(),
-        arch: match std::env::consts::ARCH {
-            "x86_64" => "amd64".into(),
-            "aarch64" => "arm64".into(),
-            a => a.into(),
-        },
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1),
-        memory_bytes,
-        gpus: 0,
-        latitude: coordinates.map(|c| c.0),
-        longitude: coordinates.map(|c| c.1),
-    }
-}
-
 /// `meridian agent join`: joins through the center unless this data dir already
 /// has, then runs the agent on that identity.
 pub async fn join_and_run(args: JoinArgs) -> Result<()> {
@@ -323,7 +290,11 @@ pub async fn join_and_run(args: JoinArgs) -> Result<()> {
         node_name: args.agent.node_name.clone(),
         machine_id: args.machine_id.clone(),
         labels: args.agent.labels.clone(),
-        facts: machine_facts(&args.source, &args.machine_type, args.agent.coordinates),
+        facts: meridian_agent::facts::machine(
+            &args.source,
+            &args.machine_type,
+            args.agent.coordinates,
+        ),
     };
     match dir.saved() {
         Some(saved) => println!(

@@ -275,22 +275,14 @@ impl Hub {
         let Ok(_permit) = self.shared.register_calls.acquire().await else {
             return Ok(());
         };
-        let api: kube::Api<Node> = kube::Api::all(self.shared.client.clone());
-        let got = tokio::time::timeout(Duration::from_secs(3), api.get_opt(node)).await;
-        if let Ok(Ok(Some(n))) = got {
-            let owner = n
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(REGION_LABEL))
-                .cloned()
-                .unwrap_or_default();
-            if !owner.is_empty() && owner != self.shared.cfg.name {
-                return Err(format!(
-                    "node {node:?} belongs to region {owner:?}, not {:?}",
-                    self.shared.cfg.name
-                ));
-            }
+        if let Some(Some(owner)) = self.shared.owner_in_global(node).await
+            && !owner.is_empty()
+            && owner != self.shared.cfg.name
+        {
+            return Err(format!(
+                "node {node:?} belongs to region {owner:?}, not {:?}",
+                self.shared.cfg.name
+            ));
         }
         Ok(())
     }

@@ -76,18 +76,8 @@ fn node_grace(shared: &Shared, n: &crate::state::NodeEntry) -> Option<Duration> 
 /// Whether the global API still lists `node` under this region. A node the center
 /// moved elsewhere is not ours to mark; `None` when the global API cannot say.
 pub(crate) async fn still_ours(shared: &Shared, node: &str) -> Option<bool> {
-    let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(shared.client.clone());
-    match tokio::time::timeout(Duration::from_secs(3), api.get_opt(node)).await {
-        Ok(Ok(Some(n))) => Some(
-            n.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(crate::REGION_LABEL))
-                .is_none_or(|r| *r == shared.cfg.name),
-        ),
-        Ok(Ok(None)) => Some(true),
-        _ => None,
-    }
+    let owner = shared.owner_in_global(node).await?;
+    Some(owner.is_none_or(|r| r == shared.cfg.name))
 }
 
 /// Drops a node that moved to another region, and its pods, from this region.

@@ -312,6 +312,16 @@ impl Shared {
         Ok(())
     }
 
+    /// The region the global API lists `node` under: `Some(None)` when the node
+    /// or its label does not exist, `None` when the global API cannot say (3 s).
+    pub async fn owner_in_global(&self, node: &str) -> Option<Option<String>> {
+        let api: kube::Api<Node> = kube::Api::all(self.client.clone());
+        match tokio::time::timeout(Duration::from_secs(3), api.get_opt(node)).await {
+            Ok(Ok(n)) => Some(n.and_then(|n| n.metadata.labels?.remove(crate::REGION_LABEL))),
+            _ => None,
+        }
+    }
+
     pub async fn persist_node(&self, name: &str, node: &Node) {
         if let Ok(json) = serde_json::to_vec(node) {
             let key = format!("{NODE_PREFIX}{name}");

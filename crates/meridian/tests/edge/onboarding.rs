@@ -718,15 +718,7 @@ async fn attach_as(
     endpoint: &str,
     node: &str,
 ) -> tonic::Status {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(
-            dir.ca_pem().unwrap(),
-        ))
-        .identity(tonic::transport::Identity::from_pem(
-            dir.cert_pem().unwrap(),
-            dir.key_pem().unwrap(),
-        ));
-    attach(tls, endpoint, node).await
+    attach(dir.client_tls().unwrap(), endpoint, node).await
 }
 
 async fn attach(
