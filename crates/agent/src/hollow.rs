@@ -102,21 +102,35 @@ async fn session(
         Duration::from_millis(rand::random::<u64>() % cfg.heartbeat.as_millis().max(1) as u64);
     let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + offset, cfg.heartbeat);
     let mut seq = 0;
-    // Pods that will succeed: (when, final status).
-    let mut finishing: std::collections::VecDeque<(tokio::time::Instant, PodStatusUpdate)> =
-        Default::default();
-    let mut finish_tick = tokio::time::interval(Duration::from_millis(500));
+    // Status reports due later, (when, status), each queue in time order: pods
+    // starting (after `start_delay`) and pods that will succeed. One timer for the
+    // earliest, so a node with nothing pending costs no wakeups, and the node keeps
+    // heartbeating while its pods start.
+    type Due = std::collections::VecDeque<(tokio::time::Instant, PodStatusUpdate)>;
+    let mut starting: Due = Default::default();
+    let mut finishing: Due = Default::default();
+    let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
     loop {
+        let next = [starting.front(), finishing.front()]
+            .into_iter()
+            .flatten()
+            .map(|(t, _)| *t)
+            .min();
         tokio::select! {
-            _ = finish_tick.tick(), if !finishing.is_empty() => {
+            _ = tokio::time::sleep_until(next.unwrap_or(far)), if next.is_some() => {
                 let now = tokio::time::Instant::now();
                 let mut updates = Vec::new();
-                while finishing.front().is_some_and(|(t, _)| *t <= now) {
-                    if let Some((_, u)) = finishing.pop_front() {
-                        updates.push(u);
+                let mut started = 0;
+                for (q, is_start) in [(&mut starting, true), (&mut finishing, false)] {
+                    while q.front().is_some_and(|(t, _)| *t <= now) {
+                        if let Some((_, u)) = q.pop_front() {
+                            updates.push(u);
+                            started += u64::from(is_start);
+                        }
                     }
                 }
                 if !updates.is_empty() {
+                    stats.pods_started.fetch_add(started, Ordering::Relaxed);
                     let batch = PodStatusBatch { updates };
                     tx.send(AgentMessage { msg: Some(agent_message::Msg::PodStatus(batch)) }).await.map_err(|_| "closed")?;
                 }
@@ -128,22 +142,16 @@ async fn session(
                         stats.registered.fetch_add(1, Ordering::Relaxed);
                     }
                     Some(region_message::Msg::Desired(d)) => {
-                        let mut updates = Vec::new();
+                        let now = tokio::time::Instant::now();
                         for p in d.pods {
                             if running.insert(p.uid.clone()) {
                                 let Ok(pod) = serde_json::from_slice::<serde_json::Value>(&p.pod_json) else { continue };
-                                updates.push(running_status(&p.uid, &pod));
+                                starting.push_back((now + cfg.start_delay, running_status(&p.uid, &pod)));
                                 let restarts = pod["spec"]["restartPolicy"].as_str().unwrap_or("Always") == "Always";
                                 if let (Some(d), false) = (cfg.run_for, restarts) {
-                                    finishing.push_back((tokio::time::Instant::now() + cfg.start_delay + d, succeeded_status(&p.uid, &pod)));
+                                    finishing.push_back((now + cfg.start_delay + d, succeeded_status(&p.uid, &pod)));
                                 }
                             }
-                        }
-                        if !updates.is_empty() {
-                            tokio::time::sleep(cfg.start_delay).await;
-                            stats.pods_started.fetch_add(updates.len() as u64, Ordering::Relaxed);
-                            let batch = PodStatusBatch { updates };
-                            tx.send(AgentMessage { msg: Some(agent_message::Msg::PodStatus(batch)) }).await.map_err(|_| "closed")?;
                         }
                     }
                     // A hollow node has every image at once.

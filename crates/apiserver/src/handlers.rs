@@ -145,6 +145,7 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
         .unwrap_or_default();
     let mut verb = "unknown";
     let mut resource = String::new();
+    let mut scope = "cluster";
     let result = async {
         let who = authenticate(&state, &parts.headers)?;
         // Read the body before any other check can fail: answering early while the
@@ -170,6 +171,13 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
         };
         let v = verb_of(&parts.method, &target, &query)?;
         verb = v.as_str();
+        // The scopes of the Kubernetes API latency SLIs: one object, one
+        // namespace, or the whole cluster.
+        scope = match (&target.name, &target.namespace) {
+            (Some(_), _) => "resource",
+            (None, Some(_)) => "namespace",
+            (None, None) => "cluster",
+        };
         auth::authorize(&who, v, target.resource, target.subresource.as_deref())?;
         if matches!(
             v,
@@ -212,6 +220,7 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
     state.metrics.observe(
         verb,
         &resource,
+        scope,
         response.status().as_u16(),
         started.elapsed(),
     );

@@ -21,6 +21,9 @@ pub struct RequestLabels {
 pub struct LatencyLabels {
     pub verb: String,
     pub resource: String,
+    /// `resource` (one named object), `namespace` or `cluster`, as the Kubernetes
+    /// API call latency SLIs split them.
+    pub scope: &'static str,
 }
 
 pub struct Metrics {
@@ -45,7 +48,7 @@ impl Default for Metrics {
         );
         registry.register(
             "request_duration_seconds",
-            "API request latency by verb and resource",
+            "API request latency by verb, resource and scope",
             latency.clone(),
         );
         registry.register("watchers", "Open watch streams", watchers.clone());
@@ -59,7 +62,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn observe(&self, verb: &str, resource: &str, code: u16, took: Duration) {
+    pub fn observe(
+        &self,
+        verb: &str,
+        resource: &str,
+        scope: &'static str,
+        code: u16,
+        took: Duration,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 verb: verb.into(),
@@ -71,6 +81,7 @@ impl Metrics {
             .get_or_create(&LatencyLabels {
                 verb: verb.into(),
                 resource: resource.into(),
+                scope,
             })
             .observe(took.as_secs_f64());
     }

@@ -76,7 +76,7 @@ async fn reconcile(
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(key)
-            .is_some_and(|(_, _, t)| t.elapsed() < std::time::Duration::from_secs(5))
+            .is_some_and(|(_, _, t)| t.elapsed() < crate::EXPECTATION_TTL)
     };
     let expect = |key: String| {
         s.expectations

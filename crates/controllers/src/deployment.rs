@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentCondition, DeploymentStatus, ReplicaSet, ReplicaSetSpec,
 };
@@ -71,34 +72,50 @@ fn available(rs: &ReplicaSet) -> i32 {
 }
 
 pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
-    let all_rs = s.replicasets.state();
-    for d in s.deployments.state() {
-        if d.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let uid = d.metadata.uid.clone().unwrap_or_default();
-        let owned: Vec<ReplicaSet> = all_rs
-            .iter()
-            .filter(|r| controller_of(&r.metadata).is_some_and(|o| o.uid == uid))
-            .map(|r| (**r).clone())
-            .collect();
-        let ns = d.metadata.namespace.clone().unwrap_or_default();
-        let name = d.metadata.name.clone().unwrap_or_default();
-        let key = format!("Deployment/{ns}/{name}");
-        if s.denials.blocked(&key) {
-            continue; // a scale-down was refused by risk control: backing off
-        }
-        match reconcile(client, &d, owned).await {
-            Ok(()) => s.denials.clear(&key),
-            Err(e) => {
-                if let Some(msg) = s.denials.note(&key, &e) {
-                    crate::risk::report(client, "Deployment", &ns, &name, Some(&uid), &msg).await;
-                } else if crate::risk::risk_denial(&e).is_none() {
-                    tracing::warn!(deployment = %name, "reconcile: {e}");
-                }
-            }
+    // ReplicaSets by their controlling owner, once per tick (not a scan per Deployment).
+    let mut by_owner: std::collections::HashMap<String, Vec<ReplicaSet>> = Default::default();
+    for r in s.replicasets.state() {
+        if let Some(o) = controller_of(&r.metadata) {
+            by_owner
+                .entry(o.uid.clone())
+                .or_default()
+                .push((*r).clone());
         }
     }
+    let work: Vec<_> = s
+        .deployments
+        .state()
+        .into_iter()
+        .filter(|d| d.metadata.deletion_timestamp.is_none())
+        .map(|d| {
+            let uid = d.metadata.uid.clone().unwrap_or_default();
+            let owned = by_owner.remove(&uid).unwrap_or_default();
+            (d, uid, owned)
+        })
+        .collect();
+    // Many Deployments at once: thousands of small workloads must not queue behind
+    // each other's round trips.
+    futures::stream::iter(work)
+        .for_each_concurrent(32, |(d, uid, owned)| async move {
+            let ns = d.metadata.namespace.clone().unwrap_or_default();
+            let name = d.metadata.name.clone().unwrap_or_default();
+            let key = format!("Deployment/{ns}/{name}");
+            if s.denials.blocked(&key) {
+                return; // a scale-down was refused by risk control: backing off
+            }
+            match reconcile(client, &d, owned).await {
+                Ok(()) => s.denials.clear(&key),
+                Err(e) => {
+                    if let Some(msg) = s.denials.note(&key, &e) {
+                        crate::risk::report(client, "Deployment", &ns, &name, Some(&uid), &msg)
+                            .await;
+                    } else if crate::risk::risk_denial(&e).is_none() {
+                        tracing::warn!(deployment = %name, "reconcile: {e}");
+                    }
+                }
+            }
+        })
+        .await;
 }
 
 async fn scale(api: &Api<ReplicaSet>, rs: &ReplicaSet, n: i32) -> Result<(), kube::Error> {

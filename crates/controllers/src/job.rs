@@ -114,7 +114,7 @@ async fn reconcile(client: &kube::Client, s: &Stores, job: &Job, uid: &str, pods
                 .unwrap_or_else(|e| e.into_inner())
                 .get(uid)
                 .is_some_and(|&(target, _, t)| {
-                    t.elapsed() < std::time::Duration::from_secs(5) && active.len() < target
+                    t.elapsed() < crate::EXPECTATION_TTL && active.len() < target
                 });
             if active.len() < want && !waiting {
                 let n = want - active.len();

@@ -48,7 +48,8 @@ fn unreplaced_lost_nodes(pods: &[Arc<Pod>], active: &[Arc<Pod>]) -> Vec<String> 
 
 /// At most this many pods created or deleted per ReplicaSet per tick.
 const BURST: usize = 500;
-/// Requests in flight per ReplicaSet.
+/// Pod creations in flight (all ReplicaSets together), and ReplicaSets reconciled
+/// at once.
 const CONCURRENCY: usize = 64;
 
 pub(crate) fn suffix() -> String {
@@ -61,14 +62,26 @@ pub(crate) fn suffix() -> String {
 
 pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
     let mut owned = crate::owned_pods(s, "ReplicaSet");
-    for rs in s.replicasets.state() {
-        if rs.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let uid = rs.metadata.uid.clone().unwrap_or_default();
-        let pods = owned.remove(&uid).unwrap_or_default();
-        reconcile(client, s, &rs, &uid, pods).await;
-    }
+    let work: Vec<(Arc<ReplicaSet>, String, Vec<Arc<Pod>>)> = s
+        .replicasets
+        .state()
+        .into_iter()
+        .filter(|rs| rs.metadata.deletion_timestamp.is_none())
+        .map(|rs| {
+            let uid = rs.metadata.uid.clone().unwrap_or_default();
+            let pods = owned.remove(&uid).unwrap_or_default();
+            (rs, uid, pods)
+        })
+        .collect();
+    // Many ReplicaSets at once (thousands of small workloads must not wait for each
+    // other's round trips); pod creations share one bound on requests in flight.
+    let requests = tokio::sync::Semaphore::new(CONCURRENCY);
+    futures::stream::iter(work)
+        .for_each_concurrent(CONCURRENCY, |(rs, uid, pods)| {
+            let requests = &requests;
+            async move { reconcile(client, s, &rs, &uid, pods, requests).await }
+        })
+        .await;
 }
 
 async fn reconcile(
@@ -77,6 +90,7 @@ async fn reconcile(
     rs: &ReplicaSet,
     uid: &str,
     pods: Vec<Arc<Pod>>,
+    requests: &tokio::sync::Semaphore,
 ) {
     let ns = rs.metadata.namespace.clone().unwrap_or_default();
     let name = rs.metadata.name.clone().unwrap_or_default();
@@ -92,7 +106,7 @@ async fn reconcile(
         let mut ex = s.expectations.lock().unwrap_or_else(|e| e.into_inner());
         match ex.get(uid) {
             Some(&(target, up, t))
-                if t.elapsed() < std::time::Duration::from_secs(5)
+                if t.elapsed() < crate::EXPECTATION_TTL
                     && ((up && active.len() < target) || (!up && active.len() > target)) =>
             {
                 true
@@ -146,6 +160,7 @@ async fn reconcile(
                 let api = pod_api.clone();
                 let base = name.clone();
                 async move {
+                    let _permit = requests.acquire().await;
                     // Random names collide now and then (1,000 pods of one set:
                     // ~3% chance): take another name rather than wait a tick.
                     let mut tries = 0;

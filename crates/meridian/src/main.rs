@@ -2,6 +2,7 @@
 
 mod edge;
 mod onboard;
+mod sim;
 mod tenant;
 
 use std::net::SocketAddr;
@@ -127,6 +128,9 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Simulate a whole fleet on this machine (hollow nodes, real server and
+    /// regions) and measure it against the Kubernetes scalability SLOs.
+    Sim(sim::SimCli),
     /// (internal) Supervise one container process for the process runtime.
     Shim,
 }
@@ -197,6 +201,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Agent(args) => edge::run_agent_cli(*args).await,
         Command::Center(args) => onboard::run_center(args).await,
         Command::Token { command } => onboard::run_token(command).await,
+        Command::Sim(cli) => sim::run(cli).await,
         Command::Image { command } => match command {
             ImageCommand::Busybox { out, busybox } => {
                 let images = meridian_oci::build::builtin_images(&busybox)

@@ -114,21 +114,24 @@ async fn edgecluster_loop(shared: Arc<Shared>) {
 }
 
 fn cluster_status(shared: &Shared) -> serde_json::Value {
-    let nodes = lock(&shared.nodes);
-    let ready = nodes.values().filter(|n| n.health == Health::Ready).count();
-    let connected = nodes.values().filter(|n| n.session.is_some()).count();
-    let (mut cpu, mut mem) = (0i64, 0i64);
-    for n in nodes.values() {
-        cpu += n.node.cpu_millis;
-        mem += n.node.memory_bytes;
-    }
+    let (count, ready, connected, cpu, mem) = {
+        let nodes = lock(&shared.nodes);
+        let ready = nodes.values().filter(|n| n.health == Health::Ready).count();
+        let connected = nodes.values().filter(|n| n.session.is_some()).count();
+        let (mut cpu, mut mem) = (0i64, 0i64);
+        for n in nodes.values() {
+            cpu += n.node.cpu_millis;
+            mem += n.node.memory_bytes;
+        }
+        (nodes.len(), ready, connected, cpu, mem)
+    };
     let pods = lock(&shared.pods).by_uid.len();
     let partitioned = shared.partitioned.load(Ordering::Relaxed);
     json!({
         "phase": if partitioned { "Partitioned" } else { "Ready" },
-        "nodes": nodes.len(),
+        "nodes": count,
         "readyNodes": ready,
-        "unreachableNodes": nodes.len() - ready,
+        "unreachableNodes": count - ready,
         "connectedAgents": connected,
         "pods": pods,
         "capacity": {"cpu": format!("{cpu}m"), "memory": mem.to_string()},
@@ -215,8 +218,10 @@ fn apply_pod(
     let Some((uid, cached)) = CachedPod::from_pod(pod) else {
         return;
     };
+    // Lock order (see `state::lock`): nodes before pods, never both here.
+    let ours = is_ours(shared, &cached.node);
     let mut pods = lock(&shared.pods);
-    if !is_ours(shared, &cached.node) {
+    if !ours {
         if let Some(old) = pods.remove(&uid) {
             touched.insert(old);
             deletes.push(uid);
@@ -350,9 +355,10 @@ async fn upload_statuses(
         .await;
     let mut failed = 0;
     {
-        let mut up = lock(&shared.upload);
-        let mut pods = lock(&shared.pods);
+        // Lock order (see `state::lock`): evict_hold, pods, upload.
         let mut hold = lock(&shared.evict_hold);
+        let mut pods = lock(&shared.pods);
+        let mut up = lock(&shared.upload);
         for (uid, v, retry, held) in results {
             if let Some(secs) = held {
                 // Not lost after all, for now: try again after the refusal's

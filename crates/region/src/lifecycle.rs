@@ -20,15 +20,19 @@ use crate::NODE_LOST;
 use crate::state::{Health, LEASES_KEY, Shared, lock};
 
 pub async fn run(shared: Arc<Shared>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    // Token bucket: one node's worth of marking per 1/rate seconds, burst of one.
+    const TICK: Duration = Duration::from_millis(500);
+    let mut tick = tokio::time::interval(TICK);
+    // Token bucket: one node's worth of marking per 1/rate seconds. The bucket holds
+    // one tick's worth (at least one node), so rates above one node per tick are
+    // reached too, and never more.
+    let burst = (shared.cfg.eviction_rate * TICK.as_secs_f64()).max(1.0);
     let mut tokens = 1.0f64;
     let mut last = Instant::now();
     loop {
         tick.tick().await;
         let now = Instant::now();
         tokens =
-            (tokens + now.duration_since(last).as_secs_f64() * shared.cfg.eviction_rate).min(1.0);
+            (tokens + now.duration_since(last).as_secs_f64() * shared.cfg.eviction_rate).min(burst);
         last = now;
         check_leases(&shared, now);
         evict(&shared, now, &mut tokens).await;

@@ -177,6 +177,11 @@ pub struct Shared {
     pub refs_tx: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
+/// Locks one of the region's tables. Where a function holds more than one at a
+/// time it takes them in this order, or two tasks can each hold one and wait for
+/// the other forever (seen under load: the pod watch holding `pods` and asking
+/// `nodes`, the EdgeCluster refresh the other way round, and the region silent
+/// from then on): `nodes`, `evict_hold`, `pods`, `upload`.
 pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -1,8 +1,9 @@
 //! The global scheduler: binds pending pods to nodes across the whole fleet.
 //!
-//! A level-triggered loop over two reflectors (Nodes, Pods): every tick it rebuilds
-//! the fleet (allocatable minus what is bound), places the pending pods oldest first
-//! with the [`engine`], and binds them through `pods/binding`. A pod that fits
+//! A loop over two reflectors (Nodes, Pods): every tick it applies the pod changes
+//! the watch delivered since the last one to its fleet (allocatable minus what is
+//! bound; a relist reconciles it with every pod), places the pending pods oldest
+//! first with the [`engine`], and binds them through `pods/binding`. A pod that fits
 //! nowhere gets `PodScheduled=False, reason=Unschedulable` and a `FailedScheduling`
 //! Event counting the causes.
 
@@ -74,6 +75,47 @@ where
             .for_each(|_| async {}),
     );
     store
+}
+
+/// A change of one pod as the scheduler's watch delivered it.
+enum PodEvent {
+    Apply(Arc<Pod>),
+    /// The uid of a pod that is gone.
+    Delete(String),
+    /// A relist begins: pods not shown again before `InitDone` are gone.
+    Init,
+    InitDone,
+}
+
+/// The pods reflector, and its events in order (applied to the view each tick).
+fn reflect_pods(
+    client: &kube::Client,
+) -> (Store<Pod>, tokio::sync::mpsc::UnboundedReceiver<PodEvent>) {
+    let (store, writer) = reflector::store::<Pod>();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let api: Api<Pod> = Api::all(client.clone());
+    tokio::spawn(
+        reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .for_each(move |ev| {
+                let ev = match ev {
+                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                        Some(PodEvent::Apply(Arc::new(p)))
+                    }
+                    Ok(watcher::Event::Delete(p)) => {
+                        Some(PodEvent::Delete(p.metadata.uid.unwrap_or_default()))
+                    }
+                    Ok(watcher::Event::Init) => Some(PodEvent::Init),
+                    Ok(watcher::Event::InitDone) => Some(PodEvent::InitDone),
+                    Err(_) => None,
+                };
+                if let Some(ev) = ev {
+                    let _ = tx.send(ev);
+                }
+                futures::future::ready(())
+            }),
+    );
+    (store, rx)
 }
 
 fn policy_resource() -> ApiResource {
@@ -222,9 +264,10 @@ impl FleetView {
         for n in nodes {
             let name = n.metadata.name.as_deref().unwrap_or_default();
             let rv = n.metadata.resource_version.as_deref().unwrap_or_default();
-            match self.node_rv.get(name) {
+            match self.node_rv.get_mut(name) {
                 None => rebuild = true,
                 Some(old) if old != rv => {
+                    rv.clone_into(old);
                     let info = NodeInfo::from_node(n);
                     match self.fleet.node(name) {
                         Some(cur) if cur.labels == info.labels && cur.taints == info.taints => {
@@ -241,20 +284,20 @@ impl FleetView {
             for (node, req) in self.bound.values() {
                 self.fleet.bind(node, req);
             }
+            self.node_rv = nodes
+                .iter()
+                .map(|n| {
+                    (
+                        n.metadata.name.clone().unwrap_or_default(),
+                        n.metadata.resource_version.clone().unwrap_or_default(),
+                    )
+                })
+                .collect();
         } else {
             for info in changed {
                 self.fleet.update_node(info);
             }
         }
-        self.node_rv = nodes
-            .iter()
-            .map(|n| {
-                (
-                    n.metadata.name.clone().unwrap_or_default(),
-                    n.metadata.resource_version.clone().unwrap_or_default(),
-                )
-            })
-            .collect();
     }
 
     /// A pod the watch shows bound to `node`.
@@ -272,6 +315,14 @@ impl FleetView {
                 self.fleet.bind(node, &req);
                 self.bound.insert(uid.to_owned(), (node.to_owned(), req));
             }
+        }
+    }
+
+    /// A pod that no longer holds a place (gone, finished, or its binding never
+    /// showed up).
+    fn unbind(&mut self, uid: &str) {
+        if let Some((node, req)) = self.bound.remove(uid) {
+            self.fleet.unbind(&node, &req);
         }
     }
 
@@ -296,7 +347,7 @@ impl FleetView {
 /// Runs the scheduler until the task is dropped.
 pub async fn run(client: kube::Client) {
     let nodes: Store<Node> = reflect(&client);
-    let pods: Store<Pod> = reflect(&client);
+    let (pods, mut pod_events) = reflect_pods(&client);
     let replicasets: Store<ReplicaSet> = reflect(&client);
     let jobs: Store<Job> = reflect(&client);
     let ar = policy_resource();
@@ -323,6 +374,10 @@ pub async fn run(client: kube::Client) {
     let mut last_report = Instant::now();
     // Pods bound by us that the watch has not shown bound yet.
     let mut inflight: HashMap<String, (String, Instant)> = HashMap::new();
+    // Pods waiting for a node (ours to schedule), by uid, as the watch last showed them.
+    let mut waiting: HashMap<String, Arc<Pod>> = HashMap::new();
+    // During a relist: every pod it has shown so far.
+    let mut relist: Option<std::collections::HashSet<String>> = None;
     let mut view = FleetView::default();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
@@ -337,43 +392,67 @@ pub async fn run(client: kube::Client) {
             }
             r
         };
-        let mut pending = Vec::new();
-        inflight.retain(|_, (_, t)| t.elapsed() < Duration::from_secs(10));
-        let mut seen: std::collections::HashSet<String> = Default::default();
-        for p in pods.state() {
-            if is_terminal(&p) || p.metadata.deletion_timestamp.is_some() {
-                continue;
-            }
-            let uid = p.metadata.uid.clone().unwrap_or_default();
-            let node = p
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone())
-                .filter(|n| !n.is_empty());
-            match node {
-                Some(n) => {
-                    inflight.remove(&uid);
-                    view.bound(&uid, &n, || request(&p));
-                    seen.insert(uid);
+        // What changed since the last tick, not a walk over every pod.
+        while let Ok(ev) = pod_events.try_recv() {
+            match ev {
+                PodEvent::Init => relist = Some(Default::default()),
+                PodEvent::InitDone => {
+                    if let Some(seen) = relist.take() {
+                        waiting.retain(|uid, _| seen.contains(uid));
+                        inflight.retain(|uid, _| seen.contains(uid));
+                        view.forget_unseen(&seen);
+                    }
                 }
-                None => {
-                    if inflight.contains_key(&uid) {
-                        seen.insert(uid);
+                PodEvent::Delete(uid) => {
+                    waiting.remove(&uid);
+                    inflight.remove(&uid);
+                    view.unbind(&uid);
+                }
+                PodEvent::Apply(p) => {
+                    let uid = p.metadata.uid.clone().unwrap_or_default();
+                    if let Some(seen) = relist.as_mut() {
+                        seen.insert(uid.clone());
+                    }
+                    if is_terminal(&p) || p.metadata.deletion_timestamp.is_some() {
+                        waiting.remove(&uid);
+                        inflight.remove(&uid);
+                        view.unbind(&uid);
                         continue;
                     }
-                    let name = p
-                        .spec
-                        .as_ref()
-                        .and_then(|s| s.scheduler_name.as_deref())
-                        .unwrap_or("default-scheduler");
-                    if SCHEDULER_NAMES.contains(&name) {
-                        pending.push(p);
+                    let node = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
+                    match node.filter(|n| !n.is_empty()) {
+                        Some(n) => {
+                            waiting.remove(&uid);
+                            inflight.remove(&uid);
+                            view.bound(&uid, n, || request(&p));
+                        }
+                        None => {
+                            let name = p
+                                .spec
+                                .as_ref()
+                                .and_then(|s| s.scheduler_name.as_deref())
+                                .unwrap_or("default-scheduler");
+                            if SCHEDULER_NAMES.contains(&name) {
+                                waiting.insert(uid, p);
+                            }
+                        }
                     }
                 }
             }
         }
-        // Gone, finished, or a binding that never showed up: release its place.
-        view.forget_unseen(&seen);
+        // A binding that never showed up: release its place and try again.
+        inflight.retain(|uid, (_, t)| {
+            let keep = t.elapsed() < Duration::from_secs(10);
+            if !keep && waiting.contains_key(uid) {
+                view.unbind(uid);
+            }
+            keep
+        });
+        let mut pending: Vec<Arc<Pod>> = waiting
+            .iter()
+            .filter(|(uid, _)| !inflight.contains_key(*uid))
+            .map(|(_, p)| p.clone())
+            .collect();
         let fleet = &mut view.fleet;
         if last_report.elapsed() >= Duration::from_secs(2) {
             last_report = Instant::now();

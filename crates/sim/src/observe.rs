@@ -1,0 +1,463 @@
+//! What the simulation sees through the API, as a user would: watches of every Node
+//! and every Pod (decoded into small types, not full objects), and a probe object
+//! whose changes time the watch delivery.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::Api;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use serde::Deserialize;
+
+use crate::{Quantiles, Result, SimError, api};
+
+pub async fn client(url: &str, ca_pem: &str, token: &str) -> Result<kube::Client> {
+    let yaml = meridian_apiserver::kubeconfig::render("sim", url, ca_pem, token, None);
+    let kc = kube::config::Kubeconfig::from_yaml(&yaml)
+        .map_err(|e| SimError::Invalid(format!("kubeconfig: {e}")))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .map_err(|e| SimError::Invalid(format!("kubeconfig: {e}")))?;
+    kube::Client::try_from(cfg).map_err(api("building a client"))
+}
+
+macro_rules! lite_resource {
+    ($t:ident, $kind:literal, $plural:literal, $scope:ty) => {
+        impl kube::Resource for $t {
+            type DynamicType = ();
+            type Scope = $scope;
+            fn kind(_: &()) -> Cow<'_, str> {
+                $kind.into()
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                "".into()
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                "v1".into()
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                $plural.into()
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+#[derive(Clone, Debug, Deserialize)]
+struct Cond {
+    #[serde(rename = "type")]
+    type_: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct NodeStatusLite {
+    #[serde(default)]
+    conditions: Vec<Cond>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct NodeLite {
+    metadata: ObjectMeta,
+    #[serde(default)]
+    status: Option<NodeStatusLite>,
+}
+lite_resource!(NodeLite, "Node", "nodes", k8s_openapi::ClusterResourceScope);
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpecLite {
+    #[serde(default)]
+    node_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct PodStatusLite {
+    #[serde(default)]
+    phase: Option<String>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct PodLite {
+    metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<PodSpecLite>,
+    #[serde(default)]
+    status: Option<PodStatusLite>,
+}
+lite_resource!(PodLite, "Pod", "pods", k8s_openapi::NamespaceResourceScope);
+
+pub const SIM_LABEL: &str = "meridian.io/sim";
+
+#[derive(Default)]
+struct PodRec {
+    /// When the watch first showed it not yet running (startup latency starts).
+    pending_since: Option<Instant>,
+    running: bool,
+    bound: bool,
+    lost: bool,
+    /// Succeeded or Failed.
+    terminal: bool,
+    kind: u8, // 0 other, 1 density, 2 churn
+}
+
+/// A pod marked for rescheduling (NodeLost), as the watch showed it.
+#[derive(Clone, Debug)]
+pub struct Mark {
+    pub at: Instant,
+    pub node: String,
+}
+
+#[derive(Default)]
+pub struct State {
+    pub nodes: HashMap<String, bool>,
+    pub ready: usize,
+    pods: HashMap<String, PodRec>,
+    /// Pods of each kind: (existing, bound, running).
+    pub density: (usize, usize, usize),
+    pub churn: (usize, usize, usize),
+    /// The most density pods that existed at once.
+    pub density_peak: usize,
+    pub marks: Vec<Mark>,
+    /// Node of every pod (by uid) still existing, for the loss checks.
+    pub pod_nodes: HashMap<String, String>,
+    startup: Option<Histogram<u64>>,
+    lag: Option<Histogram<u64>>,
+    /// Pods seen bound to a node the watch of Nodes has never shown.
+    pub bound_to_unknown: HashSet<String>,
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+pub fn quantiles(h: &Histogram<u64>) -> Option<Quantiles> {
+    if h.is_empty() {
+        return None;
+    }
+    let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+    Some(Quantiles {
+        count: h.len(),
+        p50_ms: ms(0.5),
+        p90_ms: ms(0.9),
+        p99_ms: ms(0.99),
+        max_ms: h.max() as f64 / 1000.0,
+    })
+}
+
+impl State {
+    fn counts(&mut self, kind: u8) -> Option<&mut (usize, usize, usize)> {
+        match kind {
+            1 => Some(&mut self.density),
+            2 => Some(&mut self.churn),
+            _ => None,
+        }
+    }
+
+    fn pod(&mut self, p: PodLite, initial: bool) {
+        let uid = p.metadata.uid.clone().unwrap_or_default();
+        let kind = match p
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SIM_LABEL))
+            .map(String::as_str)
+        {
+            Some("density") => 1,
+            Some("churn") => 2,
+            _ => 0,
+        };
+        let node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty());
+        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+        let running = phase == Some("Running");
+        let lost = p.status.as_ref().and_then(|s| s.reason.as_deref()) == Some("NodeLost");
+        let now = Instant::now();
+        let new = !self.pods.contains_key(&uid);
+        let rec = self.pods.entry(uid.clone()).or_default();
+        rec.kind = kind;
+        let (was_bound, was_running, was_lost) = (rec.bound, rec.running, rec.lost);
+        if new && !running && !initial && phase.is_none_or(|p| p == "Pending") {
+            rec.pending_since = Some(now);
+        }
+        let mut sample = None;
+        if running
+            && !was_running
+            && let Some(t) = rec.pending_since.take()
+        {
+            sample = Some(now.duration_since(t));
+        }
+        rec.running = running;
+        rec.bound = node.is_some();
+        rec.lost = lost;
+        rec.terminal = matches!(phase, Some("Succeeded" | "Failed"));
+        if let Some(n) = &node {
+            if !self.nodes.contains_key(n) {
+                self.bound_to_unknown.insert(n.clone());
+            }
+            self.pod_nodes.insert(uid.clone(), n.clone());
+        }
+        if lost && !was_lost {
+            self.marks.push(Mark {
+                at: now,
+                node: node.clone().unwrap_or_default(),
+            });
+        }
+        if let Some(d) = sample {
+            let h = self.startup.get_or_insert_with(hist);
+            let _ = h.record(d.as_micros().max(1) as u64);
+        }
+        if let Some(c) = self.counts(kind) {
+            if new {
+                c.0 += 1;
+            }
+            let now_existing = c.0;
+            if kind == 1 {
+                self.density_peak = self.density_peak.max(now_existing);
+            }
+            let Some(c) = self.counts(kind) else { return };
+            rec_delta(was_bound, node.is_some(), &mut c.1);
+            rec_delta(was_running, running, &mut c.2);
+        }
+    }
+
+    fn pod_gone(&mut self, p: PodLite) {
+        let uid = p.metadata.uid.clone().unwrap_or_default();
+        self.pod_nodes.remove(&uid);
+        if let Some(rec) = self.pods.remove(&uid) {
+            let (bound, running) = (rec.bound, rec.running);
+            if let Some(c) = self.counts(rec.kind) {
+                c.0 -= 1;
+                if bound {
+                    c.1 -= 1;
+                }
+                if running {
+                    c.2 -= 1;
+                }
+            }
+        }
+    }
+
+    fn node(&mut self, n: NodeLite) {
+        let name = n.metadata.name.clone().unwrap_or_default();
+        let ready = n
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == "True");
+        let was = self.nodes.insert(name.clone(), ready);
+        self.bound_to_unknown.remove(&name);
+        match (was.unwrap_or(false), ready) {
+            (false, true) => self.ready += 1,
+            (true, false) => self.ready -= 1,
+            _ => {}
+        }
+    }
+
+    /// Startup latencies and watch lags recorded since the last call.
+    pub fn take_samples(&mut self) -> (Option<Quantiles>, Option<Quantiles>) {
+        let s = self.startup.take().and_then(|h| quantiles(&h));
+        let l = self.lag.take().and_then(|h| quantiles(&h));
+        (s, l)
+    }
+
+    /// Pods of a kind (1 density, 2 churn) not marked lost and not finished.
+    pub fn active(&self, kind: u8) -> usize {
+        self.pods
+            .values()
+            .filter(|r| r.kind == kind && !r.lost && !r.terminal)
+            .count()
+    }
+
+    /// Pods on `node` (by the watch).
+    pub fn pods_on(&self, nodes: &HashSet<&str>) -> usize {
+        self.pod_nodes
+            .values()
+            .filter(|n| nodes.contains(n.as_str()))
+            .count()
+    }
+}
+
+/// Adjusts `count` when a pod's flag changed.
+fn rec_delta(was: bool, is: bool, count: &mut usize) {
+    match (was, is) {
+        (false, true) => *count += 1,
+        (true, false) => *count -= 1,
+        _ => {}
+    }
+}
+
+#[derive(Clone)]
+pub struct Observer {
+    state: Arc<Mutex<State>>,
+    tasks: Arc<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        if Arc::strong_count(&self.tasks) == 1 {
+            for t in self.tasks.iter() {
+                t.abort();
+            }
+        }
+    }
+}
+
+impl Observer {
+    pub async fn start(admin: &kube::Client) -> Result<Observer> {
+        let state = Arc::new(Mutex::new(State::default()));
+        let mut tasks = Vec::new();
+        let nodes: Api<NodeLite> = Api::all(admin.clone());
+        let s = state.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut w = watcher(nodes, watcher::Config::default()).boxed();
+            while let Some(ev) = w.next().await {
+                let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+                match ev {
+                    Ok(watcher::Event::Apply(n) | watcher::Event::InitApply(n)) => st.node(n),
+                    Ok(watcher::Event::Delete(n)) => {
+                        let name = n.metadata.name.unwrap_or_default();
+                        if st.nodes.remove(&name) == Some(true) {
+                            st.ready -= 1;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!("node watch: {e}"),
+                }
+            }
+        }));
+        let pods: Api<PodLite> = Api::all(admin.clone());
+        let s = state.clone();
+        tasks.push(tokio::spawn(async move {
+            let cfg = watcher::Config::default().page_size(5000);
+            let mut w = watcher(pods, cfg).boxed();
+            while let Some(ev) = w.next().await {
+                let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
+                match ev {
+                    Ok(watcher::Event::Apply(p)) => st.pod(p, false),
+                    Ok(watcher::Event::InitApply(p)) => st.pod(p, true),
+                    Ok(watcher::Event::Delete(p)) => st.pod_gone(p),
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!("pod watch: {e}"),
+                }
+            }
+        }));
+        tasks.push(tokio::spawn(probe(admin.clone(), state.clone())));
+        Ok(Observer {
+            state,
+            tasks: Arc::new(tasks),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until `done` holds, printing `progress` every 5 s.
+    pub async fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&State) -> bool,
+        mut progress: impl FnMut(&State) -> String,
+    ) -> Result<Duration> {
+        let t0 = Instant::now();
+        let mut last = Instant::now();
+        loop {
+            {
+                let st = self.lock();
+                if done(&st) {
+                    return Ok(t0.elapsed());
+                }
+                if last.elapsed() >= Duration::from_secs(5) {
+                    last = Instant::now();
+                    eprintln!(
+                        "  {what} {:>6.1}s: {}",
+                        t0.elapsed().as_secs_f64(),
+                        progress(&st)
+                    );
+                }
+                if t0.elapsed() > timeout {
+                    return Err(SimError::Timeout(format!("{what}: {}", progress(&st))));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Every second: patch a ConfigMap and time until its watch shows the change.
+async fn probe(admin: kube::Client, state: Arc<Mutex<State>>) {
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(admin, "default");
+    let cm = serde_json::json!({"metadata": {"name": "sim-probe"}, "data": {"seq": "0"}});
+    if let Ok(obj) = serde_json::from_value(cm) {
+        let _ = cms.create(&PostParams::default(), &obj).await;
+    }
+    let sent: Mutex<BTreeMap<u64, Instant>> = Default::default();
+    let watch = async {
+        let cfg = watcher::Config::default().fields("metadata.name=sim-probe");
+        let mut w = watcher(cms.clone(), cfg).boxed();
+        while let Some(ev) = w.next().await {
+            let Ok(watcher::Event::Apply(cm)) = ev else {
+                continue;
+            };
+            let Some(seq) = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get("seq"))
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let at = sent.lock().unwrap_or_else(|p| p.into_inner()).remove(&seq);
+            if let Some(at) = at {
+                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                let h = s.lag.get_or_insert_with(hist);
+                let _ = h.record(at.elapsed().as_micros().max(1) as u64);
+            }
+        }
+    };
+    let patches = async {
+        let mut seq = 0u64;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            seq += 1;
+            {
+                let mut s = sent.lock().unwrap_or_else(|p| p.into_inner());
+                // Forget probes whose event never came (a relist skipped them).
+                while s.len() > 100 {
+                    s.pop_first();
+                }
+                s.insert(seq, Instant::now());
+            }
+            let patch = serde_json::json!({"data": {"seq": seq.to_string()}});
+            if let Err(e) = cms
+                .patch("sim-probe", &PatchParams::default(), &Patch::Merge(patch))
+                .await
+            {
+                tracing::debug!("probe: {e}");
+            }
+        }
+    };
+    tokio::select! {
+        _ = watch => {}
+        _ = patches => {}
+    }
+}
