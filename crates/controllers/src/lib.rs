@@ -39,9 +39,18 @@ pub struct Stores {
     /// causing duplicate pods.
     pub expectations:
         std::sync::Mutex<std::collections::HashMap<String, (usize, bool, std::time::Instant)>>,
+    /// Pods a ReplicaSet created that its watch has not shown yet, by ReplicaSet
+    /// uid: (names, when). Until each shows up (or `CREATED_TTL` passes) the
+    /// ReplicaSet creates nothing more, however far behind the watch is.
+    pub created:
+        std::sync::Mutex<std::collections::HashMap<String, (Vec<String>, std::time::Instant)>>,
     /// Removals risk control refused, per workload: backing off.
     pub denials: risk::Denials,
 }
+
+/// How long a ReplicaSet waits for pods it created to appear in its watch before it
+/// assumes they never will (Kubernetes' expectations use the same 5 minutes).
+pub(crate) const CREATED_TTL: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// How long a controller trusts that creations or deletions it made will show up in
 /// its watch before it looks again. A loaded server's watch can lag by seconds; too
@@ -59,6 +68,7 @@ pub async fn run(client: kube::Client) {
         jobs: reflect(&client),
         nodes: reflect(&client),
         expectations: Default::default(),
+        created: Default::default(),
         denials: Default::default(),
     };
     if stores.pods.wait_until_ready().await.is_err()

@@ -102,7 +102,25 @@ async fn reconcile(
         .max(0) as usize;
     let mut active: Vec<Arc<Pod>> = pods.iter().filter(|p| is_active(p)).cloned().collect();
     let pod_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let waiting = {
+    // Pods we created that the watch has not shown yet: wait for them by name
+    // (a count alone is fooled when a pod also disappears meanwhile, and a short
+    // timeout is fooled by a watch minutes behind on a loaded server: both made
+    // duplicates).
+    let unseen = {
+        let mut created = s.created.lock().unwrap_or_else(|e| e.into_inner());
+        let unseen = created.get(uid).is_some_and(|(names, t)| {
+            let have: std::collections::HashSet<&str> = pods
+                .iter()
+                .filter_map(|p| p.metadata.name.as_deref())
+                .collect();
+            t.elapsed() < crate::CREATED_TTL && names.iter().any(|n| !have.contains(n.as_str()))
+        });
+        if !unseen {
+            created.remove(uid);
+        }
+        unseen
+    };
+    let waiting = unseen || {
         let mut ex = s.expectations.lock().unwrap_or_else(|e| e.into_inner());
         match ex.get(uid) {
             Some(&(target, up, t))
@@ -155,7 +173,7 @@ async fn reconcile(
             })
             .collect();
         // Many creations in flight: the store commits them together.
-        let created = futures::stream::iter(new_pods)
+        let names = futures::stream::iter(new_pods)
             .map(|mut pod| {
                 let api = pod_api.clone();
                 let base = name.clone();
@@ -178,15 +196,22 @@ async fn reconcile(
             .buffer_unordered(CONCURRENCY)
             .filter_map(|r| async {
                 match r {
-                    Ok(_) => Some(()),
+                    Ok(p) => p.metadata.name,
                     Err(e) => {
                         tracing::warn!(replicaset = %name, "cannot create pod: {e}");
                         None
                     }
                 }
             })
-            .count()
+            .collect::<Vec<String>>()
             .await;
+        let created = names.len();
+        if created > 0 {
+            s.created
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(uid.to_owned(), (names, std::time::Instant::now()));
+        }
         if created < n {
             expect(active.len() + created, true);
         }

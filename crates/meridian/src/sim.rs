@@ -47,6 +47,9 @@ struct SimArgs {
     tenants: usize,
     #[arg(long, default_value_t = 400)]
     namespaces: usize,
+    /// Pods created at 10/s into the full cluster after density: the pod startup SLO.
+    #[arg(long, default_value_t = 500)]
+    latency_pods: usize,
     /// Scenarios after bring-up, in order.
     #[arg(long, value_delimiter = ',', default_value = "density,churn,loss")]
     scenarios: Vec<Scenario>,
@@ -122,6 +125,7 @@ pub async fn run(cli: SimCli) -> Result<()> {
     cfg.tenants = a.tenants;
     cfg.namespaces = a.namespaces;
     cfg.scenarios = a.scenarios;
+    cfg.latency_pods = a.latency_pods;
     cfg.heartbeat = a.heartbeat;
     cfg.start_delay = a.start_delay;
     cfg.churn = a.churn;

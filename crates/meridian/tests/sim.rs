@@ -56,6 +56,8 @@ fn a_one_percent_fleet_comes_up_runs_its_pods_survives_churn_and_region_loss() {
         "2",
         "--loss-window",
         "5s",
+        "--latency-pods",
+        "30",
         "--step-timeout",
         "5m",
         "--work-dir",
@@ -102,6 +104,11 @@ fn a_one_percent_fleet_comes_up_runs_its_pods_survives_churn_and_region_loss() {
         .sum();
     assert!(creates >= 10_000 + 2000, "{:#}", density["api"]);
     assert!(density["watch_lag"]["count"].as_u64().unwrap() > 0);
+
+    // The SLO's pod startup: pods created at a steady rate into the full cluster.
+    let latency = phase(&report, "latency");
+    assert_eq!(latency["details"]["pods"], 30);
+    assert_eq!(latency["pod_startup"]["count"], 30, "{latency:#}");
 
     let churn = phase(&report, "churn");
     assert!(churn["details"]["ops"]["create"].as_u64().unwrap() > 0);

@@ -35,6 +35,9 @@ const BULK_CONCURRENCY: usize = 8;
 /// Single binding requests in flight when bulk binding is not available.
 const BIND_CONCURRENCY: usize = 128;
 
+/// Placement work per tick before the placed pods are bound.
+const PLACE_BUDGET: Duration = Duration::from_millis(500);
+
 /// Scheduler names this scheduler serves.
 pub const SCHEDULER_NAMES: &[&str] = &["default-scheduler", "meridian"];
 
@@ -498,7 +501,14 @@ pub async fn run(client: kube::Client) {
                 None => classes.push(vec![p]),
             }
         }
+        // Bind what is placed at least every PLACE_BUDGET: pods on the general path
+        // cost O(nodes) each, and 20,000 replacements at once would otherwise hold
+        // every binding back for minutes. The rest wait for the next tick, oldest first.
+        let placing = Instant::now();
         for class in classes {
+            if placing.elapsed() > PLACE_BUDGET {
+                break;
+            }
             let req = request(&class[0]);
             let grace = req.policy.as_ref().and_then(|r| r.reschedule_grace.clone());
             let placed = view.fleet.place_class(&req, class.len());

@@ -120,6 +120,8 @@ pub struct SimConfig {
     pub tenants: usize,
     pub namespaces: usize,
     pub deployments_per_namespace: usize,
+    /// Pods created at 10/s after density, for the pod startup SLO (0: none).
+    pub latency_pods: usize,
     /// Scenarios run in this order after bring-up (which always runs).
     pub scenarios: Vec<Scenario>,
     pub heartbeat: Duration,
@@ -160,6 +162,7 @@ impl SimConfig {
             tenants,
             namespaces,
             deployments_per_namespace: 5,
+            latency_pods: 500,
             scenarios: vec![Scenario::Density, Scenario::Churn, Scenario::Loss],
             heartbeat: Duration::from_secs(10),
             start_delay: Duration::from_secs(1),
@@ -385,5 +388,12 @@ impl Report {
 /// Runs the simulation and returns its report. Progress goes to stderr.
 pub async fn run(cfg: SimConfig) -> Result<Report> {
     cfg.validate()?;
-    scenarios::run(cfg).await
+    // Interrupted: dropping the run stops the processes it started.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io("installing a SIGTERM handler"))?;
+    tokio::select! {
+        r = scenarios::run(cfg) => r,
+        _ = tokio::signal::ctrl_c() => Err(SimError::Invalid("interrupted".into())),
+        _ = term.recv() => Err(SimError::Invalid("terminated".into())),
+    }
 }

@@ -111,7 +111,7 @@ struct PodRec {
     lost: bool,
     /// Succeeded or Failed.
     terminal: bool,
-    kind: u8, // 0 other, 1 density, 2 churn
+    kind: u8, // 0 other, 1 density, 2 churn, 3 latency
 }
 
 /// A pod marked for rescheduling (NodeLost), as the watch showed it.
@@ -129,6 +129,7 @@ pub struct State {
     /// Pods of each kind: (existing, bound, running).
     pub density: (usize, usize, usize),
     pub churn: (usize, usize, usize),
+    pub latency: (usize, usize, usize),
     /// The most density pods that existed at once.
     pub density_peak: usize,
     pub marks: Vec<Mark>,
@@ -163,6 +164,7 @@ impl State {
         match kind {
             1 => Some(&mut self.density),
             2 => Some(&mut self.churn),
+            3 => Some(&mut self.latency),
             _ => None,
         }
     }
@@ -178,6 +180,7 @@ impl State {
         {
             Some("density") => 1,
             Some("churn") => 2,
+            Some("latency") => 3,
             _ => 0,
         };
         let node = p
