@@ -266,7 +266,9 @@ struct FleetView {
 const REBUILD_EVERY: Duration = Duration::from_secs(2);
 
 impl FleetView {
-    fn sync_nodes(&mut self, nodes: &[Arc<Node>]) {
+    /// Brings the fleet up to date; `false` when a rebuild is due but deferred
+    /// (the fleet is known to be stale: place nothing on it this tick).
+    fn sync_nodes(&mut self, nodes: &[Arc<Node>]) -> bool {
         // Nodes come or go: a rebuild (cheap to tell: no node is parsed for it).
         let mut rebuild = nodes.len() != self.node_rv.len()
             || nodes.iter().any(|n| {
@@ -299,7 +301,7 @@ impl FleetView {
         // server's CPU when it ran on every tick); at most one per REBUILD_EVERY, and
         // the nodes that changed meanwhile wait for it.
         if rebuild && self.rebuilt.is_some_and(|t| t.elapsed() < REBUILD_EVERY) {
-            return;
+            return false;
         }
         if rebuild {
             self.rebuilt = Some(Instant::now());
@@ -324,6 +326,7 @@ impl FleetView {
                 self.fleet.update_node(info);
             }
         }
+        true
     }
 
     /// A pod the watch shows bound to `node`.
@@ -408,7 +411,7 @@ pub async fn run(client: kube::Client) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;
-        view.sync_nodes(&nodes.state());
+        let fresh = view.sync_nodes(&nodes.state());
         let pol = Policies::load(&policies, &mut compiled, &replicasets, &jobs);
         let request = |p: &Pod| {
             let mut r = PodRequest::from_pod(p);
@@ -474,6 +477,11 @@ pub async fn run(client: kube::Client) {
             }
             keep
         });
+        if !fresh {
+            // Nodes came or went and the fleet is rebuilt at most every
+            // REBUILD_EVERY: placing now would use a fleet known to be stale.
+            continue;
+        }
         let mut pending: Vec<Arc<Pod>> = waiting
             .iter()
             .filter(|(uid, _)| !inflight.contains_key(*uid))
