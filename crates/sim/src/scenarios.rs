@@ -622,17 +622,10 @@ impl Run {
             .filter(|&i| self.fleet().nodes[i].region == 0)
             .collect();
         let region = self.plane.regions[0].name.clone();
-        let names: HashSet<String> = lost
-            .iter()
-            .map(|&i| self.fleet().nodes[i].name.clone())
-            .collect();
-        let pods_there = {
-            let s = self.obs.lock();
-            s.pods_on(&names.iter().map(String::as_str).collect())
-        };
+        let (_, region_pods) = self.names_and_pods(&lost);
+        let region_nodes = lost.len();
         eprintln!(
-            "  region {region}: all {} nodes ({pods_there} pods) disappear; watching {}s",
-            lost.len(),
+            "  region {region}: all {region_nodes} nodes ({region_pods} pods) disappear; watching {}s",
             wait_out.as_secs()
         );
         let marks0 = self.obs.lock().marks.len();
@@ -676,14 +669,7 @@ impl Run {
         let lost: Vec<usize> = (0..n)
             .filter(|&i| (i / regions).is_multiple_of(every))
             .collect();
-        let names: HashSet<String> = lost
-            .iter()
-            .map(|&i| self.fleet().nodes[i].name.clone())
-            .collect();
-        let pods_there = {
-            let s = self.obs.lock();
-            s.pods_on(&names.iter().map(String::as_str).collect())
-        };
+        let (names, pods_there) = self.names_and_pods(&lost);
         eprintln!(
             "  {} nodes ({:.0}% of every region, {pods_there} pods) disappear; watching {}s",
             lost.len(),
@@ -789,7 +775,7 @@ impl Run {
             met: marked_nodes > 0 && (marked_nodes as f64) <= bound,
         });
         let details = json!({
-            "region": {"name": region, "nodes": names.len(), "pods": pods_there,
+            "region": {"name": region, "nodes": region_nodes, "pods": region_pods,
                 "not_ready_after_s": secs(unknown_after), "pods_marked": region_marks,
                 "recovered_after_return_s": secs(back)},
             "scattered": {"nodes": lost.len(), "pods": pods_there,
@@ -799,6 +785,19 @@ impl Run {
                 "replaced_s": secs(replaced), "recovered_after_return_s": secs(back)},
         });
         self.end("loss", b, details).await
+    }
+
+    /// The names of these nodes and how many pods the watch shows on them.
+    fn names_and_pods(&mut self, nodes: &[usize]) -> (HashSet<String>, usize) {
+        let names: HashSet<String> = nodes
+            .iter()
+            .map(|&i| self.fleet().nodes[i].name.clone())
+            .collect();
+        let pods = self
+            .obs
+            .lock()
+            .pods_on(&names.iter().map(String::as_str).collect());
+        (names, pods)
     }
 
     /// Starts `nodes` again and waits until every node is Ready and `want_running`
