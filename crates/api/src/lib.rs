@@ -9,6 +9,7 @@ pub mod events;
 pub mod geo;
 pub mod meridian;
 pub mod onboarding;
+pub mod openapi;
 pub mod owners;
 pub mod quantity;
 pub mod resources;

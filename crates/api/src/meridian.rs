@@ -1,6 +1,7 @@
 //! Our own kinds, group `meridian.io`, version `v1alpha1`.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -9,7 +10,7 @@ pub const VERSION: &str = "v1alpha1";
 pub const API_VERSION: &str = "meridian.io/v1alpha1";
 
 /// A tenant: a virtual cluster with its own namespaces, sharing the edge fleet.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Tenant {
     #[serde(default)]
@@ -18,13 +19,15 @@ pub struct Tenant {
     pub kind: String,
     #[serde(default)]
     pub metadata: ObjectMeta,
+    /// What is asked for.
     #[serde(default)]
     pub spec: TenantSpec,
+    /// What Meridian observed (written by the platform).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<TenantStatus>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TenantSpec {
     /// A human-friendly name for consoles.
@@ -35,7 +38,7 @@ pub struct TenantSpec {
     pub max_namespaces: Option<u32>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TenantStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,7 +47,7 @@ pub struct TenantStatus {
 
 /// A request for a new bearer token of a tenant (`POST tenants/{name}/token`); the
 /// answer carries the token once, in `status.token`. Only its hash is stored.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TenantToken {
     #[serde(default)]
@@ -53,11 +56,12 @@ pub struct TenantToken {
     pub kind: String,
     #[serde(default)]
     pub metadata: ObjectMeta,
+    /// What Meridian observed (written by the platform).
     #[serde(default)]
     pub status: TenantTokenStatus,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TenantTokenStatus {
     #[serde(default)]
@@ -65,7 +69,7 @@ pub struct TenantTokenStatus {
 }
 
 /// An edge management cluster (a region), registered by the region itself.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EdgeCluster {
     #[serde(default)]
@@ -74,6 +78,7 @@ pub struct EdgeCluster {
     pub kind: String,
     #[serde(default)]
     pub metadata: ObjectMeta,
+    /// What is asked for.
     #[serde(default)]
     pub spec: EdgeClusterSpec,
     /// Written by the region: phase, node counts, capacity, lastHeartbeatTime.
@@ -81,7 +86,7 @@ pub struct EdgeCluster {
     pub status: Option<serde_json::Value>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EdgeClusterSpec {
     /// URL of the region's agent hub and log API (`http://host:port`).
@@ -97,7 +102,7 @@ pub struct EdgeClusterSpec {
 
 /// Where and how a workload's replicas go: "N replicas across these cities".
 /// Namespaced; applies to the workloads it names and to pods its selector matches.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PlacementPolicy {
     #[serde(default)]
@@ -106,6 +111,7 @@ pub struct PlacementPolicy {
     pub kind: String,
     #[serde(default)]
     pub metadata: ObjectMeta,
+    /// What is asked for.
     #[serde(default)]
     pub spec: PlacementPolicySpec,
     /// Written by the scheduler: where replicas are and which objectives are unmet.
@@ -113,7 +119,7 @@ pub struct PlacementPolicy {
     pub status: Option<PlacementPolicyStatus>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PlacementPolicySpec {
     /// Workloads by kind and name (Deployment, ReplicaSet, Job; a DaemonSet's
@@ -124,14 +130,19 @@ pub struct PlacementPolicySpec {
     /// Pods by label, whatever created them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<LabelSelector>,
+    /// Which nodes may run the replicas (region, country, city, isp, source, machine).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locations: Option<Locations>,
+    /// How many replicas go where: exact counts, static weights or free capacity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distribution: Option<Distribution>,
+    /// Spread over the domains of a topology key (default: cities, max skew 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spread: Option<Spread>,
+    /// "Users in these areas must have a replica within N ms"; met or not in status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency: Option<LatencyObjective>,
+    /// When replicas of a lost node are replaced elsewhere (default after 300 s NotReady).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover: Option<Failover>,
     /// Scoring preferences.
@@ -139,35 +150,43 @@ pub struct PlacementPolicySpec {
     pub scoring: Option<Scoring>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkloadRef {
+    /// Deployment, ReplicaSet or Job.
     pub kind: String,
+    /// The workload's name, in the policy's namespace.
     pub name: String,
 }
 
 /// Which nodes may run the replicas: any `include` term (all nodes when empty),
 /// and no `exclude` term.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Locations {
+    /// Nodes matching any of these terms (all nodes when empty).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub include: Vec<LocationTerm>,
+    /// Never nodes matching any of these terms.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<LocationTerm>,
 }
 
 /// A set of nodes: every non-empty field must match (each field is a list of
 /// accepted values).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LocationTerm {
+    /// Region names (the EdgeClusters), e.g. eu-west.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub regions: Vec<String>,
+    /// ISO 3166 country codes, e.g. DE.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub countries: Vec<String>,
+    /// City names as in world-cities.csv, e.g. Frankfurt.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cities: Vec<String>,
+    /// Network operators, as nodes report them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub isps: Vec<String>,
     /// cdn | ens | third-party
@@ -179,7 +198,7 @@ pub struct LocationTerm {
 }
 
 /// How many replicas go where. Exactly one of the three.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Distribution {
     /// Exact replica counts per location; they must add up to the workload's replicas.
@@ -195,7 +214,7 @@ pub struct Distribution {
 }
 
 /// One location (exactly one of region, country, city) and its share.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LocationShare {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -225,7 +244,7 @@ impl LocationShare {
 }
 
 /// Spread over the domains of a topology key.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Spread {
     /// Default `topology.meridian.io/city`.
@@ -243,15 +262,17 @@ pub struct Spread {
 }
 
 /// "Users in these areas must have a replica within `maxRttMs`."
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct LatencyObjective {
+    /// Round-trip time users may have to their nearest replica, in milliseconds.
     pub max_rtt_ms: f64,
+    /// Where the users are.
     pub areas: Vec<Area>,
 }
 
 /// A city of `world-cities.csv`, or a point and radius.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Area {
     /// Defaults to the city name.
@@ -296,7 +317,7 @@ impl Area {
 }
 
 /// What happens when a replica's node stops answering.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Failover {
     /// Seconds NotReady before the replica is replaced elsewhere (default 300).
@@ -307,7 +328,7 @@ pub struct Failover {
     pub pin: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Scoring {
     /// `LeastAllocated` (spread load, the default) or `MostAllocated` (bin-pack).
@@ -318,7 +339,7 @@ pub struct Scoring {
     pub prefer_cheap_bandwidth: bool,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PlacementPolicyStatus {
     /// Active replicas per city of the selected pods.
@@ -336,7 +357,7 @@ pub struct PlacementPolicyStatus {
     pub observed_generation: Option<i64>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ObjectiveStatus {
     /// `Count`, `MinGroups`, `Latency`.
@@ -366,7 +387,7 @@ pub const REPLACES_NODE_ANNOTATION: &str = "meridian.io/replaces-node";
 /// User-set protection against accidental and runaway deletion. `RiskPolicy` is
 /// namespaced (a tenant's, covering objects of its own namespace);
 /// `ClusterRiskPolicy` is the admin's and may select namespaces and nodes.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RiskPolicy {
     #[serde(default)]
@@ -375,6 +396,7 @@ pub struct RiskPolicy {
     pub kind: String,
     #[serde(default)]
     pub metadata: ObjectMeta,
+    /// What is asked for.
     #[serde(default)]
     pub spec: RiskPolicySpec,
     /// Written by the API server: budgets in use and the last denials.
@@ -382,7 +404,7 @@ pub struct RiskPolicy {
     pub status: Option<RiskPolicyStatus>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RiskPolicySpec {
     /// `Enforce` (default) denies; `Audit` allows and records what it would deny.
@@ -395,7 +417,7 @@ pub struct RiskPolicySpec {
 }
 
 /// Which objects a policy covers; every given criterion must match.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RiskSelector {
     /// Kinds (`Pod`, `Deployment`, ...); empty: every kind.
@@ -411,7 +433,7 @@ pub struct RiskSelector {
     pub label_selector: Option<LabelSelector>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RiskRules {
     /// No deletion at all inside these windows.
@@ -429,7 +451,7 @@ pub struct RiskRules {
 /// Either a recurring window (`schedule`, a five-field cron expression for its
 /// start, and `duration`) or an absolute one (`start`, `end`); in `timeZone`
 /// (IANA name, default UTC).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DenyWindow {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -444,7 +466,7 @@ pub struct DenyWindow {
     pub time_zone: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DeletionBudget {
     pub count: Option<i64>,
@@ -457,7 +479,7 @@ pub struct DeletionBudget {
     pub per: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RiskPolicyStatus {
     /// Budgets with deletions inside their period.
@@ -468,7 +490,7 @@ pub struct RiskPolicyStatus {
     pub last_denials: Vec<DenialRecord>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BudgetStatus {
     /// `maxDeletions[0]`.
@@ -482,7 +504,7 @@ pub struct BudgetStatus {
     pub frees_at: Option<String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DenialRecord {
     pub time: String,
@@ -502,7 +524,7 @@ pub const UNLOCK_ANNOTATION: &str = "risk.meridian.io/unlock-until";
 /// Warms images onto nodes ahead of a rollout: every region pulls them through
 /// its image cache onto its connected nodes that match `nodeSelector`, and reports
 /// per region how many nodes have them.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImagePrePull {
     #[serde(default)]
@@ -511,6 +533,7 @@ pub struct ImagePrePull {
     pub kind: String,
     #[serde(default)]
     pub metadata: ObjectMeta,
+    /// What is asked for.
     #[serde(default)]
     pub spec: ImagePrePullSpec,
     /// Written by the regions.
@@ -518,7 +541,7 @@ pub struct ImagePrePull {
     pub status: Option<ImagePrePullStatus>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImagePrePullSpec {
     /// Image references, as in a container's `image`.
@@ -529,7 +552,7 @@ pub struct ImagePrePullSpec {
     pub node_selector: BTreeMap<String, String>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ImagePrePullStatus {
     /// Per region: nodes targeted, how many have every image, failures.
@@ -537,7 +560,7 @@ pub struct ImagePrePullStatus {
     pub regions: BTreeMap<String, RegionPrePull>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RegionPrePull {
     #[serde(default)]

@@ -32,6 +32,10 @@ pub enum TenantAccess {
 
 type Normalize = fn(Value, &mut Vec<Cause>) -> Result<Value, String>;
 
+/// The kind's schema in the OpenAPI documents (`kubectl explain`): usually a `$ref`
+/// to its type's definition, generated from the same type the server decodes into.
+pub type SchemaFn = fn(&mut schemars::SchemaGenerator) -> schemars::Schema;
+
 /// One served resource.
 #[derive(Debug)]
 pub struct Resource {
@@ -49,6 +53,7 @@ pub struct Resource {
     /// Field paths usable in field selectors besides metadata.name/namespace.
     pub fields: &'static [&'static str],
     normalize: Normalize,
+    pub schema: SchemaFn,
 }
 
 fn typed<T: DeserializeOwned + Serialize>(
@@ -227,6 +232,7 @@ const COMMON: Resource = Resource {
     name_rule: NameRule::Subdomain,
     fields: &[],
     normalize: |v, _| Ok(v),
+    schema: |_| schemars::json_schema!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
 };
 
 pub static RESOURCES: &[Resource] = &[
@@ -240,6 +246,7 @@ pub static RESOURCES: &[Resource] = &[
         name_rule: NameRule::Label,
         fields: &["status.phase"],
         normalize: |v, c| typed::<Namespace>(v, c, none),
+        schema: |g| g.subschema_for::<Namespace>(),
         ..COMMON
     },
     Resource {
@@ -258,6 +265,7 @@ pub static RESOURCES: &[Resource] = &[
             "status.nominatedNodeName",
         ],
         normalize: |v, c| typed::<Pod>(v, c, check_pod),
+        schema: |g| g.subschema_for::<Pod>(),
         ..COMMON
     },
     Resource {
@@ -270,6 +278,7 @@ pub static RESOURCES: &[Resource] = &[
         tenant_access: TenantAccess::ReadOnly,
         fields: &["spec.unschedulable"],
         normalize: |v, c| typed::<Node>(v, c, none),
+        schema: |g| g.subschema_for::<Node>(),
         ..COMMON
     },
     Resource {
@@ -280,6 +289,7 @@ pub static RESOURCES: &[Resource] = &[
         has_status: true,
         name_rule: NameRule::Dns1035,
         normalize: |v, c| typed::<Service>(v, c, check_service),
+        schema: |g| g.subschema_for::<Service>(),
         ..COMMON
     },
     Resource {
@@ -288,6 +298,7 @@ pub static RESOURCES: &[Resource] = &[
         singular: "configmap",
         short_names: &["cm"],
         normalize: |v, c| typed::<ConfigMap>(v, c, check_configmap),
+        schema: |g| g.subschema_for::<ConfigMap>(),
         ..COMMON
     },
     Resource {
@@ -296,6 +307,7 @@ pub static RESOURCES: &[Resource] = &[
         singular: "secret",
         fields: &["type"],
         normalize: |v, c| typed::<Secret>(v, c, check_secret),
+        schema: |g| g.subschema_for::<Secret>(),
         ..COMMON
     },
     Resource {
@@ -317,6 +329,7 @@ pub static RESOURCES: &[Resource] = &[
             "type",
         ],
         normalize: |v, c| typed::<Event>(v, c, check_event),
+        schema: |g| g.subschema_for::<Event>(),
         ..COMMON
     },
     Resource {
@@ -328,6 +341,7 @@ pub static RESOURCES: &[Resource] = &[
         has_status: true,
         has_scale: true,
         normalize: |v, c| typed::<Deployment>(v, c, check_deployment),
+        schema: |g| g.subschema_for::<Deployment>(),
         ..COMMON
     },
     Resource {
@@ -340,6 +354,7 @@ pub static RESOURCES: &[Resource] = &[
         has_scale: true,
         fields: &["status.replicas"],
         normalize: |v, c| typed::<ReplicaSet>(v, c, check_replicaset),
+        schema: |g| g.subschema_for::<ReplicaSet>(),
         ..COMMON
     },
     Resource {
@@ -350,6 +365,7 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &["ds"],
         has_status: true,
         normalize: |v, c| typed::<DaemonSet>(v, c, check_daemonset),
+        schema: |g| g.subschema_for::<DaemonSet>(),
         ..COMMON
     },
     Resource {
@@ -360,6 +376,7 @@ pub static RESOURCES: &[Resource] = &[
         has_status: true,
         fields: &["status.successful"],
         normalize: |v, c| typed::<Job>(v, c, check_job),
+        schema: |g| g.subschema_for::<Job>(),
         ..COMMON
     },
     Resource {
@@ -368,6 +385,7 @@ pub static RESOURCES: &[Resource] = &[
         plural: "leases",
         singular: "lease",
         normalize: |v, c| typed::<Lease>(v, c, none),
+        schema: |g| g.subschema_for::<Lease>(),
         ..COMMON
     },
     Resource {
@@ -381,6 +399,7 @@ pub static RESOURCES: &[Resource] = &[
         tenant_access: TenantAccess::None,
         name_rule: NameRule::Label,
         normalize: |v, c| typed::<Tenant>(v, c, check_tenant),
+        schema: |g| g.subschema_for::<Tenant>(),
         ..COMMON
     },
     Resource {
@@ -394,6 +413,7 @@ pub static RESOURCES: &[Resource] = &[
         has_status: true,
         tenant_access: TenantAccess::None,
         normalize: |v, c| typed::<EdgeCluster>(v, c, check_edgecluster),
+        schema: |g| g.subschema_for::<EdgeCluster>(),
         ..COMMON
     },
     Resource {
@@ -405,6 +425,11 @@ pub static RESOURCES: &[Resource] = &[
         scope: Scope::Cluster,
         tenant_access: TenantAccess::None,
         normalize: |v, _| Ok(v),
+        schema: |_| {
+            schemars::json_schema!({"type": "object",
+                "description": "Many pod bindings in one request (the scheduler's): `items`, each a pods/binding body with the pod's namespace.",
+                "x-kubernetes-preserve-unknown-fields": true})
+        },
         ..COMMON
     },
     Resource {
@@ -416,6 +441,7 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &["pp"],
         has_status: true,
         normalize: |v, c| typed::<PlacementPolicy>(v, c, check_placement_policy),
+        schema: |g| g.subschema_for::<PlacementPolicy>(),
         ..COMMON
     },
     Resource {
@@ -427,6 +453,7 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &["rp"],
         has_status: true,
         normalize: |v, c| typed::<RiskPolicy>(v, c, |p, c| check_risk_policy(p, false, c)),
+        schema: |g| g.subschema_for::<RiskPolicy>(),
         ..COMMON
     },
     Resource {
@@ -440,6 +467,7 @@ pub static RESOURCES: &[Resource] = &[
         has_status: true,
         tenant_access: TenantAccess::None,
         normalize: |v, c| typed::<RiskPolicy>(v, c, |p, c| check_risk_policy(p, true, c)),
+        schema: |g| g.subschema_for::<RiskPolicy>(),
         ..COMMON
     },
     Resource {
@@ -451,6 +479,7 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &["ipp"],
         has_status: true,
         normalize: |v, c| typed::<ImagePrePull>(v, c, check_image_prepull),
+        schema: |g| g.subschema_for::<ImagePrePull>(),
         ..COMMON
     },
 ];

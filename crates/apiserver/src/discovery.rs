@@ -74,6 +74,14 @@ fn resource_list(group: &str, version: &str) -> Option<Value> {
                 json!({"name": "pods/binding", "singularName": "", "namespaced": true,
                 "kind": "Binding", "verbs": ["create"]}),
             );
+            resources.push(
+                json!({"name": "pods/eviction", "singularName": "", "namespaced": true,
+                "group": "policy", "version": "v1", "kind": "Eviction", "verbs": ["create"]}),
+            );
+            resources.push(
+                json!({"name": "pods/log", "singularName": "", "namespaced": true,
+                "kind": "Pod", "verbs": ["get"]}),
+            );
         }
         if r.plural == "tenants" {
             resources.push(

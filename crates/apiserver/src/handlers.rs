@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, StatusCode, header};
 use meridian_api::resources::RESOURCES;
 use meridian_api::selectors::{FieldSelector, LabelSelector};
-use meridian_api::{ApiError, Reason, Resource};
+use meridian_api::{ApiError, Cause, Reason, Resource};
 use meridian_store::{KeyValue, Revision, Txn};
 use serde_json::{Value, json};
 
@@ -131,8 +131,13 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
                 Bytes::from(crate::discovery::version().to_string()),
             );
         }
-        p if p.starts_with("/openapi/v3") => {
-            if let Some(r) = crate::openapi::serve(p) {
+        p if p.starts_with("/openapi/v3") || p == "/openapi/v2" => {
+            let accept = parts
+                .headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if let Some(r) = crate::openapi::serve(p, accept) {
                 return r;
             }
         }
@@ -263,7 +268,12 @@ fn verb_of(method: &Method, t: &Target, q: &HashMap<String, String>) -> Result<V
         (&Method::GET, false) if is_watch => Verb::Watch,
         (&Method::GET, false) => Verb::List,
         (&Method::POST, false) => Verb::Create,
-        (&Method::POST, true) if matches!(t.subresource.as_deref(), Some("binding" | "token")) => {
+        (&Method::POST, true)
+            if matches!(
+                t.subresource.as_deref(),
+                Some("binding" | "token" | "eviction")
+            ) =>
+        {
             Verb::Create
         }
         (&Method::PUT, true) => Verb::Update,
@@ -319,6 +329,7 @@ async fn run(cx: &Ctx<'_>, verb: Verb, body: Bytes) -> Result<Response, ApiError
         (Verb::Create, None) if cx.resource().plural == "bulkbindings" => bulk_bind(cx, body).await,
         (Verb::Create, None) => create(cx, body).await,
         (Verb::Create, Some("binding")) => bind(cx, body).await,
+        (Verb::Create, Some("eviction")) => evict(cx, body).await,
         (Verb::Create, Some("token")) => issue_token(cx).await,
         (Verb::Update, Some("scale")) => update_scale(cx, body).await,
         (Verb::Update, sub) => update(cx, body, sub).await,
@@ -1180,17 +1191,21 @@ fn body_rv(obj: &Value) -> Result<Option<Revision>, ApiError> {
 
 const MAX_ATTEMPTS: usize = 8;
 
+/// The stored object the request names, or NotFound.
+async fn current(cx: &Ctx<'_>) -> Result<KeyValue, ApiError> {
+    cx.state
+        .store
+        .get(&cx.key())
+        .await
+        .map_err(store_err)?
+        .ok_or_else(|| cx.not_found())
+}
+
 async fn update(cx: &Ctx<'_>, body: Bytes, sub: Option<&str>) -> Result<Response, ApiError> {
     let new = parse_body(&cx.headers, &body)?;
     let strict = body_rv(&new)?;
     for _ in 0..MAX_ATTEMPTS {
-        let cur = cx
-            .state
-            .store
-            .get(&cx.key())
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| cx.not_found())?;
+        let cur = current(cx).await?;
         match write_update(cx, &cur, new.clone(), sub, strict).await? {
             Attempt::Done(r) => return Ok(r),
             Attempt::Retry if strict.is_some() => return Err(cx.conflict(CONFLICT_MODIFIED)),
@@ -1306,6 +1321,10 @@ async fn patch(cx: &Ctx<'_>, body: Bytes, sub: Option<&str>) -> Result<Response,
 fn delete_options(cx: &Ctx<'_>, body: &[u8]) -> Result<Value, ApiError> {
     let mut opts = if body.iter().all(u8::is_ascii_whitespace) {
         json!({})
+    } else if body.starts_with(crate::protobuf::MAGIC) {
+        // kubectl's typed clients (drain, delete of some kinds) send protobuf.
+        crate::protobuf::to_json(body)
+            .map_err(|e| ApiError::new(Reason::UnsupportedMediaType, e))?
     } else {
         serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("invalid DeleteOptions: {e}")))?
@@ -1323,16 +1342,52 @@ fn delete_options(cx: &Ctx<'_>, body: &[u8]) -> Result<Value, ApiError> {
     Ok(opts)
 }
 
+/// `POST pods/{name}/eviction` (`kubectl drain`): deletes the pod with the
+/// Eviction's delete options, through risk control like any other removal (a
+/// budget denial is a 429, which kubectl drain waits on and retries; a window or
+/// protection denial is a 403, which stops it with risk control's message).
+async fn evict(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
+    let eviction = parse_body(&cx.headers, &body)?;
+    if let Some(n) = eviction["metadata"]["name"].as_str()
+        && n != cx.name()
+    {
+        return Err(ApiError::invalid(
+            "Eviction",
+            "policy",
+            cx.name(),
+            vec![Cause::invalid(
+                "metadata.name",
+                n,
+                "must match the name of the pod in the path",
+            )],
+        ));
+    }
+    let opts = match &eviction["deleteOptions"] {
+        Value::Null => json!({}),
+        o @ Value::Object(_) => o.clone(),
+        _ => return Err(ApiError::bad_request("deleteOptions must be an object")),
+    };
+    for _ in 0..MAX_ATTEMPTS {
+        let cur = current(cx).await?;
+        match delete_one(cx, &cur, &opts).await? {
+            Attempt::Done(_) => {
+                let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                    "status": "Success", "code": 201});
+                return Ok(json_response(
+                    StatusCode::CREATED,
+                    Bytes::from(status.to_string()),
+                ));
+            }
+            Attempt::Retry => continue,
+        }
+    }
+    Err(cx.conflict("too many concurrent writers; try again"))
+}
+
 async fn delete(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
     let opts = delete_options(cx, &body)?;
     for _ in 0..MAX_ATTEMPTS {
-        let cur = cx
-            .state
-            .store
-            .get(&cx.key())
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| cx.not_found())?;
+        let cur = current(cx).await?;
         match delete_one(cx, &cur, &opts).await? {
             Attempt::Done(r) => return Ok(r),
             Attempt::Retry => continue,
@@ -1583,13 +1638,7 @@ fn scale_of(cx: &Ctx<'_>, obj: &Value, rv: Revision) -> Value {
 }
 
 async fn get_scale(cx: &Ctx<'_>) -> Result<Response, ApiError> {
-    let cur = cx
-        .state
-        .store
-        .get(&cx.key())
-        .await
-        .map_err(store_err)?
-        .ok_or_else(|| cx.not_found())?;
+    let cur = current(cx).await?;
     let obj = parse_stored(&cur)?;
     Ok(json_response(
         StatusCode::OK,
@@ -1619,13 +1668,7 @@ async fn set_replicas(cx: &Ctx<'_>, scale: Value, cur: &KeyValue) -> Result<Atte
     let attempt = write_update(cx, cur, obj, None, strict).await?;
     Ok(match attempt {
         Attempt::Done(_) => {
-            let now = cx
-                .state
-                .store
-                .get(&cx.key())
-                .await
-                .map_err(store_err)?
-                .ok_or_else(|| cx.not_found())?;
+            let now = current(cx).await?;
             let obj = parse_stored(&now)?;
             Attempt::Done(json_response(
                 StatusCode::OK,
@@ -1640,13 +1683,7 @@ async fn set_replicas(cx: &Ctx<'_>, scale: Value, cur: &KeyValue) -> Result<Atte
 async fn update_scale(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
     let scale = parse_body(&cx.headers, &body)?;
     for _ in 0..MAX_ATTEMPTS {
-        let cur = cx
-            .state
-            .store
-            .get(&cx.key())
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| cx.not_found())?;
+        let cur = current(cx).await?;
         if let Attempt::Done(r) = set_replicas(cx, scale.clone(), &cur).await? {
             return Ok(r);
         }
@@ -1657,13 +1694,7 @@ async fn update_scale(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
 async fn patch_scale(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
     let kind = patch_kind(&cx.headers)?;
     for _ in 0..MAX_ATTEMPTS {
-        let cur = cx
-            .state
-            .store
-            .get(&cx.key())
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| cx.not_found())?;
+        let cur = current(cx).await?;
         let obj = parse_stored(&cur)?;
         let mut scale = scale_of(cx, &obj, cur.mod_revision);
         apply_patch(&kind, &mut scale, &body)?;

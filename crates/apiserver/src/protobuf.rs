@@ -667,6 +667,55 @@ fn selector(l: &Option<LabelSelector>) -> Value {
     Value::Object(o)
 }
 
+/// meta/v1 `Preconditions`.
+#[derive(Clone, PartialEq, Message)]
+struct Preconditions {
+    #[prost(string, optional, tag = "1")]
+    uid: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    resource_version: Option<String>,
+}
+
+/// meta/v1 `DeleteOptions` (the body of a DELETE from kubectl's typed clients, and
+/// inside an `Eviction`).
+#[derive(Clone, PartialEq, Message)]
+struct DeleteOptions {
+    #[prost(int64, optional, tag = "1")]
+    grace_period_seconds: Option<i64>,
+    #[prost(message, optional, tag = "2")]
+    preconditions: Option<Preconditions>,
+    #[prost(bool, optional, tag = "3")]
+    orphan_dependents: Option<bool>,
+    #[prost(string, optional, tag = "4")]
+    propagation_policy: Option<String>,
+    #[prost(string, repeated, tag = "5")]
+    dry_run: Vec<String>,
+}
+
+/// policy/v1 `Eviction` (`kubectl drain`).
+#[derive(Clone, PartialEq, Message)]
+struct Eviction {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, optional, tag = "2")]
+    delete_options: Option<DeleteOptions>,
+}
+
+fn delete_options(d: &DeleteOptions) -> Map<String, Value> {
+    let mut o = Map::new();
+    put(&mut o, "gracePeriodSeconds", opt(d.grace_period_seconds));
+    if let Some(p) = &d.preconditions {
+        let mut x = Map::new();
+        put(&mut x, "uid", s(&p.uid));
+        put(&mut x, "resourceVersion", s(&p.resource_version));
+        o.insert("preconditions".into(), Value::Object(x));
+    }
+    put(&mut o, "orphanDependents", opt(d.orphan_dependents));
+    put(&mut o, "propagationPolicy", s(&d.propagation_policy));
+    put(&mut o, "dryRun", json!(d.dry_run));
+    o
+}
+
 /// Decodes `T` and checks that nothing was left unread.
 fn exact<T: Message + Default>(raw: &[u8], kind: &str) -> Result<T, String> {
     let m = T::decode(raw).map_err(|e| format!("invalid protobuf {kind}: {e}"))?;
@@ -846,6 +895,20 @@ pub fn to_json(body: &[u8]) -> Result<Value, String> {
                 }
             }
             o.insert("spec".into(), Value::Object(spec));
+            o
+        }
+        // Options travel under the version of the group they are sent to.
+        (_, "DeleteOptions") => {
+            let m: DeleteOptions = exact(&raw, &kind)?;
+            delete_options(&m)
+        }
+        ("policy/v1" | "policy/v1beta1", "Eviction") => {
+            let m: Eviction = exact(&raw, &kind)?;
+            let mut o = Map::new();
+            o.insert("metadata".into(), meta(&m.metadata));
+            if let Some(d) = &m.delete_options {
+                o.insert("deleteOptions".into(), Value::Object(delete_options(d)));
+            }
             o
         }
         _ => {

@@ -18,6 +18,9 @@ use crate::{Stores, controller_of, owner_ref};
 
 pub const HASH_LABEL: &str = "pod-template-hash";
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
+/// Copied from a Deployment to its current ReplicaSet: `kubectl rollout history`'s
+/// CHANGE-CAUSE column.
+pub const CHANGE_CAUSE: &str = "kubernetes.io/change-cause";
 
 /// A stable hash of the pod template (serde_json sorts map keys).
 pub fn template_hash(d: &Deployment) -> String {
@@ -194,6 +197,35 @@ async fn reconcile(
             created
         }
     };
+    // A rollback (`kubectl rollout undo`) makes an old ReplicaSet the new one again:
+    // it takes the next revision, as in Kubernetes, so history lists it last.
+    let cause = d
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CHANGE_CAUSE));
+    let new_cause = new
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CHANGE_CAUSE));
+    let rev = if revision(&new) <= max_rev {
+        max_rev + 1
+    } else {
+        revision(&new)
+    };
+    if rev != revision(&new) || (cause.is_some() && cause != new_cause) {
+        let mut annotations = serde_json::Map::new();
+        annotations.insert(REVISION.into(), rev.to_string().into());
+        if let Some(c) = cause {
+            annotations.insert(CHANGE_CAUSE.into(), c.clone().into());
+        }
+        let patch = json!({"metadata": {"annotations": annotations}});
+        let rs_name = new.metadata.name.clone().unwrap_or_default();
+        rs_api
+            .patch(&rs_name, &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+    }
     if !paused {
         let strategy = spec.strategy.as_ref();
         let recreate = strategy.and_then(|s| s.type_.as_deref()) == Some("Recreate");

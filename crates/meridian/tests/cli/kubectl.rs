@@ -1,0 +1,349 @@
+//! The kubectl suite: the real `kubectl` against `meridian up`, as two tenants and
+//! as the admin, command by command, checking what kubectl prints and what the
+//! cluster then holds.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::{LogOnPanic, Reaper, example, get_json, kubectl, up, wait_for};
+
+/// kubectl that must succeed; its output.
+fn ok(kubeconfig: &Path, args: &[&str]) -> String {
+    let (ok, out) = kubectl(kubeconfig, args);
+    assert!(ok, "kubectl {args:?} failed: {out}");
+    out
+}
+
+/// kubectl that must fail; its output.
+fn fails(kubeconfig: &Path, args: &[&str]) -> String {
+    let (ok, out) = kubectl(kubeconfig, args);
+    assert!(!ok, "kubectl {args:?} should have failed: {out}");
+    out
+}
+
+/// `meridian tenant create NAME`: the new tenant's kubeconfig.
+fn tenant(dir: &Path, name: &str) -> PathBuf {
+    let out = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["tenant", "create", name, "--data-dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join(format!("tenants/{name}.kubeconfig"))
+}
+
+fn names(out: &str) -> Vec<String> {
+    let mut v: Vec<String> = out.split_whitespace().map(str::to_owned).collect();
+    v.sort();
+    v
+}
+
+/// Pods of `app=web` that are Running: (name, node).
+fn running_web(kubeconfig: &Path) -> Vec<(String, String)> {
+    let pods = get_json(kubeconfig, &["pods", "-l", "app=web"]);
+    pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| {
+            p["status"]["phase"] == "Running" && p["metadata"]["deletionTimestamp"].is_null()
+        })
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_owned(),
+                p["spec"]["nodeName"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_works_for_two_tenants_and_the_admin() {
+    let dir = tempfile::tempdir().unwrap();
+    let _reaper = Reaper(dir.path());
+    let _log = LogOnPanic(dir.path().join("up.log"));
+    let (_up, demo) = up(dir.path()).await;
+    let admin = dir.path().join("admin.kubeconfig");
+    let acme = tenant(dir.path(), "acme");
+
+    // Discovery: short names, groups, our kinds.
+    let out = ok(&demo, &["api-resources"]);
+    for row in [
+        ["pods", "po", "v1", "true", "Pod"],
+        ["deployments", "deploy", "apps/v1", "true", "Deployment"],
+        ["daemonsets", "ds", "apps/v1", "true", "DaemonSet"],
+        [
+            "placementpolicies",
+            "pp",
+            "meridian.io/v1alpha1",
+            "true",
+            "PlacementPolicy",
+        ],
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>() == row),
+            "api-resources lacks {row:?}: {out}"
+        );
+    }
+    // kubectl explain from the OpenAPI v3 schemas: Kubernetes' kinds and ours.
+    let out = ok(&demo, &["explain", "pods.spec.containers"]);
+    assert!(out.contains("FIELD: containers <[]Container>"), "{out}");
+    assert!(
+        out.contains("List of containers belonging to the pod"),
+        "{out}"
+    );
+    let out = ok(&demo, &["explain", "deploy.spec.strategy.rollingUpdate"]);
+    assert!(out.contains("maxSurge"), "{out}");
+    let out = ok(&demo, &["explain", "pp.spec.locations.include.countries"]);
+    assert!(
+        out.contains("<[]string>") && out.contains("ISO 3166"),
+        "{out}"
+    );
+    let out = fails(&demo, &["explain", "pods.spec.nope"]);
+    assert!(out.contains("nope"), "{out}");
+
+    // Two tenants apply the same manifest and never see each other's objects;
+    // both see every edge node.
+    let web = example("web-deployment.yaml");
+    for t in [&demo, &acme] {
+        let out = ok(t, &["apply", "-f", &web]);
+        assert!(out.contains("deployment.apps/web created"), "{out}");
+    }
+    let demo_nodes = ok(&demo, &["get", "nodes", "-o", "name"]);
+    assert_eq!(demo_nodes, ok(&acme, &["get", "nodes", "-o", "name"]));
+    assert_eq!(
+        demo_nodes.lines().count(),
+        5 + super::SIMULATED,
+        "{demo_nodes}"
+    );
+    for t in [&demo, &acme] {
+        wait_for("3 web pods running", 60, || {
+            let n = running_web(t).len();
+            if n == 3 {
+                Ok(())
+            } else {
+                Err(format!("{n} running"))
+            }
+        })
+        .await;
+    }
+    let demo_pods: Vec<String> = running_web(&demo).into_iter().map(|p| p.0).collect();
+    let acme_pods: Vec<String> = running_web(&acme).into_iter().map(|p| p.0).collect();
+    assert!(
+        demo_pods.iter().all(|p| !acme_pods.contains(p)),
+        "{demo_pods:?} {acme_pods:?}"
+    );
+    let out = ok(&acme, &["get", "pods", "-A", "-o", "name"]);
+    assert_eq!(out.lines().count(), 3, "acme sees only its own pods: {out}");
+    let out = fails(&acme, &["get", "pod", &demo_pods[0]]);
+    assert!(
+        out.contains("NotFound") && out.contains("not found"),
+        "{out}"
+    );
+    // The admin sees both tenants' workloads.
+    let out = ok(&admin, &["get", "deployments", "-A", "-o", "name"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+
+    // get: columns, selectors, -L, -o wide, field selectors.
+    let out = ok(&demo, &["get", "pods", "-o", "wide", "-l", "app=web"]);
+    let header: Vec<&str> = out.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(&header[..3], ["NAME", "READY", "STATUS"], "{out}");
+    assert!(
+        header.contains(&"NODE") && header.contains(&"CITY"),
+        "{out}"
+    );
+    let node = running_web(&demo)[0].1.clone();
+    let out = ok(
+        &demo,
+        &[
+            "get",
+            "pods",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "-o",
+            "name",
+        ],
+    );
+    assert_eq!(out.lines().count(), 1, "one web pod per city: {out}");
+    let out = ok(&demo, &["get", "pods", "-l", "app=nothing"]);
+    assert!(
+        out.contains("No resources found in default namespace."),
+        "{out}"
+    );
+    ok(&demo, &["label", "deployment", "web", "tier=front"]);
+    ok(&demo, &["annotate", "deployment", "web", "owner=team-a"]);
+    let out = ok(&demo, &["get", "deployment", "web", "-L", "tier"]);
+    assert!(out.lines().next().unwrap().ends_with("TIER"), "{out}");
+    assert!(out.lines().nth(1).unwrap().ends_with("front"), "{out}");
+    let d = get_json(&demo, &["deployment", "web"]);
+    assert_eq!(d["metadata"]["annotations"]["owner"], "team-a");
+    assert!(get_json(&acme, &["deployment", "web"])["metadata"]["labels"]["tier"].is_null());
+
+    // describe: workload status, pod events from the agent.
+    let out = ok(&demo, &["describe", "deployment", "web"]);
+    assert!(
+        out.contains("Replicas:") && out.contains("3 desired"),
+        "{out}"
+    );
+    let out = ok(&demo, &["describe", "pod", &running_web(&demo)[0].0]);
+    assert!(out.contains("Events:") && out.contains("Started"), "{out}");
+    let out = ok(&demo, &["get", "events"]);
+    assert!(out.contains("Started container web"), "{out}");
+
+    // logs: -c, --tail.
+    let pod = running_web(&demo)[0].0.clone();
+    wait_for("web logs", 30, || {
+        let (_, out) = kubectl(&demo, &["logs", &pod, "-c", "web", "--tail", "20"]);
+        if out.contains("serving from") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
+    let out = fails(&demo, &["logs", &pod, "-c", "nope"]);
+    assert!(out.contains("container nope is not valid"), "{out}");
+
+    // scale and the rollout commands.
+    let out = ok(&demo, &["scale", "deployment", "web", "--replicas=4"]);
+    assert!(out.contains("scaled"), "{out}");
+    ok(
+        &demo,
+        &["rollout", "status", "deployment", "web", "--timeout=90s"],
+    );
+    ok(&demo, &["rollout", "restart", "deployment", "web"]);
+    ok(
+        &demo,
+        &["rollout", "status", "deployment", "web", "--timeout=90s"],
+    );
+    let revisions = |t: &Path| -> Vec<String> {
+        ok(t, &["rollout", "history", "deployment", "web"])
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|w| w.parse::<u32>().is_ok())
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(revisions(&demo), ["1", "2"]);
+    ok(&demo, &["rollout", "undo", "deployment", "web"]);
+    ok(
+        &demo,
+        &["rollout", "status", "deployment", "web", "--timeout=90s"],
+    );
+    wait_for("the rolled-back revision is 3", 30, || {
+        let r = revisions(&demo);
+        if r == ["2", "3"] {
+            Ok(())
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .await;
+    let d = get_json(&demo, &["deployment", "web"]);
+    assert!(
+        d["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"]
+            .is_null(),
+        "undo brings back revision 1's template: {d}"
+    );
+    assert_eq!(revisions(&acme), ["1"], "acme's Deployment is untouched");
+
+    // Admin node operations: a tenant may not cordon; drain evicts through risk
+    // control (a protected workload's pods stay), and the evicted pods come back
+    // on other nodes.
+    // (kubectl cordon prints the refusal but exits 0.)
+    let (_, out) = kubectl(&demo, &["cordon", &node]);
+    assert!(out.contains("forbidden"), "{out}");
+    let n = get_json(&admin, &["node", &node]);
+    assert!(n["spec"]["unschedulable"].is_null(), "{n}");
+    let out = ok(&admin, &["cordon", &node]);
+    assert!(out.contains("cordoned"), "{out}");
+    let out = ok(&admin, &["get", "node", &node]);
+    assert!(out.contains("SchedulingDisabled"), "{out}");
+    ok(&admin, &["uncordon", &node]);
+    let protect = r#"{"apiVersion": "meridian.io/v1alpha1", "kind": "RiskPolicy",
+        "metadata": {"name": "keep-web"},
+        "spec": {"selector": {"kinds": ["Deployment"], "names": ["web"]}, "rules": {"protect": true}}}"#;
+    let path = dir.path().join("keep-web.json");
+    std::fs::write(&path, protect).unwrap();
+    ok(&demo, &["apply", "-f", path.to_str().unwrap()]);
+    let node = running_web(&demo)[0].1.clone();
+    let out = fails(
+        &admin,
+        &["drain", &node, "--ignore-daemonsets", "--timeout=20s"],
+    );
+    assert!(
+        out.contains("protected"),
+        "risk control refuses the eviction: {out}"
+    );
+    assert!(
+        running_web(&demo).iter().any(|p| p.1 == node),
+        "nothing was evicted"
+    );
+    ok(&demo, &["delete", "riskpolicy", "keep-web"]);
+    let out = ok(
+        &admin,
+        &["drain", &node, "--ignore-daemonsets", "--timeout=60s"],
+    );
+    assert!(out.contains("evicted") && out.contains("drained"), "{out}");
+    wait_for("web pods back to 4, none on the drained node", 90, || {
+        let (d, a) = (running_web(&demo), running_web(&acme));
+        let on_node = d.iter().chain(&a).filter(|p| p.1 == node).count();
+        if d.len() == 4 && a.len() == 3 && on_node == 0 {
+            Ok(())
+        } else {
+            Err(format!("demo {d:?} acme {a:?}"))
+        }
+    })
+    .await;
+    ok(&admin, &["uncordon", &node]);
+
+    // delete --cascade: orphan leaves the ReplicaSets; background takes the pods.
+    let out = ok(&acme, &["delete", "deployment", "web", "--cascade=orphan"]);
+    assert!(out.contains("deleted"), "{out}");
+    wait_for("the orphaned ReplicaSet is released", 30, || {
+        let rs = get_json(&acme, &["replicasets"]);
+        let items = rs["items"].as_array().unwrap();
+        if !items.is_empty()
+            && items
+                .iter()
+                .all(|r| r["metadata"]["ownerReferences"].is_null())
+        {
+            Ok(())
+        } else {
+            Err(rs.to_string())
+        }
+    })
+    .await;
+    assert_eq!(running_web(&acme).len(), 3, "orphaned pods keep running");
+    ok(
+        &acme,
+        &[
+            "delete",
+            "replicasets",
+            "--all",
+            "--cascade=foreground",
+            "--wait=true",
+            "--timeout=60s",
+        ],
+    );
+    wait_for("acme's pods are gone", 60, || {
+        let out = ok(&acme, &["get", "pods", "-o", "name"]);
+        if out.trim().is_empty() {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
+    assert_eq!(running_web(&demo).len(), 4, "demo's pods are untouched");
+    let out = names(&ok(&demo, &["get", "replicasets", "-o", "name"]));
+    assert_eq!(out.len(), 2, "demo keeps its two revisions: {out:?}");
+}
