@@ -7,6 +7,7 @@ pub mod duration;
 pub mod error;
 pub mod events;
 pub mod geo;
+pub mod managed;
 pub mod meridian;
 pub mod onboarding;
 pub mod openapi;

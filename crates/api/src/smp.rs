@@ -13,7 +13,7 @@ use serde_json::{Map, Value};
 
 /// How a list field merges.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum List {
+pub(crate) enum List {
     /// Objects merged by this key.
     Key(&'static str),
     /// Primitives, unioned.
@@ -22,7 +22,7 @@ enum List {
 
 /// The merge behaviour of list `field` inside the object at `path` (field names
 /// from the root; list elements add nothing).
-fn list_kind(path: &[String], field: &str) -> Option<List> {
+pub(crate) fn list_kind(path: &[String], field: &str) -> Option<List> {
     let parent = path.last().map(String::as_str).unwrap_or("");
     Some(match field {
         "containers" | "initContainers" | "ephemeralContainers" => List::Key("name"),

@@ -898,10 +898,19 @@ async fn list(cx: &Ctx<'_>) -> Result<Response, ApiError> {
 }
 
 async fn create(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
-    let r = cx.resource();
     let mut obj = parse_body(&cx.headers, &body)?;
-    check_namespace(cx, &mut obj)?;
     strip_server_fields(&mut obj);
+    create_object(cx, obj).await
+}
+
+/// Creates `obj` (server fields already stripped; managedFields only from a
+/// server-side apply).
+async fn create_object(cx: &Ctx<'_>, mut obj: Value) -> Result<Response, ApiError> {
+    let r = cx.resource();
+    check_namespace(cx, &mut obj)?;
+    if let Some(m) = obj["metadata"].as_object_mut() {
+        m.remove("resourceVersion");
+    }
     let meta = obj["metadata"]
         .as_object_mut()
         .ok_or_else(|| ApiError::bad_request("metadata must be an object"))?;
@@ -1012,12 +1021,37 @@ enum Attempt {
 /// Replaces the stored object `cur` with `new` (caller's view), honouring the status
 /// subresource, immutable metadata and finalizers. `strict_rv` is the resourceVersion
 /// the caller requires, if any.
+/// How a write records field ownership (`metadata.managedFields`).
+enum Manage {
+    /// An update or patch by this manager: it owns what it changed.
+    Update(String),
+    /// A server-side apply: the managedFields `managed::apply` computed.
+    Applied(Value),
+}
+
+/// The field manager of a non-apply write: `?fieldManager=`, else the client's
+/// name from its User-Agent (`kubectl`), as Kubernetes does, else the caller's
+/// identity (`system:controllers`).
+fn field_manager(cx: &Ctx<'_>) -> String {
+    if let Some(m) = cx.query.get("fieldManager").filter(|m| !m.is_empty()) {
+        return m.clone();
+    }
+    cx.headers
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ua| ua.split('/').next())
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .unwrap_or_else(|| cx.who.user())
+}
+
 async fn write_update(
     cx: &Ctx<'_>,
     cur: &KeyValue,
     new: Value,
     sub: Option<&str>,
     strict_rv: Option<Revision>,
+    manage: Manage,
 ) -> Result<Attempt, ApiError> {
     let r = cx.resource();
     if let Some(rv) = strict_rv
@@ -1096,6 +1130,29 @@ async fn write_update(
     };
     if let Some(m) = next["metadata"].as_object_mut() {
         m.remove("resourceVersion");
+    }
+    match manage {
+        Manage::Update(manager) => {
+            meridian_api::managed::update(
+                &old,
+                &mut next,
+                &manager,
+                sub.unwrap_or(""),
+                &crate::now(),
+            );
+        }
+        Manage::Applied(fields) => {
+            if let Some(m) = next["metadata"].as_object_mut() {
+                match fields {
+                    Value::Array(a) if !a.is_empty() => {
+                        m.insert("managedFields".into(), Value::Array(a));
+                    }
+                    _ => {
+                        m.remove("managedFields");
+                    }
+                }
+            }
+        }
     }
     let mut old_cmp = old.clone();
     if let Some(m) = old_cmp["metadata"].as_object_mut() {
@@ -1206,7 +1263,16 @@ async fn update(cx: &Ctx<'_>, body: Bytes, sub: Option<&str>) -> Result<Response
     let strict = body_rv(&new)?;
     for _ in 0..MAX_ATTEMPTS {
         let cur = current(cx).await?;
-        match write_update(cx, &cur, new.clone(), sub, strict).await? {
+        match write_update(
+            cx,
+            &cur,
+            new.clone(),
+            sub,
+            strict,
+            Manage::Update(field_manager(cx)),
+        )
+        .await?
+        {
             Attempt::Done(r) => return Ok(r),
             Attempt::Retry if strict.is_some() => return Err(cx.conflict(CONFLICT_MODIFIED)),
             Attempt::Retry => continue,
@@ -1295,22 +1361,140 @@ async fn patch(cx: &Ctx<'_>, body: Bytes, sub: Option<&str>) -> Result<Response,
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("the patch is empty"));
     }
+    if matches!(kind, PatchKind::Apply) {
+        return server_side_apply(cx, &body, sub).await;
+    }
     for _ in 0..MAX_ATTEMPTS {
-        let cur = match cx.state.store.get(&cx.key()).await.map_err(store_err)? {
-            Some(c) => c,
-            None if matches!(kind, PatchKind::Apply) && sub.is_none() => {
-                // Server-side apply of an absent object creates it.
-                return create(cx, body.clone()).await;
-            }
-            None => return Err(cx.not_found()),
-        };
+        let cur = current(cx).await?;
         let mut target = caller_view(cx, &cur)?;
         apply_patch(&kind, &mut target, &body)?;
         let strict = match body_rv(&target)? {
             Some(rv) if rv != cur.mod_revision => return Err(cx.conflict(CONFLICT_MODIFIED)),
             _ => None,
         };
-        match write_update(cx, &cur, target, sub, strict).await? {
+        match write_update(
+            cx,
+            &cur,
+            target,
+            sub,
+            strict,
+            Manage::Update(field_manager(cx)),
+        )
+        .await?
+        {
+            Attempt::Done(r) => return Ok(r),
+            Attempt::Retry => continue,
+        }
+    }
+    Err(cx.conflict("too many concurrent writers; try again"))
+}
+
+/// `PATCH` with `application/apply-patch+yaml` (`kubectl apply --server-side`):
+/// the configuration is merged into the object (creating it when absent) and its
+/// fields become the manager's; a field another manager owns with a different value
+/// is a 409 naming both, unless `force=true` (`--force-conflicts`).
+async fn server_side_apply(
+    cx: &Ctx<'_>,
+    body: &[u8],
+    sub: Option<&str>,
+) -> Result<Response, ApiError> {
+    let manager = cx
+        .query
+        .get("fieldManager")
+        .filter(|m| !m.is_empty())
+        .cloned()
+        .ok_or_else(|| ApiError::bad_request("fieldManager is required for apply requests"))?;
+    let config: Value = serde_yaml::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid apply patch: {e}")))?;
+    if !config.is_object() {
+        return Err(ApiError::bad_request(
+            "an apply configuration must be an object",
+        ));
+    }
+    let r = cx.resource();
+    let api_version = if r.group.is_empty() {
+        r.version.to_owned()
+    } else {
+        format!("{}/{}", r.group, r.version)
+    };
+    for (field, want) in [("apiVersion", api_version.as_str()), ("kind", r.kind)] {
+        match config[field].as_str() {
+            Some(v) if v == want => {}
+            got => {
+                return Err(ApiError::invalid(
+                    r.kind,
+                    r.group,
+                    cx.name(),
+                    vec![Cause::invalid(
+                        field,
+                        got.unwrap_or_default(),
+                        format!("an apply configuration must give {field} {want:?}"),
+                    )],
+                ));
+            }
+        }
+    }
+    let now = crate::now();
+    let how = meridian_api::managed::Apply {
+        manager: &manager,
+        force: matches!(
+            cx.query.get("force").map(String::as_str),
+            Some("true" | "1")
+        ),
+        api_version: &api_version,
+        now: &now,
+    };
+    let conflict = |e: meridian_api::managed::ApplyError| {
+        let conflicts = match e {
+            meridian_api::managed::ApplyError::Conflicts(c) => c,
+            meridian_api::managed::ApplyError::Invalid(why) => {
+                return ApiError::new(
+                    Reason::Invalid,
+                    format!("the apply configuration could not be applied: {why}"),
+                );
+            }
+        };
+        let list: Vec<String> = conflicts
+            .iter()
+            .map(|c| format!("conflict with \"{}\": {}", c.manager, c.field))
+            .collect();
+        let n = conflicts.len();
+        let mut e = ApiError::new(
+            Reason::Conflict,
+            format!(
+                "Apply failed with {n} conflict{}: {}",
+                if n == 1 { "" } else { "s" },
+                list.join("\n")
+            ),
+        );
+        e.causes = conflicts
+            .into_iter()
+            .map(|c| Cause {
+                reason: "FieldManagerConflict",
+                message: format!("conflict with \"{}\"", c.manager),
+                field: c.field,
+            })
+            .collect();
+        e
+    };
+    for _ in 0..MAX_ATTEMPTS {
+        let Some(cur) = cx.state.store.get(&cx.key()).await.map_err(store_err)? else {
+            if sub.is_some() {
+                return Err(cx.not_found());
+            }
+            // An apply of an absent object creates it.
+            let obj =
+                meridian_api::managed::apply(&Value::Null, &config, &how).map_err(conflict)?;
+            return create_object(cx, obj).await;
+        };
+        let live = caller_view(cx, &cur)?;
+        let next = meridian_api::managed::apply(&live, &config, &how).map_err(conflict)?;
+        let fields = next["metadata"]["managedFields"].clone();
+        let strict = match body_rv(&config)? {
+            Some(rv) if rv != cur.mod_revision => return Err(cx.conflict(CONFLICT_MODIFIED)),
+            _ => None,
+        };
+        match write_update(cx, &cur, next, sub, strict, Manage::Applied(fields)).await? {
             Attempt::Done(r) => return Ok(r),
             Attempt::Retry => continue,
         }
@@ -1665,7 +1849,15 @@ async fn set_replicas(cx: &Ctx<'_>, scale: Value, cur: &KeyValue) -> Result<Atte
     let strict = body_rv(&scale)?;
     let mut obj = caller_view(cx, cur)?;
     obj["spec"]["replicas"] = json!(replicas);
-    let attempt = write_update(cx, cur, obj, None, strict).await?;
+    let attempt = write_update(
+        cx,
+        cur,
+        obj,
+        None,
+        strict,
+        Manage::Update(field_manager(cx)),
+    )
+    .await?;
     Ok(match attempt {
         Attempt::Done(_) => {
             let now = current(cx).await?;

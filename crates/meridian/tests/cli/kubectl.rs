@@ -187,6 +187,97 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
     assert_eq!(d["metadata"]["annotations"]["owner"], "team-a");
     assert!(get_json(&acme, &["deployment", "web"])["metadata"]["labels"]["tier"].is_null());
 
+    // Server-side apply: field ownership, conflicts, --force-conflicts, removal of
+    // fields a manager stops applying.
+    let cm = |data: &str| {
+        let path = dir.path().join("settings.yaml");
+        std::fs::write(
+            &path,
+            format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\ndata:\n{data}"),
+        )
+        .unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let managers = |t: &Path| -> Vec<(String, String)> {
+        let (ok, out) = kubectl(
+            t,
+            &[
+                "get",
+                "cm",
+                "settings",
+                "-o",
+                "json",
+                "--show-managed-fields",
+            ],
+        );
+        assert!(ok, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let mut m: Vec<(String, String)> = v["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["manager"].as_str().unwrap().to_owned(),
+                    e["operation"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        m.sort();
+        m
+    };
+    let data = |t: &Path| get_json(t, &["cm", "settings"])["data"].clone();
+    let both = cm("  mode: edge\n  level: \"3\"\n");
+    let out = ok(&demo, &["apply", "--server-side", "-f", &both]);
+    assert!(
+        out.contains("configmap/settings serverside-applied"),
+        "{out}"
+    );
+    assert_eq!(
+        managers(&demo),
+        [("kubectl".to_owned(), "Apply".to_owned())]
+    );
+    ok(
+        &demo,
+        &["patch", "cm", "settings", "-p", r#"{"data":{"level":"4"}}"#],
+    );
+    let out = fails(&demo, &["apply", "--server-side", "-f", &both]);
+    assert!(
+        out.contains(r#"Apply failed with 1 conflict: conflict with "kubectl-patch": .data.level"#),
+        "{out}"
+    );
+    assert_eq!(data(&demo)["level"], "4", "a refused apply changes nothing");
+    ok(
+        &demo,
+        &["apply", "--server-side", "--force-conflicts", "-f", &both],
+    );
+    assert_eq!(data(&demo)["level"], "3");
+    assert_eq!(
+        managers(&demo),
+        [("kubectl".to_owned(), "Apply".to_owned())]
+    );
+    ok(
+        &demo,
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=team-b",
+            "-f",
+            &cm("  extra: x\n"),
+        ],
+    );
+    ok(
+        &demo,
+        &["apply", "--server-side", "-f", &cm("  level: \"3\"\n")],
+    );
+    assert_eq!(
+        data(&demo),
+        serde_json::json!({"level": "3", "extra": "x"}),
+        "mode is dropped (no longer applied, no other owner); team-b's field stays"
+    );
+    let out = fails(&acme, &["get", "cm", "settings"]);
+    assert!(out.contains("not found"), "{out}");
+
     // describe: workload status, pod events from the agent.
     let out = ok(&demo, &["describe", "deployment", "web"]);
     assert!(
