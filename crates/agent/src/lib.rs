@@ -21,8 +21,9 @@ use std::time::{Duration, Instant};
 
 use meridian_proto::agent_hub_client::AgentHubClient;
 use meridian_proto::{
-    AgentMessage, Heartbeat, ImagePullResult, ImagesPulled, LogChunk, LogRequest, NodeFacts,
-    PodStatusBatch, PodUsage, Register, agent_message, region_message,
+    AgentMessage, ExecInput, ExecOutput, ExecStart, Heartbeat, ImagePullResult, ImagesPulled,
+    LogChunk, LogRequest, NodeFacts, PodStatusBatch, PodUsage, Register, agent_message,
+    region_message,
 };
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -355,6 +356,7 @@ impl Agent {
         let mut sampler = facts::UsageSampler::default();
         let mut last_cpu: HashMap<String, (u64, Instant)> = HashMap::new();
         let mut logs: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
+        let mut execs: HashMap<u64, mpsc::UnboundedSender<ExecInput>> = HashMap::new();
         loop {
             tokio::select! {
                 m = inbound.message() => {
@@ -389,6 +391,19 @@ impl Agent {
                         Some(region_message::Msg::CancelLog(c)) => {
                             if let Some(h) = logs.remove(&c.request_id) {
                                 h.abort();
+                            }
+                        }
+                        Some(region_message::Msg::ExecStart(e)) => {
+                            execs.retain(|_, t| !t.is_closed());
+                            let (in_tx, in_rx) = mpsc::unbounded_channel();
+                            execs.insert(e.session_id, in_tx);
+                            tokio::spawn(serve_exec(self.manager.clone(), e, in_rx, tx.clone()));
+                        }
+                        Some(region_message::Msg::ExecInput(i)) => {
+                            if i.cancel {
+                                execs.remove(&i.session_id);
+                            } else if let Some(t) = execs.get(&i.session_id) {
+                                let _ = t.send(i);
                             }
                         }
                         Some(region_message::Msg::Rejected(r)) => {
@@ -503,6 +518,131 @@ async fn maintain_identity(o: Onboarding, moved: Arc<tokio::sync::Notify>) {
 
 fn msg(m: agent_message::Msg) -> AgentMessage {
     AgentMessage { msg: Some(m) }
+}
+
+/// One `kubectl exec` session: runs the command in the container, streams its
+/// output back in order and ends with its exit code (or why it could not run).
+/// Standard input arrives on `input`; the session's sender dropped (cancel) kills
+/// the command.
+async fn serve_exec(
+    manager: Arc<PodManager>,
+    start: ExecStart,
+    mut input: mpsc::UnboundedReceiver<ExecInput>,
+    tx: mpsc::Sender<AgentMessage>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let id = start.session_id;
+    let out = |stream: u32, data: Vec<u8>| {
+        msg(agent_message::Msg::ExecOutput(ExecOutput {
+            session_id: id,
+            stream,
+            data,
+            ..Default::default()
+        }))
+    };
+    let end = |exit_code: i32, error: String| {
+        msg(agent_message::Msg::ExecOutput(ExecOutput {
+            session_id: id,
+            exited: true,
+            exit_code,
+            error,
+            ..Default::default()
+        }))
+    };
+    let started = async {
+        let (handle, mut req) = manager.exec_target(&start.uid, &start.container).await?;
+        if start.command.is_empty() {
+            return Err("a command is required".to_owned());
+        }
+        req.argv = start.command.clone();
+        req.stdin = start.stdin;
+        req.tty = start.tty;
+        manager
+            .ctx
+            .runtime
+            .exec_stream(&handle, req)
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    let p = match started {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = tx.send(end(126, e)).await;
+            return;
+        }
+    };
+    let runtime::ExecProcess {
+        stdin,
+        stdout,
+        stderr,
+        exit,
+    } = p;
+    // Standard input is written by its own task, so a command that fills its
+    // output pipe while we wait to write its input cannot stall the session.
+    let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let mut stdin = stdin;
+        loop {
+            tokio::select! {
+                i = input.recv() => match i {
+                    Some(i) => {
+                        if let Some(w) = stdin.as_mut()
+                            && !i.data.is_empty()
+                            && w.write_all(&i.data).await.is_err()
+                        {
+                            stdin = None;
+                        }
+                        if i.eof {
+                            stdin = None; // closes the pipe: the command sees EOF
+                        }
+                    }
+                    None => {
+                        let _ = cancel_tx.send(());
+                        return;
+                    }
+                },
+                _ = &mut done_rx => return,
+            }
+        }
+    });
+    let stderr_stream = if start.tty { 1 } else { 2 };
+    let pump = |mut r: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>, stream: u32| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if tx.send(out(stream, buf[..n].to_vec())).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let run = async {
+        let errs = async {
+            if let Some(e) = stderr {
+                pump(e, stderr_stream).await;
+            }
+        };
+        tokio::join!(pump(stdout, 1), errs);
+        exit.await
+    };
+    // A cancelled session drops `run`, and with it the command (killed on drop).
+    let result = tokio::select! {
+        r = run => r,
+        _ = cancel_rx => return,
+    };
+    let _ = done_tx.send(());
+    let _ = match result {
+        Ok(code) => tx.send(end(code, String::new())).await,
+        Err(e) => tx.send(end(126, e.to_string())).await,
+    };
 }
 
 async fn serve_log(ctx: Arc<Ctx>, r: LogRequest, tx: mpsc::Sender<AgentMessage>) {

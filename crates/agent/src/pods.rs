@@ -20,7 +20,8 @@ use tokio::sync::{Notify, watch};
 
 use crate::refs::Refs;
 use crate::runtime::{
-    Exit, ImageRequest, Mount, PullPolicy, RunState, Runtime, RuntimeError, StartRequest,
+    ContainerHandle, ExecRequest, Exit, ImageRequest, Mount, PullPolicy, RunState, Runtime,
+    RuntimeError, StartRequest,
 };
 use crate::state::{ContainerRecord, LocalState};
 
@@ -248,6 +249,75 @@ impl PodManager {
             }
         }
         out
+    }
+
+    /// What `kubectl exec` needs to run a command in container `name` of pod `uid`
+    /// (empty: the pod's only container): its handle and environment, or why not.
+    pub async fn exec_target(
+        &self,
+        uid: &str,
+        name: &str,
+    ) -> Result<(ContainerHandle, ExecRequest), String> {
+        let (pod, refs) = match self.workers.lock().await.get(uid) {
+            Some(w) => match &*w.tx.borrow() {
+                Cmd::Run(p, r) => (p.clone(), r.clone()),
+                Cmd::Stop => return Err(format!("pod {uid} is stopping")),
+            },
+            None => return Err(format!("pod {uid} is not on this node")),
+        };
+        let containers: Vec<Container> = pod
+            .spec
+            .as_ref()
+            .map(|s| s.containers.clone())
+            .unwrap_or_default();
+        let c = if name.is_empty() {
+            match containers.as_slice() {
+                [one] => one.clone(),
+                many => {
+                    let names: Vec<&str> = many.iter().map(|c| c.name.as_str()).collect();
+                    return Err(format!(
+                        "a container name must be specified, choose one of: [{}]",
+                        names.join(" ")
+                    ));
+                }
+            }
+        } else {
+            containers
+                .iter()
+                .find(|c| c.name == name)
+                .cloned()
+                .ok_or_else(|| format!("container {name} is not valid for this pod"))?
+        };
+        let rec = self
+            .ctx
+            .state
+            .containers(uid)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .find(|(n, _)| *n == c.name)
+            .map(|(_, r)| r);
+        let handle = match rec {
+            Some(r) if r.exit.is_none() => r.handle,
+            _ => None,
+        }
+        .ok_or_else(|| format!("container {} is not running", c.name))?;
+        let view = PodWorker {
+            ctx: self.ctx.clone(),
+            uid: uid.to_owned(),
+            pod,
+            refs,
+            records: HashMap::new(),
+            live: HashMap::new(),
+            started: Timestamp::now(),
+            last_status: None,
+            transitions: HashMap::new(),
+        };
+        let req = ExecRequest {
+            env: view.env(&c),
+            working_dir: c.working_dir.clone(),
+            ..Default::default()
+        };
+        Ok((handle, req))
     }
 
     /// Stops everything (agent shutdown keeps pods running: this is for tests).

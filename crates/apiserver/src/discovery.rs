@@ -82,6 +82,10 @@ fn resource_list(group: &str, version: &str) -> Option<Value> {
                 json!({"name": "pods/log", "singularName": "", "namespaced": true,
                 "kind": "Pod", "verbs": ["get"]}),
             );
+            resources.push(
+                json!({"name": "pods/exec", "singularName": "", "namespaced": true,
+                "kind": "PodExecOptions", "verbs": ["create", "get"]}),
+            );
         }
         if r.plural == "tenants" {
             resources.push(

@@ -104,8 +104,18 @@ fn store_err(e: meridian_store::StoreError) -> ApiError {
 /// The single entry point: health, metrics, discovery and every resource path.
 pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Response {
     let started = Instant::now();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
+    // `kubectl exec` upgrades to a WebSocket; the upgrade must be taken from the
+    // request before anything else reads it.
+    let mut ws = if path.ends_with("/exec") {
+        use axum::extract::FromRequestParts;
+        axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &())
+            .await
+            .ok()
+    } else {
+        None
+    };
     match path.as_str() {
         "/healthz" | "/livez" => return (StatusCode::OK, "ok").into_response(),
         "/readyz" => {
@@ -203,6 +213,9 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
             query: query.clone(),
             headers: parts.headers.clone(),
         };
+        if cx.target.subresource.as_deref() == Some("exec") {
+            return crate::exec::serve(&cx, parts.uri.query().unwrap_or_default(), ws.take()).await;
+        }
         run(&cx, v, body).await
     }
     .await;
@@ -271,7 +284,7 @@ fn verb_of(method: &Method, t: &Target, q: &HashMap<String, String>) -> Result<V
         (&Method::POST, true)
             if matches!(
                 t.subresource.as_deref(),
-                Some("binding" | "token" | "eviction")
+                Some("binding" | "token" | "eviction" | "exec")
             ) =>
         {
             Verb::Create

@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod cache;
 mod discovery;
+mod exec;
 pub mod handlers;
 pub mod kubeconfig;
 mod logs;

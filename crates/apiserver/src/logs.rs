@@ -44,9 +44,21 @@ fn flag(cx: &Ctx<'_>, name: &str) -> bool {
     matches!(cx.query.get(name).map(String::as_str), Some("true" | "1"))
 }
 
-pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
-    let tail = param_int(cx, "tailLines", 0)?;
-    let limit = param_int(cx, "limitBytes", 1)?;
+/// Where a pod's container runs and how to reach the region that manages it.
+pub(crate) struct Located {
+    pub uid: String,
+    pub container: String,
+    pub region: String,
+    /// `https://host:port` of the region.
+    pub endpoint: String,
+    pub token: String,
+    /// The CA of region serving certificates, when the server has one.
+    pub regions_ca: Option<Vec<u8>>,
+}
+
+/// Resolves the pod the request names (inside the caller's virtual cluster) and its
+/// `container` query parameter (empty: the pod's only container) to its region.
+pub(crate) async fn locate(cx: &Ctx<'_>, what: &str) -> Result<Located, ApiError> {
     let snap = cx.state.cache.snapshot();
     let obj = snap.get(&cx.key()).ok_or_else(|| cx.not_found())?;
     let pod: Value = serde_json::from_slice(&obj.json)
@@ -78,7 +90,7 @@ pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
     };
     let Some(node) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
         return Err(ApiError::bad_request(format!(
-            "pod {name} is not scheduled to a node yet: it has no logs"
+            "pod {name} is not scheduled to a node yet: it has no {what}"
         )));
     };
     let uid = pod["metadata"]["uid"]
@@ -111,7 +123,34 @@ pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
         .to_owned();
     let token = tokio::fs::read_to_string(cx.state.config.data_dir.join(REGION_TOKEN_FILE))
         .await
-        .map_err(|_| unavailable("no region token: the server has never issued one".into()))?;
+        .map_err(|_| unavailable("no region token: the server has never issued one".into()))?
+        .trim()
+        .to_owned();
+    // Regions serving TLS have certificates from the nodes' CA (the center's).
+    let regions_ca = tokio::fs::read(cx.state.config.data_dir.join(REGIONS_CA_FILE))
+        .await
+        .ok();
+    Ok(Located {
+        uid,
+        container,
+        region,
+        endpoint,
+        token,
+        regions_ca,
+    })
+}
+
+pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
+    let tail = param_int(cx, "tailLines", 0)?;
+    let limit = param_int(cx, "limitBytes", 1)?;
+    let Located {
+        uid,
+        container,
+        region,
+        endpoint,
+        token,
+        regions_ca,
+    } = locate(cx, "logs").await?;
     let mut query: Vec<(&str, String)> = vec![("container", container)];
     for f in ["follow", "previous", "timestamps"] {
         if flag(cx, f) {
@@ -125,17 +164,15 @@ pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
         query.push(("limitBytes", l.to_string()));
     }
     let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
-    // Regions serving TLS have certificates from the nodes' CA (the center's).
-    let regions_ca = cx.state.config.data_dir.join(REGIONS_CA_FILE);
-    if let Ok(pem) = tokio::fs::read(&regions_ca).await {
+    if let Some(pem) = regions_ca {
         let ca = reqwest::Certificate::from_pem(&pem)
-            .map_err(|e| internal(&format!("{}: {e}", regions_ca.display())))?;
+            .map_err(|e| internal(&format!("{REGIONS_CA_FILE}: {e}")))?;
         builder = builder.add_root_certificate(ca);
     }
     let client = builder.build().map_err(|e| internal(&e.to_string()))?;
     let resp = client
         .get(format!("{endpoint}/v1/logs/{uid}"))
-        .bearer_auth(token.trim())
+        .bearer_auth(&token)
         .query(&query)
         .send()
         .await
@@ -158,10 +195,10 @@ pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
         .map_err(|e| internal(&e.to_string()))
 }
 
-fn internal(m: &str) -> ApiError {
+pub(crate) fn internal(m: &str) -> ApiError {
     ApiError::new(Reason::InternalError, m.to_owned())
 }
 
-fn unavailable(m: String) -> ApiError {
+pub(crate) fn unavailable(m: String) -> ApiError {
     ApiError::new(Reason::ServiceUnavailable, m)
 }

@@ -902,6 +902,18 @@ async fn meridian_up_with_containerd_runs_the_container_example() {
     assert!(id.starts_with("containerd://"), "{id}");
     let (ok, out) = kubectl(&kc, &["logs", "deploy/edge-web"]);
     assert!(ok && out.contains("serving on :18080"), "{out}");
+    // kubectl exec runs inside the container (its filesystem: /www exists only
+    // there); an interactive session is refused with a reason.
+    let pod = pods["items"][0]["metadata"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(!Path::new("/www/index.html").exists());
+    let (ok, out) = kubectl(&kc, &["exec", &pod, "--", "sh", "-c", "ls /www; exit 4"]);
+    assert!(!ok && out.contains("index.html"), "{out}");
+    assert!(out.contains("command terminated with exit code 4"), "{out}");
+    let (ok, out) = kubectl(&kc, &["exec", "-i", &pod, "--", "cat"]);
+    assert!(!ok && out.contains("without standard input"), "{out}");
     // An ImagePrePull warms Paris; kubectl shows how far it got.
     let (ok, out) = kubectl(&kc, &["apply", "-f", &example("image-prepull.yaml")]);
     assert!(ok, "{out}");

@@ -6,11 +6,15 @@ use std::sync::atomic::Ordering;
 
 use axum::Router;
 use axum::body::Body;
+use axum::extract::RawQuery;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use meridian_proto::{CancelLog, LogRequest, RegionMessage, region_message};
+use meridian_proto::{
+    CancelLog, ExecInput, ExecOutput, ExecStart, LogRequest, RegionMessage, region_message,
+};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
@@ -31,6 +35,7 @@ pub struct Metrics {
 pub fn router(shared: Arc<Shared>) -> Router {
     let http = Router::new()
         .route("/v1/logs/{uid}", get(logs))
+        .route("/v1/exec/{uid}", get(exec))
         .route("/healthz", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .with_state(shared.clone());
@@ -54,6 +59,36 @@ pub struct LogQuery {
     #[serde(default)]
     timestamps: bool,
     limit_bytes: Option<i64>,
+}
+
+/// The node a pod is on and that node's agent stream, or the error response.
+fn session_of(
+    shared: &Shared,
+    uid: &str,
+    offline_note: &str,
+) -> Result<(String, crate::state::SessionTx), Response> {
+    let node = match lock(&shared.pods).by_uid.get(uid) {
+        Some(p) => p.node.clone(),
+        None => {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                format!("pod {uid} is not on a node of this region"),
+            ));
+        }
+    };
+    let tx = lock(&shared.nodes)
+        .get(&node)
+        .and_then(|n| n.session.as_ref().map(|s| s.tx.clone()));
+    match tx {
+        Some(tx) => Ok((node, tx)),
+        None => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "node {node} is not connected to region {}{offline_note}",
+                shared.cfg.name
+            ),
+        )),
+    }
 }
 
 fn error(code: StatusCode, msg: impl Into<String>) -> Response {
@@ -86,26 +121,9 @@ async fn logs(
             "a valid region proxy token is required",
         );
     }
-    let node = match lock(&shared.pods).by_uid.get(&uid) {
-        Some(p) => p.node.clone(),
-        None => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("pod {uid} is not on a node of this region"),
-            );
-        }
-    };
-    let tx = lock(&shared.nodes)
-        .get(&node)
-        .and_then(|n| n.session.as_ref().map(|s| s.tx.clone()));
-    let Some(tx) = tx else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "node {node} is not connected to region {}; its logs stay on the node",
-                shared.cfg.name
-            ),
-        );
+    let (node, tx) = match session_of(&shared, &uid, "; its logs stay on the node") {
+        Ok(s) => s,
+        Err(r) => return r,
     };
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let (chunk_tx, mut chunk_rx) = mpsc::channel(16);
@@ -156,6 +174,194 @@ async fn logs(
         .header(header::CONTENT_TYPE, "text/plain")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+/// The channels of the Kubernetes streaming protocol (v4/v5.channel.k8s.io).
+const STDIN: u8 = 0;
+const ERROR: u8 = 3;
+/// v5: `[255, channel]` closes that channel (stdin's EOF).
+const CLOSE: u8 = 255;
+
+/// Go's WebSocket clients take a close without a code as an error.
+const NORMAL_CLOSE: axum::extract::ws::CloseFrame = axum::extract::ws::CloseFrame {
+    code: 1000,
+    reason: axum::extract::ws::Utf8Bytes::from_static(""),
+};
+
+/// The subprotocols spoken: each message is a channel byte then data.
+pub const EXEC_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
+
+/// `GET /v1/exec/{uid}?container=&command=...&stdin=&tty=` (WebSocket, the
+/// Kubernetes streaming protocol): runs the command on the pod's node through its
+/// agent stream and relays standard input, output and error; the exit status
+/// arrives on the error channel as a Kubernetes `Status`, as kubelet sends it.
+async fn exec(
+    State(shared): State<Arc<Shared>>,
+    Path(uid): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if !authorized(&shared, &headers) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "a valid region proxy token is required",
+        );
+    }
+    let mut start = ExecStart {
+        uid: uid.clone(),
+        ..Default::default()
+    };
+    for (k, v) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "container" => start.container = v.into_owned(),
+            "command" => start.command.push(v.into_owned()),
+            "stdin" => start.stdin = v == "true" || v == "1",
+            "tty" => start.tty = v == "true" || v == "1",
+            _ => {}
+        }
+    }
+    if start.command.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "a command is required");
+    }
+    let tx = match session_of(&shared, &uid, "") {
+        Ok((_, tx)) => tx,
+        Err(r) => return r,
+    };
+    ws.protocols(EXEC_PROTOCOLS)
+        .on_upgrade(move |socket| relay_exec(socket, shared, tx, start))
+}
+
+/// Ends the agent's side of a session that ends early (the client went away).
+struct ExecCleanup {
+    shared: Arc<Shared>,
+    id: u64,
+    tx: crate::state::SessionTx,
+    exited: bool,
+}
+
+impl Drop for ExecCleanup {
+    fn drop(&mut self) {
+        lock(&self.shared.execs).remove(&self.id);
+        if !self.exited {
+            let msg = RegionMessage {
+                msg: Some(region_message::Msg::ExecInput(ExecInput {
+                    session_id: self.id,
+                    cancel: true,
+                    ..Default::default()
+                })),
+            };
+            let _ = self.tx.try_send(msg);
+        }
+    }
+}
+
+/// The `Status` kubelet sends on the error channel when a command ends.
+fn exit_status(o: &ExecOutput, command: &[String]) -> String {
+    let status = if !o.error.is_empty() {
+        serde_json::json!({"metadata": {}, "status": "Failure", "message": o.error,
+            "reason": "InternalError"})
+    } else if o.exit_code == 0 {
+        serde_json::json!({"metadata": {}, "status": "Success"})
+    } else {
+        serde_json::json!({"metadata": {}, "status": "Failure",
+            "message": format!("command terminated with non-zero exit code: error executing command {command:?}, exit code {}", o.exit_code),
+            "reason": "NonZeroExitCode",
+            "details": {"causes": [{"reason": "ExitCode", "message": o.exit_code.to_string()}]}})
+    };
+    status.to_string()
+}
+
+async fn relay_exec(
+    mut socket: WebSocket,
+    shared: Arc<Shared>,
+    tx: crate::state::SessionTx,
+    mut start: ExecStart,
+) {
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    start.session_id = id;
+    let command = start.command.clone();
+    let (out_tx, mut out_rx) = mpsc::channel(64);
+    lock(&shared.execs).insert(id, out_tx);
+    let mut guard = ExecCleanup {
+        shared: shared.clone(),
+        id,
+        tx: tx.clone(),
+        exited: false,
+    };
+    let input = |i: ExecInput| RegionMessage {
+        msg: Some(region_message::Msg::ExecInput(i)),
+    };
+    let started = RegionMessage {
+        msg: Some(region_message::Msg::ExecStart(start)),
+    };
+    if tx.send(started).await.is_err() {
+        let gone = ExecOutput {
+            exited: true,
+            error: "the node disconnected".into(),
+            ..Default::default()
+        };
+        let mut frame = vec![ERROR];
+        frame.extend_from_slice(exit_status(&gone, &command).as_bytes());
+        let _ = socket.send(Message::Binary(frame.into())).await;
+        let _ = socket.send(Message::Close(Some(NORMAL_CLOSE))).await;
+        return;
+    }
+    loop {
+        tokio::select! {
+            m = socket.recv() => match m {
+                Some(Ok(Message::Binary(b))) => {
+                    let msg = match b.first() {
+                        Some(&STDIN) => Some(ExecInput { session_id: id, data: b[1..].to_vec(), ..Default::default() }),
+                        Some(&CLOSE) if b.get(1) == Some(&STDIN) => Some(ExecInput { session_id: id, eof: true, ..Default::default() }),
+                        _ => None, // resize and the rest: nothing to do here
+                    };
+                    if let Some(i) = msg
+                        && tx.send(input(i)).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            o = out_rx.recv() => {
+                let Some(o) = o else { break };
+                if o.exited {
+                    guard.exited = true;
+                    let mut frame = vec![ERROR];
+                    frame.extend_from_slice(exit_status(&o, &command).as_bytes());
+                    let _ = socket.send(Message::Binary(frame.into())).await;
+                    let _ = socket.send(Message::Close(Some(NORMAL_CLOSE))).await;
+                    break;
+                }
+                let mut frame = Vec::with_capacity(o.data.len() + 1);
+                frame.push(o.stream.min(2) as u8);
+                frame.extend_from_slice(&o.data);
+                if socket.send(Message::Binary(frame.into())).await.is_err() {
+                    break;
+                }
+            }
+            _ = tx.closed() => {
+                let gone = ExecOutput { exited: true, error: "the node disconnected".into(), ..Default::default() };
+                let mut frame = vec![ERROR];
+                frame.extend_from_slice(exit_status(&gone, &command).as_bytes());
+                let _ = socket.send(Message::Binary(frame.into())).await;
+                let _ = socket.send(Message::Close(Some(NORMAL_CLOSE))).await;
+                break;
+            }
+        }
+    }
+    // Let the peer answer the close before the connection drops (a reset would
+    // discard the exit status it has not read yet).
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        while let Some(Ok(m)) = socket.recv().await {
+            if matches!(m, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Removes the waiter and tells the agent to stop when the response ends early.

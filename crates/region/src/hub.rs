@@ -424,6 +424,13 @@ async fn serve(
                 }
             }
             agent_message::Msg::ImagesPulled(r) => crate::prepull::pulled(shared, node, r).await,
+            agent_message::Msg::ExecOutput(o) => {
+                let waiter = lock(&shared.execs).get(&o.session_id).cloned();
+                // The WebSocket side removes its waiter when the session ends.
+                if let Some(w) = waiter {
+                    let _ = w.send(o).await;
+                }
+            }
             agent_message::Msg::LogChunk(c) => {
                 let waiter = lock(&shared.logs).get(&c.request_id).cloned();
                 // The HTTP side removes its waiter when the response ends.

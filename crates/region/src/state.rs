@@ -29,6 +29,11 @@ impl SessionTx {
     pub fn try_send(&self, m: RegionMessage) -> Result<(), ()> {
         self.0.try_send(Box::new(m)).map_err(|_| ())
     }
+
+    /// Resolves when the agent's stream has ended.
+    pub async fn closed(&self) {
+        self.0.closed().await
+    }
 }
 
 /// A node as the region keeps it: the Node object it writes, encoded, plus the few
@@ -160,6 +165,8 @@ pub struct Shared {
     pub upload: Mutex<Upload>,
     pub upload_notify: Notify,
     pub logs: Mutex<HashMap<u64, mpsc::Sender<LogChunk>>>,
+    /// Open `kubectl exec` sessions: where each one's output goes.
+    pub execs: Mutex<HashMap<u64, mpsc::Sender<meridian_proto::ExecOutput>>>,
     pub next_id: AtomicU64,
     pub global_ok: AtomicBool,
     pub partitioned: AtomicBool,
@@ -249,6 +256,7 @@ impl Shared {
             evict_hold: Default::default(),
             upload_notify: Notify::new(),
             logs: Default::default(),
+            execs: Default::default(),
             next_id: AtomicU64::new(1),
             global_ok: AtomicBool::new(false),
             partitioned: AtomicBool::new(false),

@@ -24,8 +24,8 @@ use tokio::sync::Mutex;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use super::{
-    ContainerHandle, Exit, GcReport, ImageGcPolicy, PullPolicy, RunState, Runtime, RuntimeError,
-    StartRequest,
+    ContainerHandle, ExecProcess, ExecRequest, Exit, GcReport, ImageGcPolicy, PullPolicy, RunState,
+    Runtime, RuntimeError, StartRequest,
 };
 
 pub const LABEL_POD_UID: &str = "meridian.io/pod-uid";
@@ -842,6 +842,45 @@ impl Runtime for ContainerdRuntime {
             .await
             .map_err(|e| RuntimeError::Start(status_err("exec", e)))?;
         Ok(r.into_inner().exit_code)
+    }
+
+    /// Runs the command in the container through CRI `ExecSync` (inside its
+    /// namespaces, as the image's user): output arrives when the command ends, and
+    /// there is no standard input — interactive sessions (`kubectl exec -i/-t`)
+    /// are refused with a message saying so.
+    async fn exec_stream(
+        &self,
+        handle: &ContainerHandle,
+        req: ExecRequest,
+    ) -> Result<ExecProcess, RuntimeError> {
+        if req.stdin || req.tty {
+            return Err(RuntimeError::Config(
+                "the containerd runtime runs kubectl exec without standard input or a terminal \
+                 (drop -i/-t)"
+                    .into(),
+            ));
+        }
+        const EXEC_TIMEOUT: Duration = Duration::from_secs(600);
+        let r = self
+            .rt()
+            .exec_sync(call(
+                cri::ExecSyncRequest {
+                    container_id: handle.id.clone(),
+                    cmd: req.argv,
+                    timeout: EXEC_TIMEOUT.as_secs() as i64,
+                },
+                EXEC_TIMEOUT + Duration::from_secs(5),
+            ))
+            .await
+            .map_err(|e| RuntimeError::Start(status_err("exec", e)))?
+            .into_inner();
+        let code = r.exit_code;
+        Ok(ExecProcess {
+            stdin: None,
+            stdout: Box::pin(std::io::Cursor::new(r.stdout)),
+            stderr: Some(Box::pin(std::io::Cursor::new(r.stderr))),
+            exit: Box::pin(async move { Ok(code) }),
+        })
     }
 
     async fn usage(&self, handle: &ContainerHandle) -> Option<(u64, u64)> {

@@ -165,6 +165,27 @@ pub enum RunState {
     Exited(Exit),
 }
 
+/// A command to run in a running container (`kubectl exec`).
+#[derive(Clone, Debug, Default)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// The container's environment.
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub stdin: bool,
+    /// A terminal was asked for: stderr goes to stdout, as on a terminal.
+    pub tty: bool,
+}
+
+/// A command started by [`Runtime::exec_stream`]; dropping it kills the command.
+pub struct ExecProcess {
+    pub stdin: Option<std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>>,
+    pub stdout: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>,
+    pub stderr: Option<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>>,
+    /// Resolves to the exit code once the command has ended.
+    pub exit: futures::future::BoxFuture<'static, Result<i32, RuntimeError>>,
+}
+
 #[async_trait]
 pub trait Runtime: Send + Sync + 'static {
     /// `process`, `containerd`, `fake`.
@@ -189,6 +210,19 @@ pub trait Runtime: Send + Sync + 'static {
         env: &[(String, String)],
         timeout: Duration,
     ) -> Result<i32, RuntimeError>;
+
+    /// Starts `req` in the container with its standard streams connected
+    /// (`kubectl exec`).
+    async fn exec_stream(
+        &self,
+        _handle: &ContainerHandle,
+        _req: ExecRequest,
+    ) -> Result<ExecProcess, RuntimeError> {
+        Err(RuntimeError::Config(format!(
+            "the {} runtime cannot run commands in containers",
+            self.name()
+        )))
+    }
 
     /// Cumulative cpu time (nanoseconds) and resident memory (bytes).
     async fn usage(&self, handle: &ContainerHandle) -> Option<(u64, u64)>;

@@ -12,7 +12,9 @@ use jiff::Timestamp;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 
-use super::{ContainerHandle, Exit, RunState, Runtime, RuntimeError, StartRequest};
+use super::{
+    ContainerHandle, ExecProcess, ExecRequest, Exit, RunState, Runtime, RuntimeError, StartRequest,
+};
 
 const CFS_PERIOD_US: i64 = 100_000;
 
@@ -317,6 +319,57 @@ impl Runtime for ProcessRuntime {
                 "exec timed out after {timeout:?}"
             ))),
         }
+    }
+
+    /// Runs the command on the node beside the container's process (this runtime
+    /// has no isolation to enter), with its environment and working directory.
+    async fn exec_stream(
+        &self,
+        _h: &ContainerHandle,
+        req: ExecRequest,
+    ) -> Result<ExecProcess, RuntimeError> {
+        let Some((prog, args)) = req.argv.split_first() else {
+            return Err(RuntimeError::Config("empty exec command".into()));
+        };
+        let mut cmd = tokio::process::Command::new(prog);
+        cmd.args(args)
+            .env_clear()
+            .envs(req.env.iter().map(|(k, v)| (k, v)))
+            .stdin(if req.stdin {
+                std::process::Stdio::piped()
+            } else {
+                std::process::Stdio::null()
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        if let Some(w) = &req.working_dir {
+            cmd.current_dir(w);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| RuntimeError::Start(format!("exec {prog:?}: {e}")))?;
+        let stdin = child
+            .stdin
+            .take()
+            .map(|s| Box::pin(s) as std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>);
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| RuntimeError::Start("exec: no stdout pipe".into()))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| RuntimeError::Start("exec: no stderr pipe".into()))?;
+        Ok(ExecProcess {
+            stdin,
+            stdout: Box::pin(stdout),
+            stderr: Some(Box::pin(stderr)),
+            exit: Box::pin(async move {
+                let s = child.wait().await?;
+                Ok(s.code().unwrap_or(128))
+            }),
+        })
     }
 
     async fn usage(&self, h: &ContainerHandle) -> Option<(u64, u64)> {

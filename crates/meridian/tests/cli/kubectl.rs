@@ -303,6 +303,59 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
     let out = fails(&demo, &["logs", &pod, "-c", "nope"]);
     assert!(out.contains("container nope is not valid"), "{out}");
 
+    // exec: output, error stream, exit code, standard input (process runtime: the
+    // command runs on the node with the container's environment); another tenant
+    // cannot reach the pod.
+    let run = |t: &Path, args: &[&str], input: &[u8]| {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(t)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(input).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(
+        &demo,
+        &[
+            "exec",
+            &pod,
+            "--",
+            "sh",
+            "-c",
+            "echo $POD_NAME; echo oops >&2; exit 3",
+        ],
+        b"",
+    );
+    assert_eq!(code, Some(3), "the command's exit code: {out} {err}");
+    assert_eq!(out.trim(), pod, "{err}");
+    assert!(err.contains("oops"), "{err}");
+    let input: String = (0..20_000).map(|i| format!("line {i}\n")).collect();
+    let (code, out, err) = run(
+        &demo,
+        &["exec", "-i", &pod, "--", "wc", "-l"],
+        input.as_bytes(),
+    );
+    assert_eq!((code, out.trim()), (Some(0), "20000"), "{err}");
+    let (code, _, err) = run(&demo, &["exec", &pod, "-c", "nope", "--", "true"], b"");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("container nope is not valid"), "{err}");
+    let (code, _, err) = run(&acme, &["exec", &pod, "--", "true"], b"");
+    assert_ne!(code, Some(0));
+    assert!(err.contains("not found"), "{err}");
+
     // scale and the rollout commands.
     let out = ok(&demo, &["scale", "deployment", "web", "--replicas=4"]);
     assert!(out.contains("scaled"), "{out}");
