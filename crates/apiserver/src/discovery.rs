@@ -126,7 +126,75 @@ fn group_json(name: &str, versions: &[&str]) -> Value {
     json!({"name": name, "versions": vs, "preferredVersion": vs[0]})
 }
 
-pub fn serve(segs: &[String], _headers: &HeaderMap) -> Result<Response, ApiError> {
+/// The media type of aggregated discovery (`kubectl` asks for it first).
+const AGGREGATED: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
+
+/// Aggregated discovery (apidiscovery.k8s.io/v2): every group, version and
+/// resource with its subresources in one document — `/api` for the core group,
+/// `/apis` for the rest — so kubectl needs one request instead of one per group.
+fn aggregated(core: bool) -> Value {
+    let groups: Vec<(&str, Vec<&str>)> = if core {
+        vec![("", vec!["v1"])]
+    } else {
+        groups().into_iter().collect()
+    };
+    let items: Vec<Value> = groups
+        .into_iter()
+        .map(|(group, versions)| {
+            let versions: Vec<Value> = versions
+                .into_iter()
+                .map(|version| {
+                    let list = resource_list(group, version).unwrap_or_default();
+                    let all = list["resources"].as_array().cloned().unwrap_or_default();
+                    let resources: Vec<Value> = all
+                        .iter()
+                        .filter(|r| !r["name"].as_str().unwrap_or("/").contains('/'))
+                        .map(|r| {
+                            let name = r["name"].as_str().unwrap_or_default();
+                            let prefix = format!("{name}/");
+                            let subs: Vec<Value> = all
+                                .iter()
+                                .filter_map(|s| {
+                                    let sub = s["name"].as_str()?.strip_prefix(&prefix)?;
+                                    Some(json!({"subresource": sub,
+                                        "responseKind": {"group": s.get("group").unwrap_or(&json!(group)),
+                                            "version": s.get("version").unwrap_or(&json!(version)),
+                                            "kind": s["kind"]},
+                                        "verbs": s["verbs"]}))
+                                })
+                                .collect();
+                            let scope = if r["namespaced"] == true { "Namespaced" } else { "Cluster" };
+                            json!({"resource": name,
+                                "responseKind": {"group": group, "version": version, "kind": r["kind"]},
+                                "scope": scope, "singularResource": r["singularName"],
+                                "verbs": r["verbs"], "shortNames": r["shortNames"],
+                                "categories": r["categories"], "subresources": subs})
+                        })
+                        .collect();
+                    json!({"version": version, "resources": resources, "freshness": "Current"})
+                })
+                .collect();
+            json!({"metadata": {"name": group}, "versions": versions})
+        })
+        .collect();
+    json!({"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2",
+        "metadata": {}, "items": items})
+}
+
+pub fn serve(segs: &[String], headers: &HeaderMap) -> Result<Response, ApiError> {
+    let wants_aggregated = headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("as=APIGroupDiscoveryList") && a.contains("v=v2"));
+    if wants_aggregated && matches!(segs, [one] if one == "api" || one == "apis") {
+        let body = aggregated(segs[0] == "api");
+        let mut r = json_response(StatusCode::OK, Bytes::from(body.to_string()));
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(AGGREGATED),
+        );
+        return Ok(r);
+    }
     let not_found = || {
         ApiError::new(
             Reason::NotFound,

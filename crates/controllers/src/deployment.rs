@@ -121,15 +121,50 @@ pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
         .await;
 }
 
-async fn scale(api: &Api<ReplicaSet>, rs: &ReplicaSet, n: i32) -> Result<(), kube::Error> {
-    if replicas(rs) == n {
+/// Sets a ReplicaSet's replicas and records a `ScalingReplicaSet` Event on the
+/// Deployment, as Kubernetes' controller does (`kubectl describe deployment`).
+async fn scale(
+    client: &kube::Client,
+    d: &Deployment,
+    api: &Api<ReplicaSet>,
+    rs: &ReplicaSet,
+    n: i32,
+) -> Result<(), kube::Error> {
+    let from = replicas(rs);
+    if from == n {
         return Ok(());
     }
     let name = rs.metadata.name.clone().unwrap_or_default();
     let patch = json!({"spec": {"replicas": n}});
     api.patch(&name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .map(|_| ())
+        .await?;
+    scaling_event(client, d, &name, from, n).await;
+    Ok(())
+}
+
+async fn scaling_event(client: &kube::Client, d: &Deployment, name: &str, from: i32, n: i32) {
+    let ns = d.metadata.namespace.as_deref().unwrap_or_default();
+    let ev = meridian_api::events::object_event(
+        "apps/v1",
+        "Deployment",
+        meridian_api::events::PodRef {
+            namespace: ns,
+            name: d.metadata.name.as_deref().unwrap_or_default(),
+            uid: d.metadata.uid.as_deref(),
+        },
+        "deployment-controller",
+        None,
+        false,
+        "ScalingReplicaSet",
+        &format!(
+            "Scaled {} replica set {name} from {from} to {n}",
+            if n > from { "up" } else { "down" }
+        ),
+    );
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::namespaced(client.clone(), ns);
+    if let Err(e) = events.create(&PostParams::default(), &ev).await {
+        tracing::debug!("event: {e}");
+    }
 }
 
 async fn reconcile(
@@ -194,6 +229,10 @@ async fn reconcile(
                 Err(e) => return Err(e),
             };
             tracing::info!(deployment = %name, replicaset = ?created.metadata.name, "new revision");
+            if first && want > 0 {
+                let rs_name = created.metadata.name.as_deref().unwrap_or_default();
+                scaling_event(client, d, rs_name, 0, want).await;
+            }
             created
         }
     };
@@ -231,13 +270,13 @@ async fn reconcile(
         let recreate = strategy.and_then(|s| s.type_.as_deref()) == Some("Recreate");
         if recreate {
             for r in &olds {
-                scale(&rs_api, r, 0).await?;
+                scale(client, d, &rs_api, r, 0).await?;
             }
             let olds_running = olds
                 .iter()
                 .any(|r| r.status.as_ref().is_some_and(|s| s.replicas > 0));
             if !olds_running {
-                scale(&rs_api, &new, want).await?;
+                scale(client, d, &rs_api, &new, want).await?;
             }
         } else {
             let ru = strategy.and_then(|s| s.rolling_update.as_ref());
@@ -254,7 +293,7 @@ async fn reconcile(
             } else {
                 (replicas(&new) + (want + surge - total).max(0)).min(want)
             };
-            scale(&rs_api, &new, new_target).await?;
+            scale(client, d, &rs_api, &new, new_target).await?;
             // Scale old ones down while availability stays above want - maxUnavailable.
             let min_available = want - unavailable;
             let all_available: i32 = olds.iter().map(available).sum::<i32>() + available(&new);
@@ -277,7 +316,7 @@ async fn reconcile(
                         "scaling down an old revision"
                     );
                     budget -= (cut - unready).max(0);
-                    scale(&rs_api, r, replicas(r) - cut).await?;
+                    scale(client, d, &rs_api, r, replicas(r) - cut).await?;
                 }
             }
         }

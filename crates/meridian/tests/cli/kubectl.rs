@@ -284,6 +284,10 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
         out.contains("Replicas:") && out.contains("3 desired"),
         "{out}"
     );
+    assert!(
+        out.contains("ScalingReplicaSet") && out.contains("Scaled up replica set web-"),
+        "the Deployment's events: {out}"
+    );
     let out = ok(&demo, &["describe", "pod", &running_web(&demo)[0].0]);
     assert!(out.contains("Events:") && out.contains("Started"), "{out}");
     let out = ok(&demo, &["get", "events"]);
