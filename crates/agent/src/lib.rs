@@ -550,6 +550,9 @@ async fn serve_exec(
         }))
     };
     let started = async {
+        if start.port != 0 {
+            return forward(&manager, &start).await;
+        }
         let (handle, mut req) = manager.exec_target(&start.uid, &start.container).await?;
         if start.command.is_empty() {
             return Err("a command is required".to_owned());
@@ -643,6 +646,26 @@ async fn serve_exec(
         Ok(code) => tx.send(end(code, String::new())).await,
         Err(e) => tx.send(end(126, e.to_string())).await,
     };
+}
+
+/// `kubectl port-forward`: a TCP connection to the pod's port, as an exec session
+/// whose input goes to the connection and whose output is what comes back. Pods
+/// share the node's network (see ARCHITECTURE.md), so the port is on loopback.
+async fn forward(manager: &PodManager, start: &ExecStart) -> Result<runtime::ExecProcess, String> {
+    if !manager.has_pod(&start.uid).await {
+        return Err(format!("pod {} is not on this node", start.uid));
+    }
+    let port = u16::try_from(start.port).map_err(|_| format!("invalid port {}", start.port))?;
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| format!("failed to connect to port {port} of the pod: {e}"))?;
+    let (read, write) = tcp.into_split();
+    Ok(runtime::ExecProcess {
+        stdin: Some(Box::pin(write)),
+        stdout: Box::pin(read),
+        stderr: None,
+        exit: Box::pin(async { Ok(0) }),
+    })
 }
 
 async fn serve_log(ctx: Arc<Ctx>, r: LogRequest, tx: mpsc::Sender<AgentMessage>) {

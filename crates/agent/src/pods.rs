@@ -251,6 +251,11 @@ impl PodManager {
         out
     }
 
+    /// Whether pod `uid` is one this agent runs.
+    pub async fn has_pod(&self, uid: &str) -> bool {
+        self.workers.lock().await.contains_key(uid)
+    }
+
     /// What `kubectl exec` needs to run a command in container `name` of pod `uid`
     /// (empty: the pod's only container): its handle and environment, or why not.
     pub async fn exec_target(

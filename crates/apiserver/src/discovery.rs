@@ -86,6 +86,10 @@ fn resource_list(group: &str, version: &str) -> Option<Value> {
                 json!({"name": "pods/exec", "singularName": "", "namespaced": true,
                 "kind": "PodExecOptions", "verbs": ["create", "get"]}),
             );
+            resources.push(
+                json!({"name": "pods/portforward", "singularName": "", "namespaced": true,
+                "kind": "PodPortForwardOptions", "verbs": ["create", "get"]}),
+            );
         }
         if r.plural == "tenants" {
             resources.push(

@@ -26,10 +26,10 @@ use crate::logs::{Located, internal, locate, unavailable};
 const PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
 
 /// Either side of the relay may be TLS or not (a region without TLS in tests).
-trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
-type RegionSocket = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
+pub(crate) type RegionSocket = tokio_tungstenite::WebSocketStream<Box<dyn Io>>;
 
 pub async fn serve(
     cx: &Ctx<'_>,
@@ -61,7 +61,7 @@ pub async fn serve(
     }
     // Checked before the protocol, so a client falling back to SPDY after a refused
     // upgrade (kubectl does) still hears why.
-    let at = locate(cx, "processes to exec into").await?;
+    let at = locate(cx, "processes to exec into", true).await?;
     let (Some(ws), Some(protocol)) = (ws, protocol) else {
         return Err(ApiError::bad_request(format!(
             "exec needs a WebSocket upgrade in the {PROTOCOLS:?} protocols (kubectl 1.30 or \
@@ -75,8 +75,8 @@ pub async fn serve(
         .on_upgrade(move |client| relay(client, region)))
 }
 
-/// Opens the region's exec WebSocket for the pod.
-async fn connect(
+/// Opens the region's exec WebSocket for the pod (a command, or `port=`).
+pub(crate) async fn connect(
     at: &Located,
     query: &[(String, String)],
     protocol: &str,

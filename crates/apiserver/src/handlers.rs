@@ -108,7 +108,7 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
     let path = parts.uri.path().to_owned();
     // `kubectl exec` upgrades to a WebSocket; the upgrade must be taken from the
     // request before anything else reads it.
-    let mut ws = if path.ends_with("/exec") {
+    let mut ws = if path.ends_with("/exec") || path.ends_with("/portforward") {
         use axum::extract::FromRequestParts;
         axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &())
             .await
@@ -213,8 +213,13 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
             query: query.clone(),
             headers: parts.headers.clone(),
         };
-        if cx.target.subresource.as_deref() == Some("exec") {
-            return crate::exec::serve(&cx, parts.uri.query().unwrap_or_default(), ws.take()).await;
+        match cx.target.subresource.as_deref() {
+            Some("exec") => {
+                let query = parts.uri.query().unwrap_or_default();
+                return crate::exec::serve(&cx, query, ws.take()).await;
+            }
+            Some("portforward") => return crate::portforward::serve(&cx, ws.take()).await,
+            _ => {}
         }
         run(&cx, v, body).await
     }
@@ -284,7 +289,7 @@ fn verb_of(method: &Method, t: &Target, q: &HashMap<String, String>) -> Result<V
         (&Method::POST, true)
             if matches!(
                 t.subresource.as_deref(),
-                Some("binding" | "token" | "eviction" | "exec")
+                Some("binding" | "token" | "eviction" | "exec" | "portforward")
             ) =>
         {
             Verb::Create

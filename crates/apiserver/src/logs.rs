@@ -57,8 +57,13 @@ pub(crate) struct Located {
 }
 
 /// Resolves the pod the request names (inside the caller's virtual cluster) and its
-/// `container` query parameter (empty: the pod's only container) to its region.
-pub(crate) async fn locate(cx: &Ctx<'_>, what: &str) -> Result<Located, ApiError> {
+/// `container` query parameter (empty: the pod's only container; checked only when
+/// `container_matters`) to its region.
+pub(crate) async fn locate(
+    cx: &Ctx<'_>,
+    what: &str,
+    container_matters: bool,
+) -> Result<Located, ApiError> {
     let snap = cx.state.cache.snapshot();
     let obj = snap.get(&cx.key()).ok_or_else(|| cx.not_found())?;
     let pod: Value = serde_json::from_slice(&obj.json)
@@ -69,7 +74,7 @@ pub(crate) async fn locate(cx: &Ctx<'_>, what: &str) -> Result<Located, ApiError
         .map(|a| a.iter().filter_map(|c| c["name"].as_str()).collect())
         .unwrap_or_default();
     let container = cx.query.get("container").cloned().unwrap_or_default();
-    if container.is_empty() && containers.len() > 1 {
+    if container_matters && container.is_empty() && containers.len() > 1 {
         return Err(ApiError::bad_request(format!(
             "a container name must be specified for pod {name}, choose one of: [{}]",
             containers.join(" ")
@@ -150,7 +155,7 @@ pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
         endpoint,
         token,
         regions_ca,
-    } = locate(cx, "logs").await?;
+    } = locate(cx, "logs", true).await?;
     let mut query: Vec<(&str, String)> = vec![("container", container)];
     for f in ["follow", "previous", "timestamps"] {
         if flag(cx, f) {

@@ -88,7 +88,9 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
         let ok = match sub.as_str() {
             "status" => target.resource.has_status,
             "scale" => target.resource.has_scale,
-            "binding" | "log" | "eviction" | "exec" => target.resource.plural == "pods",
+            "binding" | "log" | "eviction" | "exec" | "portforward" => {
+                target.resource.plural == "pods"
+            }
             "token" => target.resource.plural == "tenants",
             "finalize" => target.resource.plural == "namespaces",
             _ => false,

@@ -191,7 +191,7 @@ const NORMAL_CLOSE: axum::extract::ws::CloseFrame = axum::extract::ws::CloseFram
 /// The subprotocols spoken: each message is a channel byte then data.
 pub const EXEC_PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
 
-/// `GET /v1/exec/{uid}?container=&command=...&stdin=&tty=` (WebSocket, the
+/// `GET /v1/exec/{uid}?container=&command=...&stdin=&tty=` or `?port=` (WebSocket, the
 /// Kubernetes streaming protocol): runs the command on the pod's node through its
 /// agent stream and relays standard input, output and error; the exit status
 /// arrives on the error channel as a Kubernetes `Status`, as kubelet sends it.
@@ -218,11 +218,12 @@ async fn exec(
             "command" => start.command.push(v.into_owned()),
             "stdin" => start.stdin = v == "true" || v == "1",
             "tty" => start.tty = v == "true" || v == "1",
+            "port" => start.port = v.parse().unwrap_or(0),
             _ => {}
         }
     }
-    if start.command.is_empty() {
-        return error(StatusCode::BAD_REQUEST, "a command is required");
+    if start.command.is_empty() && start.port == 0 {
+        return error(StatusCode::BAD_REQUEST, "a command or a port is required");
     }
     let tx = match session_of(&shared, &uid, "") {
         Ok((_, tx)) => tx,

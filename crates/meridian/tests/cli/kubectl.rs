@@ -360,6 +360,98 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
     assert_ne!(code, Some(0));
     assert!(err.contains("not found"), "{err}");
 
+    // port-forward: kubectl's local port reaches a port of the pod through the
+    // API server, the region and the node's agent; a port nothing listens on is
+    // reported as kubectl reports it.
+    let www = dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let page: String = (0..20_000).map(|i| format!("row {i}\n")).collect();
+    std::fs::write(www.join("page.txt"), &page).unwrap();
+    let pod_port = super::free_port();
+    let manifest = serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "files"},
+        "spec": {"containers": [{"name": "httpd", "image": "busybox:1.36",
+            "command": ["busybox", "httpd", "-f", "-p", pod_port.to_string(), "-h", www.to_str().unwrap()]}]}});
+    let path = dir.path().join("files.json");
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    ok(&demo, &["apply", "-f", path.to_str().unwrap()]);
+    wait_for("the files pod runs", 60, || {
+        let p = get_json(&demo, &["pod", "files"]);
+        if p["status"]["phase"] == "Running" {
+            Ok(())
+        } else {
+            Err(p["status"].to_string())
+        }
+    })
+    .await;
+    let forward = |to: u16| {
+        let local = super::free_port();
+        let child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&demo)
+            .args(["port-forward", "pod/files", &format!("{local}:{to}")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        (super::Proc(child), local)
+    };
+    let get = |port: u16, path: &str| -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    };
+    let (pf, local) = forward(pod_port);
+    let mut body = None;
+    wait_for("the forwarded port answers", 30, || {
+        match get(local, "/page.txt") {
+            Some(r) if r.contains("200 OK") => {
+                body = Some(r);
+                Ok(())
+            }
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let body = body.unwrap();
+    assert!(
+        body.ends_with(&page),
+        "the whole page came through ({} bytes)",
+        body.len()
+    );
+    drop(pf);
+    let (mut pf, local) = forward(1);
+    // A connection held open until kubectl gives up on it.
+    wait_for("kubectl listens and tries the port", 30, || {
+        use std::io::Read;
+        let mut c =
+            std::net::TcpStream::connect(("127.0.0.1", local)).map_err(|e| e.to_string())?;
+        c.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let _ = c.read(&mut [0u8; 16]);
+        Ok(())
+    })
+    .await;
+    // The connection made it try: kubectl reports the failure and gives up.
+    let mut stderr = pf.0.stderr.take().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while pf.0.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = pf.0.kill();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+    assert!(
+        err.contains("error forwarding port 1 to pod files") && err.contains("refused"),
+        "{err}"
+    );
+
     // scale and the rollout commands.
     let out = ok(&demo, &["scale", "deployment", "web", "--replicas=4"]);
     assert!(out.contains("scaled"), "{out}");
