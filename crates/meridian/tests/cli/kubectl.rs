@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use super::{LogOnPanic, Reaper, example, get_json, kubectl, up, wait_for};
 
@@ -72,6 +73,14 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
     let (_up, demo) = up(dir.path()).await;
     let admin = dir.path().join("admin.kubeconfig");
     let acme = tenant(dir.path(), "acme");
+    // A container that fails at once: restarted, so `logs --previous` has
+    // something to show by the end of the suite.
+    let crash = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "crash"},
+        "spec": {"containers": [{"name": "c", "image": "busybox:1.36",
+            "command": ["sh", "-c", "echo attempt at $(date +%s%N); exit 1"]}]}}"#;
+    let crash_path = dir.path().join("crash.json");
+    std::fs::write(&crash_path, crash).unwrap();
+    ok(&demo, &["apply", "-f", crash_path.to_str().unwrap()]);
 
     // Discovery: short names, groups, our kinds.
     let out = ok(&demo, &["api-resources"]);
@@ -452,9 +461,34 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
         "{err}"
     );
 
-    // scale and the rollout commands.
+    // logs -f follows: the last line, then a new one the container writes later.
+    let (_follow, lines) = lines_of(&demo, &["logs", "-f", &pod, "--tail=1"]);
+    let first = lines
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a first line");
+    let next = lines
+        .recv_timeout(Duration::from_secs(20))
+        .expect("a followed line");
+    assert!(next.contains("alive"), "{first} / {next}");
+
+    // scale, watched with get -w, and the rollout commands.
+    let (_watch, watched) = lines_of(&demo, &["get", "pods", "-l", "app=web", "-w", "-o", "name"]);
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 3 {
+        seen.insert(
+            watched
+                .recv_timeout(Duration::from_secs(20))
+                .expect("the listed pods"),
+        );
+    }
     let out = ok(&demo, &["scale", "deployment", "web", "--replicas=4"]);
     assert!(out.contains("scaled"), "{out}");
+    while seen.len() < 4 {
+        let line = watched
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the watch shows the new pod");
+        seen.insert(line);
+    }
     ok(
         &demo,
         &["rollout", "status", "deployment", "web", "--timeout=90s"],
@@ -517,7 +551,13 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
     let node = running_web(&demo)[0].1.clone();
     let out = fails(
         &admin,
-        &["drain", &node, "--ignore-daemonsets", "--timeout=20s"],
+        &[
+            "drain",
+            &node,
+            "--ignore-daemonsets",
+            "--pod-selector=app=web",
+            "--timeout=20s",
+        ],
     );
     assert!(
         out.contains("protected"),
@@ -530,7 +570,13 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
     ok(&demo, &["delete", "riskpolicy", "keep-web"]);
     let out = ok(
         &admin,
-        &["drain", &node, "--ignore-daemonsets", "--timeout=60s"],
+        &[
+            "drain",
+            &node,
+            "--ignore-daemonsets",
+            "--pod-selector=app=web",
+            "--timeout=60s",
+        ],
     );
     assert!(out.contains("evicted") && out.contains("drained"), "{out}");
     wait_for("web pods back to 4, none on the drained node", 90, || {
@@ -586,4 +632,63 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
     assert_eq!(running_web(&demo).len(), 4, "demo's pods are untouched");
     let out = names(&ok(&demo, &["get", "replicasets", "-o", "name"]));
     assert_eq!(out.len(), 2, "demo keeps its two revisions: {out:?}");
+
+    // describe works for every kind, for tenants and the admin.
+    for kind in [
+        "pods",
+        "deployments",
+        "replicasets",
+        "daemonsets",
+        "jobs",
+        "services",
+        "configmaps",
+        "secrets",
+        "events",
+        "leases",
+        "namespaces",
+        "nodes",
+        "placementpolicies",
+        "riskpolicies",
+        "imageprepulls",
+    ] {
+        ok(&demo, &["describe", kind]);
+    }
+    for kind in ["tenants", "edgeclusters", "nodes"] {
+        let out = ok(&admin, &["describe", kind]);
+        assert!(out.contains("Name:"), "describe {kind}: {out}");
+    }
+    ok(&admin, &["describe", "clusterriskpolicies"]);
+    let out = ok(&admin, &["describe", "edgecluster", "eu-west"]);
+    assert!(out.contains("Endpoint"), "{out}");
+
+    // logs --previous: the crashed container's last attempt.
+    let out = ok(&demo, &["logs", "crash", "--previous"]);
+    assert!(out.contains("attempt at"), "{out}");
+    let restarts =
+        &get_json(&demo, &["pod", "crash"])["status"]["containerStatuses"][0]["restartCount"];
+    assert!(restarts.as_i64().unwrap_or(0) >= 1, "{restarts}");
+}
+
+/// Starts kubectl and hands its output line by line (the process ends on drop).
+fn lines_of(kubeconfig: &Path, args: &[&str]) -> (super::Proc, std::sync::mpsc::Receiver<String>) {
+    use std::io::BufRead;
+    let mut child = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (super::Proc(child), rx)
 }
