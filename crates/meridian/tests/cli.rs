@@ -914,6 +914,38 @@ async fn meridian_up_with_containerd_runs_the_container_example() {
     assert!(out.contains("command terminated with exit code 4"), "{out}");
     let (ok, out) = kubectl(&kc, &["exec", "-i", &pod, "--", "cat"]);
     assert!(!ok && out.contains("without standard input"), "{out}");
+    // kubectl port-forward reaches the container's port through the node's agent.
+    let local = free_port();
+    let _pf = Proc(
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args([
+                "port-forward",
+                &format!("pod/{pod}"),
+                &format!("{local}:18080"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("the container answers through port-forward", 30, || {
+        use std::io::{Read, Write};
+        let mut s =
+            std::net::TcpStream::connect(("127.0.0.1", local)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+            .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        if out.contains("hello from a container on paris-1") {
+            Ok(())
+        } else {
+            Err(out)
+        }
+    })
+    .await;
     // An ImagePrePull warms Paris; kubectl shows how far it got.
     let (ok, out) = kubectl(&kc, &["apply", "-f", &example("image-prepull.yaml")]);
     assert!(ok, "{out}");
