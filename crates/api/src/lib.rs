@@ -3,6 +3,7 @@
 //! kinds in `meridian.io/v1alpha1`. No I/O and no async here.
 
 pub mod cron;
+pub mod defaults;
 pub mod duration;
 pub mod error;
 pub mod events;

@@ -66,6 +66,19 @@ fn typed<T: DeserializeOwned + Serialize>(
     serde_json::to_value(&t).map_err(|e| e.to_string())
 }
 
+/// `typed`, with Kubernetes' defaults applied before the checks.
+fn defaulted<T: DeserializeOwned + Serialize>(
+    value: Value,
+    causes: &mut Vec<Cause>,
+    default: fn(&mut T),
+    check: impl Fn(&T, &mut Vec<Cause>),
+) -> Result<Value, String> {
+    let mut t: T = serde_json::from_value(value).map_err(|e| e.to_string())?;
+    default(&mut t);
+    check(&t, causes);
+    serde_json::to_value(&t).map_err(|e| e.to_string())
+}
+
 fn check_pod(p: &Pod, c: &mut Vec<Cause>) {
     match &p.spec {
         Some(spec) => v::check_pod_spec(spec, "spec", c),
@@ -264,7 +277,7 @@ pub static RESOURCES: &[Resource] = &[
             "status.podIP",
             "status.nominatedNodeName",
         ],
-        normalize: |v, c| typed::<Pod>(v, c, check_pod),
+        normalize: |v, c| defaulted::<Pod>(v, c, crate::defaults::pod, check_pod),
         schema: |g| g.subschema_for::<Pod>(),
         ..COMMON
     },
@@ -288,7 +301,7 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &["svc"],
         has_status: true,
         name_rule: NameRule::Dns1035,
-        normalize: |v, c| typed::<Service>(v, c, check_service),
+        normalize: |v, c| defaulted::<Service>(v, c, crate::defaults::service, check_service),
         schema: |g| g.subschema_for::<Service>(),
         ..COMMON
     },
@@ -340,7 +353,9 @@ pub static RESOURCES: &[Resource] = &[
         short_names: &["deploy"],
         has_status: true,
         has_scale: true,
-        normalize: |v, c| typed::<Deployment>(v, c, check_deployment),
+        normalize: |v, c| {
+            defaulted::<Deployment>(v, c, crate::defaults::deployment, check_deployment)
+        },
         schema: |g| g.subschema_for::<Deployment>(),
         ..COMMON
     },
@@ -353,7 +368,9 @@ pub static RESOURCES: &[Resource] = &[
         has_status: true,
         has_scale: true,
         fields: &["status.replicas"],
-        normalize: |v, c| typed::<ReplicaSet>(v, c, check_replicaset),
+        normalize: |v, c| {
+            defaulted::<ReplicaSet>(v, c, crate::defaults::replicaset, check_replicaset)
+        },
         schema: |g| g.subschema_for::<ReplicaSet>(),
         ..COMMON
     },
@@ -364,7 +381,7 @@ pub static RESOURCES: &[Resource] = &[
         singular: "daemonset",
         short_names: &["ds"],
         has_status: true,
-        normalize: |v, c| typed::<DaemonSet>(v, c, check_daemonset),
+        normalize: |v, c| defaulted::<DaemonSet>(v, c, crate::defaults::daemonset, check_daemonset),
         schema: |g| g.subschema_for::<DaemonSet>(),
         ..COMMON
     },
@@ -375,7 +392,7 @@ pub static RESOURCES: &[Resource] = &[
         singular: "job",
         has_status: true,
         fields: &["status.successful"],
-        normalize: |v, c| typed::<Job>(v, c, check_job),
+        normalize: |v, c| defaulted::<Job>(v, c, crate::defaults::job, check_job),
         schema: |g| g.subschema_for::<Job>(),
         ..COMMON
     },

@@ -175,6 +175,8 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
         &[
             "get",
             "pods",
+            "-l",
+            "app=web",
             "--field-selector",
             &format!("spec.nodeName={node}"),
             "-o",
