@@ -912,8 +912,32 @@ async fn meridian_up_with_containerd_runs_the_container_example() {
     let (ok, out) = kubectl(&kc, &["exec", &pod, "--", "sh", "-c", "ls /www; exit 4"]);
     assert!(!ok && out.contains("index.html"), "{out}");
     assert!(out.contains("command terminated with exit code 4"), "{out}");
-    let (ok, out) = kubectl(&kc, &["exec", "-i", &pod, "--", "cat"]);
-    assert!(!ok && out.contains("without standard input"), "{out}");
+    // An interactive session (-i): containerd's streaming exec.
+    let mut sh = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args(["exec", "-i", &pod, "--", "sh"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = sh.stdin.take().unwrap();
+        stdin
+            .write_all(b"echo from-$(cat /www/index.html | wc -l)-lines\nexit 5\n")
+            .unwrap();
+    }
+    let out = sh.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.trim(), "from-1-lines");
     // kubectl port-forward reaches the container's port through the node's agent.
     let local = free_port();
     let _pf = Proc(

@@ -137,6 +137,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   sandbox_image = "{sandbox_image}"
   restrict_oom_score_adj = true
   enable_cdi = false
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  enable_tls_streaming = false
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "{hosts}"
 "#,
@@ -145,6 +148,22 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         socket = private_socket(dir).display(),
         hosts = hosts_dir.display(),
     )
+}
+
+/// The exit code in the `Status` a streaming server sends when a command ends
+/// (`Success`, or `NonZeroExitCode` with the code as a cause).
+fn exit_code(status: &[u8]) -> i32 {
+    let v: serde_json::Value = serde_json::from_slice(status).unwrap_or_default();
+    if v["status"] == "Success" {
+        return 0;
+    }
+    v["details"]["causes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["reason"] == "ExitCode")
+        .and_then(|c| c["message"].as_str()?.parse().ok())
+        .unwrap_or(1)
 }
 
 /// The socket of the private containerd in `dir`.
@@ -263,6 +282,102 @@ impl ContainerdRuntime {
         }
         self.mirrors = Some(mirrors);
         self
+    }
+
+    /// CRI `Exec` through containerd's streaming server (see `exec_stream`).
+    async fn exec_streaming(
+        &self,
+        handle: &ContainerHandle,
+        req: ExecRequest,
+    ) -> Result<ExecProcess, RuntimeError> {
+        use futures::{SinkExt, StreamExt};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            RuntimeError::Start(format!("exec: {what}: {e}"))
+        };
+        let url = self
+            .rt()
+            .exec(req_(cri::ExecRequest {
+                container_id: handle.id.clone(),
+                cmd: req.argv,
+                tty: req.tty,
+                stdin: true,
+                stdout: true,
+                stderr: !req.tty,
+            }))
+            .await
+            .map_err(|e| RuntimeError::Start(status_err("exec", e)))?
+            .into_inner()
+            .url;
+        let authority = url
+            .split("://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .ok_or_else(|| fail("streaming URL", &url))?
+            .to_owned();
+        let mut request = url
+            .replacen("http://", "ws://", 1)
+            .into_client_request()
+            .map_err(|e| fail("streaming URL", &e))?;
+        request.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            tokio_tungstenite::tungstenite::http::HeaderValue::from_static("v4.channel.k8s.io"),
+        );
+        let tcp = tokio::net::TcpStream::connect(&authority)
+            .await
+            .map_err(|e| fail("streaming server", &e))?;
+        let (ws, _) = tokio_tungstenite::client_async(request, tcp)
+            .await
+            .map_err(|e| fail("streaming server", &e))?;
+        let (mut ws_tx, mut ws_rx) = ws.split();
+        let (stdin_w, mut stdin_r) = tokio::io::duplex(64 * 1024);
+        let (mut out_w, out_r) = tokio::io::duplex(64 * 1024);
+        let (mut err_w, err_r) = tokio::io::duplex(64 * 1024);
+        let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<i32>();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 32 * 1024];
+            let mut stdin_open = true;
+            let mut code = 0;
+            loop {
+                tokio::select! {
+                    n = stdin_r.read(&mut buf), if stdin_open => match n {
+                        Ok(0) | Err(_) => stdin_open = false,
+                        Ok(n) => {
+                            let mut f = Vec::with_capacity(n + 1);
+                            f.push(0);
+                            f.extend_from_slice(&buf[..n]);
+                            if ws_tx.send(Message::Binary(f.into())).await.is_err() {
+                                break;
+                            }
+                        }
+                    },
+                    m = ws_rx.next() => match m {
+                        Some(Ok(Message::Binary(b))) => match b.first() {
+                            Some(1) => { let _ = out_w.write_all(&b[1..]).await; }
+                            Some(2) => { let _ = err_w.write_all(&b[1..]).await; }
+                            Some(3) if b.len() > 1 => code = exit_code(&b[1..]),
+                            _ => {}
+                        },
+                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                        Some(Ok(_)) => {}
+                    },
+                }
+            }
+            drop(out_w);
+            drop(err_w);
+            let _ = exit_tx.send(code);
+        });
+        Ok(ExecProcess {
+            stdin: Some(Box::pin(stdin_w)),
+            stdout: Box::pin(out_r),
+            stderr: Some(Box::pin(err_r)),
+            exit: Box::pin(async move {
+                exit_rx
+                    .await
+                    .map_err(|_| RuntimeError::Start("exec session ended".into()))
+            }),
+        })
     }
 
     fn rt(&self) -> RuntimeServiceClient<Channel> {
@@ -844,21 +959,20 @@ impl Runtime for ContainerdRuntime {
         Ok(r.into_inner().exit_code)
     }
 
-    /// Runs the command in the container through CRI `ExecSync` (inside its
-    /// namespaces, as the image's user): output arrives when the command ends, and
-    /// there is no standard input — interactive sessions (`kubectl exec -i/-t`)
-    /// are refused with a message saying so.
+    /// Runs the command in the container (inside its namespaces, as the image's
+    /// user). Without standard input: CRI `ExecSync`, output when the command ends.
+    /// With it (`kubectl exec -i/-t`): CRI `Exec`, whose streaming URL on
+    /// containerd's loopback streaming server is opened as a WebSocket in the
+    /// `v4.channel.k8s.io` protocol; with `-t` containerd gives the command a
+    /// terminal. (v4 has no way to close standard input alone: a command that
+    /// reads to EOF, rather than a shell told `exit`, waits until the session ends.)
     async fn exec_stream(
         &self,
         handle: &ContainerHandle,
         req: ExecRequest,
     ) -> Result<ExecProcess, RuntimeError> {
         if req.stdin || req.tty {
-            return Err(RuntimeError::Config(
-                "the containerd runtime runs kubectl exec without standard input or a terminal \
-                 (drop -i/-t)"
-                    .into(),
-            ));
+            return self.exec_streaming(handle, req).await;
         }
         const EXEC_TIMEOUT: Duration = Duration::from_secs(600);
         let r = self
