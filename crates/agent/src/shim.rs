@@ -80,6 +80,41 @@ fn write_exit(dir: &Path, exit: &Exit) {
     }
 }
 
+/// `meridian shim-tty TTY -- COMMAND...` (`kubectl exec -t` on the process
+/// runtime): becomes a session leader, opens the terminal `TTY` — which makes it
+/// the controlling terminal — as standard input, output and error, and replaces
+/// itself with the command. Returns only if that fails.
+pub fn tty_main(args: &[String]) -> i32 {
+    use std::os::unix::process::CommandExt;
+    let (Some(tty), Some("--"), Some(prog)) =
+        (args.first(), args.get(1).map(String::as_str), args.get(2))
+    else {
+        eprintln!("usage: meridian shim-tty TTY -- COMMAND [ARG...]");
+        return 2;
+    };
+    if let Err(e) = nix::unistd::setsid() {
+        eprintln!("meridian shim-tty: setsid: {e}");
+        return 126;
+    }
+    let open = || std::fs::OpenOptions::new().read(true).write(true).open(tty);
+    let (Ok(a), Ok(b), Ok(c)) = (open(), open(), open()) else {
+        eprintln!("meridian shim-tty: cannot open {tty}");
+        return 126;
+    };
+    let e = Command::new(prog)
+        .args(&args[3..])
+        .stdin(a)
+        .stdout(b)
+        .stderr(c)
+        .exec();
+    // The terminal is our stderr no longer; say it where the user looks.
+    if let Ok(mut t) = std::fs::OpenOptions::new().write(true).open(tty) {
+        use std::io::Write;
+        let _ = writeln!(t, "exec {prog:?}: {e}");
+    }
+    127
+}
+
 /// Runs the shim; returns the process exit code.
 pub fn main(args: &[String]) -> i32 {
     let args = match parse(args) {

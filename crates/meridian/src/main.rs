@@ -147,6 +147,9 @@ fn main() -> Result<()> {
     if argv.get(1).map(String::as_str) == Some("shim") {
         std::process::exit(meridian_agent::shim::main(&argv[2..]));
     }
+    if argv.get(1).map(String::as_str) == Some("shim-tty") {
+        std::process::exit(meridian_agent::shim::tty_main(&argv[2..]));
+    }
     let cli = Cli::parse();
     // An agent is a small process: one thread is plenty.
     let rt = if matches!(cli.command, Command::Agent(_)) {

@@ -331,6 +331,9 @@ impl Runtime for ProcessRuntime {
         let Some((prog, args)) = req.argv.split_first() else {
             return Err(RuntimeError::Config("empty exec command".into()));
         };
+        if req.tty {
+            return exec_on_terminal(&self.shim_exe, prog, args, &req);
+        }
         let mut cmd = tokio::process::Command::new(prog);
         cmd.args(args)
             .env_clear()
@@ -422,4 +425,54 @@ fn parent_of(pid: u32) -> Option<u32> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// `kubectl exec -t`: the command on a new pseudo-terminal. `meridian shim-tty`
+/// makes itself a session leader, opens the terminal (which makes it the
+/// controlling one) as its standard streams and becomes the command; input and
+/// output go through the terminal's master side.
+fn exec_on_terminal(
+    shim: &Path,
+    prog: &str,
+    args: &[String],
+    req: &ExecRequest,
+) -> Result<ExecProcess, RuntimeError> {
+    let pty = nix::pty::openpty(None, None)
+        .map_err(|e| RuntimeError::Start(format!("exec: no terminal: {e}")))?;
+    let tty = nix::unistd::ttyname(&pty.slave)
+        .map_err(|e| RuntimeError::Start(format!("exec: terminal name: {e}")))?;
+    let mut cmd = tokio::process::Command::new(shim);
+    cmd.arg("shim-tty")
+        .arg(&tty)
+        .arg("--")
+        .arg(prog)
+        .args(args)
+        .env_clear()
+        .envs(req.env.iter().map(|(k, v)| (k, v)))
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(w) = &req.working_dir {
+        cmd.current_dir(w);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| RuntimeError::Start(format!("exec {prog:?}: {e}")))?;
+    // Only the command holds the terminal open now: when it is gone, reading the
+    // master fails (EIO), which ends the output.
+    drop(pty.slave);
+    let master = std::fs::File::from(pty.master);
+    let writer = tokio::fs::File::from_std(master.try_clone()?);
+    let reader = tokio::fs::File::from_std(master);
+    Ok(ExecProcess {
+        stdin: Some(Box::pin(writer)),
+        stdout: Box::pin(reader),
+        stderr: None,
+        exit: Box::pin(async move {
+            let s = child.wait().await?;
+            Ok(s.code().unwrap_or(128))
+        }),
+    })
 }

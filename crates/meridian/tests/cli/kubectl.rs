@@ -364,6 +364,39 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
         input.as_bytes(),
     );
     assert_eq!((code, out.trim()), (Some(0), "20000"), "{err}");
+    // -t: the command gets a terminal (kubectl needs one too: `script` gives it).
+    let kc = demo.to_str().unwrap();
+    let (code, out, err) = {
+        use std::io::Write;
+        let mut child = Command::new("script")
+            .args([
+                "-qec",
+                &format!("kubectl --kubeconfig {kc} exec -it {pod} -- sh"),
+                "/dev/null",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"tty; exit 7\n")
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(7), "{out} {err}");
+    assert!(
+        out.contains("/dev/pts/"),
+        "the shell runs on a terminal: {out}"
+    );
     let (code, _, err) = run(&demo, &["exec", &pod, "-c", "nope", "--", "true"], b"");
     assert_ne!(code, Some(0));
     assert!(err.contains("container nope is not valid"), "{err}");
