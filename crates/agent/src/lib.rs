@@ -580,6 +580,7 @@ async fn serve_exec(
         stdout,
         stderr,
         exit,
+        resize,
     } = p;
     // Standard input is written by its own task, so a command that fills its
     // output pipe while we wait to write its input cannot stall the session.
@@ -591,6 +592,9 @@ async fn serve_exec(
             tokio::select! {
                 i = input.recv() => match i {
                     Some(i) => {
+                        if i.width > 0 && i.height > 0 && let Some(r) = &resize {
+                            r(i.width.min(u16::MAX.into()) as u16, i.height.min(u16::MAX.into()) as u16);
+                        }
                         if let Some(w) = stdin.as_mut()
                             && !i.data.is_empty()
                             && w.write_all(&i.data).await.is_err()
@@ -665,6 +669,7 @@ async fn forward(manager: &PodManager, start: &ExecStart) -> Result<runtime::Exe
         stdout: Box::pin(read),
         stderr: None,
         exit: Box::pin(async { Ok(0) }),
+        resize: None,
     })
 }
 

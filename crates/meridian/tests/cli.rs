@@ -938,6 +938,34 @@ async fn meridian_up_with_containerd_runs_the_container_example() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(text.trim(), "from-1-lines");
+    // With a terminal (-t, through script(1)): containerd gives the shell one, and
+    // kubectl's size reaches it.
+    let mut sh = Command::new("script")
+        .args([
+            "-qec",
+            &format!(
+                "stty cols 90 rows 20; kubectl --kubeconfig {} exec -it {pod} -- sh",
+                kc.display()
+            ),
+            "/dev/null",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = sh.stdin.take().unwrap();
+        stdin.write_all(b"tty; stty size; exit 6\n").unwrap();
+    }
+    let out = sh.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(6), "{text}");
+    assert!(
+        text.contains("/dev/pts/") && text.contains("20 90"),
+        "{text}"
+    );
     // kubectl port-forward reaches the container's port through the node's agent.
     let local = free_port();
     let _pf = Proc(

@@ -179,6 +179,7 @@ async fn logs(
 /// The channels of the Kubernetes streaming protocol (v4/v5.channel.k8s.io).
 const STDIN: u8 = 0;
 const ERROR: u8 = 3;
+const RESIZE: u8 = 4;
 /// v5: `[255, channel]` closes that channel (stdin's EOF).
 const CLOSE: u8 = 255;
 
@@ -315,7 +316,12 @@ async fn relay_exec(
                     let msg = match b.first() {
                         Some(&STDIN) => Some(ExecInput { session_id: id, data: b[1..].to_vec(), ..Default::default() }),
                         Some(&CLOSE) if b.get(1) == Some(&STDIN) => Some(ExecInput { session_id: id, eof: true, ..Default::default() }),
-                        _ => None, // resize and the rest: nothing to do here
+                        Some(&RESIZE) => {
+                            let size: serde_json::Value = serde_json::from_slice(&b[1..]).unwrap_or_default();
+                            let dim = |k: &str| size[k].as_u64().unwrap_or(0).min(u16::MAX.into()) as u32;
+                            Some(ExecInput { session_id: id, width: dim("Width"), height: dim("Height"), ..Default::default() })
+                        }
+                        _ => None,
                     };
                     if let Some(i) = msg
                         && tx.send(input(i)).await.is_err()

@@ -335,6 +335,7 @@ impl ContainerdRuntime {
         let (mut out_w, out_r) = tokio::io::duplex(64 * 1024);
         let (mut err_w, err_r) = tokio::io::duplex(64 * 1024);
         let (exit_tx, exit_rx) = tokio::sync::oneshot::channel::<i32>();
+        let (size_tx, mut size_rx) = tokio::sync::mpsc::unbounded_channel::<(u16, u16)>();
         tokio::spawn(async move {
             let mut buf = vec![0u8; 32 * 1024];
             let mut stdin_open = true;
@@ -352,6 +353,15 @@ impl ContainerdRuntime {
                             }
                         }
                     },
+                    Some((cols, rows)) = size_rx.recv() => {
+                        let mut f = vec![4];
+                        f.extend_from_slice(
+                            serde_json::json!({"Width": cols, "Height": rows}).to_string().as_bytes(),
+                        );
+                        if ws_tx.send(Message::Binary(f.into())).await.is_err() {
+                            break;
+                        }
+                    }
                     m = ws_rx.next() => match m {
                         Some(Ok(Message::Binary(b))) => match b.first() {
                             Some(1) => { let _ = out_w.write_all(&b[1..]).await; }
@@ -376,6 +386,11 @@ impl ContainerdRuntime {
                 exit_rx
                     .await
                     .map_err(|_| RuntimeError::Start("exec session ended".into()))
+            }),
+            resize: req.tty.then(|| {
+                Box::new(move |cols, rows| {
+                    let _ = size_tx.send((cols, rows));
+                }) as Box<dyn Fn(u16, u16) + Send>
             }),
         })
     }
@@ -994,6 +1009,7 @@ impl Runtime for ContainerdRuntime {
             stdout: Box::pin(std::io::Cursor::new(r.stdout)),
             stderr: Some(Box::pin(std::io::Cursor::new(r.stderr))),
             exit: Box::pin(async move { Ok(code) }),
+            resize: None,
         })
     }
 

@@ -184,6 +184,8 @@ pub struct ExecProcess {
     pub stderr: Option<std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>>,
     /// Resolves to the exit code once the command has ended.
     pub exit: futures::future::BoxFuture<'static, Result<i32, RuntimeError>>,
+    /// Sets the terminal's size (columns, rows), when the command has one.
+    pub resize: Option<Box<dyn Fn(u16, u16) + Send>>,
 }
 
 #[async_trait]

@@ -368,10 +368,8 @@ impl Runtime for ProcessRuntime {
             stdin,
             stdout: Box::pin(stdout),
             stderr: Some(Box::pin(stderr)),
-            exit: Box::pin(async move {
-                let s = child.wait().await?;
-                Ok(s.code().unwrap_or(128))
-            }),
+            exit: exit_of(child),
+            resize: None,
         })
     }
 
@@ -457,7 +455,7 @@ fn exec_on_terminal(
     if let Some(w) = &req.working_dir {
         cmd.current_dir(w);
     }
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .map_err(|e| RuntimeError::Start(format!("exec {prog:?}: {e}")))?;
     // Only the command holds the terminal open now: when it is gone, reading the
@@ -465,14 +463,31 @@ fn exec_on_terminal(
     drop(pty.slave);
     let master = std::fs::File::from(pty.master);
     let writer = tokio::fs::File::from_std(master.try_clone()?);
+    let sizer = master.try_clone()?;
     let reader = tokio::fs::File::from_std(master);
     Ok(ExecProcess {
         stdin: Some(Box::pin(writer)),
         stdout: Box::pin(reader),
         stderr: None,
-        exit: Box::pin(async move {
-            let s = child.wait().await?;
-            Ok(s.code().unwrap_or(128))
-        }),
+        exit: exit_of(child),
+        resize: Some(Box::new(move |cols, rows| {
+            let size = rustix::termios::Winsize {
+                ws_row: rows,
+                ws_col: cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let _ = rustix::termios::tcsetwinsize(&sizer, size);
+        })),
+    })
+}
+
+/// The exit code of `child` once it has ended (128 when a signal ended it).
+fn exit_of(
+    mut child: tokio::process::Child,
+) -> futures::future::BoxFuture<'static, Result<i32, RuntimeError>> {
+    Box::pin(async move {
+        let s = child.wait().await?;
+        Ok(s.code().unwrap_or(128))
     })
 }

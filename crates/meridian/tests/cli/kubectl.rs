@@ -371,7 +371,7 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
         let mut child = Command::new("script")
             .args([
                 "-qec",
-                &format!("kubectl --kubeconfig {kc} exec -it {pod} -- sh"),
+                &format!("stty cols 100 rows 30; kubectl --kubeconfig {kc} exec -it {pod} -- sh"),
                 "/dev/null",
             ])
             .stdin(std::process::Stdio::piped())
@@ -383,7 +383,7 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
             .stdin
             .take()
             .unwrap()
-            .write_all(b"tty; exit 7\n")
+            .write_all(b"tty; stty size; exit 7\n")
             .unwrap();
         let out = child.wait_with_output().unwrap();
         (
@@ -396,6 +396,10 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
     assert!(
         out.contains("/dev/pts/"),
         "the shell runs on a terminal: {out}"
+    );
+    assert!(
+        out.contains("30 100"),
+        "kubectl's terminal size reaches it: {out}"
     );
     let (code, _, err) = run(&demo, &["exec", &pod, "-c", "nope", "--", "true"], b"");
     assert_ne!(code, Some(0));
