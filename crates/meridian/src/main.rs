@@ -316,6 +316,7 @@ async fn up(up: UpArgs) -> Result<()> {
         edge::DEMO_HELLO_NODE
     );
     println!("  kubectl logs -f hello");
+    println!("  kubectl exec -it hello -- sh        # a shell beside it, through its region");
     if containerd.is_some() {
         println!(
             "  kubectl apply -f {}   # real containers from meridian.local/busybox:1",
