@@ -93,7 +93,7 @@ pub const RTT_BUCKET_MS: f64 = 5.0;
 
 /// Orders the probed candidates best first: reachable (loss below half) before
 /// lossy, then median RTT (in [`RTT_BUCKET_MS`] buckets), then load, then p90
-/// (bucketed too), then the shortlist order (nearest first). Regions that are no longer open, or that the node
+/// (in buckets four times as wide), then the shortlist order (nearest first). Regions that are no longer open, or that the node
 /// could not reach at all, are dropped. Returns (region, explanation) pairs.
 pub fn rank(
     candidates: &[Candidate],
@@ -121,9 +121,12 @@ pub fn rank(
         );
         scored.push((
             p.loss >= 0.5,
-            (p.median_ms / RTT_BUCKET_MS).round() as i64,
+            // Floor, not round: sub-millisecond loopback probes jittering to 3 ms
+            // on a busy machine must not land in another bucket.
+            (p.median_ms / RTT_BUCKET_MS).floor() as i64,
             r.load(),
-            (p.p90_ms / RTT_BUCKET_MS).round(),
+            // p90 is the noisier signal: only a jitter of 20 ms or more counts.
+            (p.p90_ms / (4.0 * RTT_BUCKET_MS)).floor(),
             i,
             c.clone(),
             why,
