@@ -15,6 +15,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+/// What a hollow node says to logs and exec requests.
+const SIMULATED: &str = "this is a simulated node: its pods run nothing, so there are no logs and no processes to exec into";
+
 #[derive(Default)]
 pub struct HollowStats {
     pub registered: AtomicU64,
@@ -159,6 +162,15 @@ async fn session(
                         let results = p.images.into_iter().map(|image| meridian_proto::ImagePullResult { image, error: String::new() }).collect();
                         let done = meridian_proto::ImagesPulled { id: p.id, results };
                         tx.send(AgentMessage { msg: Some(agent_message::Msg::ImagesPulled(done)) }).await.map_err(|_| "closed")?;
+                    }
+                    // Nothing runs here: logs and exec get an answer saying so, at once.
+                    Some(region_message::Msg::LogRequest(r)) => {
+                        let chunk = meridian_proto::LogChunk { request_id: r.request_id, data: Vec::new(), eof: true, error: SIMULATED.into() };
+                        tx.send(AgentMessage { msg: Some(agent_message::Msg::LogChunk(chunk)) }).await.map_err(|_| "closed")?;
+                    }
+                    Some(region_message::Msg::ExecStart(e)) => {
+                        let out = meridian_proto::ExecOutput { session_id: e.session_id, exited: true, exit_code: 126, error: SIMULATED.into(), ..Default::default() };
+                        tx.send(AgentMessage { msg: Some(agent_message::Msg::ExecOutput(out)) }).await.map_err(|_| "closed")?;
                     }
                     _ => {}
                 }

@@ -364,6 +364,29 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
         input.as_bytes(),
     );
     assert_eq!((code, out.trim()), (Some(0), "20000"), "{err}");
+    // A pod on a simulated node: logs and exec say at once that nothing runs there.
+    let ghost = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ghost"},
+        "spec": {"nodeName": "sim-seoul-gpu", "containers": [{"name": "c", "image": "busybox:1.36",
+            "command": ["sleep", "3600"]}]}}"#;
+    let ghost_path = dir.path().join("ghost.json");
+    std::fs::write(&ghost_path, ghost).unwrap();
+    ok(&demo, &["apply", "-f", ghost_path.to_str().unwrap()]);
+    wait_for("the ghost pod is Running", 30, || {
+        let p = get_json(&demo, &["pod", "ghost"]);
+        if p["status"]["phase"] == "Running" {
+            Ok(())
+        } else {
+            Err(p["status"].to_string())
+        }
+    })
+    .await;
+    let (code, _, err) = run(&demo, &["exec", "ghost", "--", "true"], b"");
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("simulated node"), "{err}");
+    let out = fails(&demo, &["logs", "ghost"]);
+    assert!(out.contains("simulated node"), "{out}");
+    ok(&demo, &["delete", "pod", "ghost", "--wait=false"]);
+
     // -t: the command gets a terminal (kubectl needs one too: `script` gives it).
     let kc = demo.to_str().unwrap();
     let (code, out, err) = {
