@@ -654,12 +654,20 @@ async fn serve_exec(
 
 /// `kubectl port-forward`: a TCP connection to the pod's port, as an exec session
 /// whose input goes to the connection and whose output is what comes back. Pods
-/// share the node's network (see ARCHITECTURE.md), so the port is on loopback.
+/// share the node's network (see ARCHITECTURE.md), so the port is on loopback; with
+/// an isolating runtime (containerd) only ports the pod declares may be reached, so
+/// a tenant cannot forward to other tenants' pods or the node's own services.
 async fn forward(manager: &PodManager, start: &ExecStart) -> Result<runtime::ExecProcess, String> {
-    if !manager.has_pod(&start.uid).await {
+    let Some(declared) = manager.declared_ports(&start.uid).await else {
         return Err(format!("pod {} is not on this node", start.uid));
-    }
+    };
     let port = u16::try_from(start.port).map_err(|_| format!("invalid port {}", start.port))?;
+    if manager.ctx.runtime.name() != "process" && !declared.contains(&i32::from(port)) {
+        return Err(format!(
+            "port {port} is not a containerPort of the pod (declared: {declared:?}); pods share \
+             the node's network, so only declared ports can be forwarded"
+        ));
+    }
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .map_err(|e| format!("failed to connect to port {port} of the pod: {e}"))?;

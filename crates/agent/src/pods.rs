@@ -251,9 +251,21 @@ impl PodManager {
         out
     }
 
-    /// Whether pod `uid` is one this agent runs.
-    pub async fn has_pod(&self, uid: &str) -> bool {
-        self.workers.lock().await.contains_key(uid)
+    /// The container ports pod `uid` declares, if this agent runs it.
+    pub async fn declared_ports(&self, uid: &str) -> Option<Vec<i32>> {
+        let workers = self.workers.lock().await;
+        let w = workers.get(uid)?;
+        let Cmd::Run(pod, _) = &*w.tx.borrow() else {
+            return None;
+        };
+        Some(
+            pod.spec
+                .iter()
+                .flat_map(|s| s.containers.iter())
+                .flat_map(|c| c.ports.iter().flatten())
+                .map(|p| p.container_port)
+                .collect(),
+        )
     }
 
     /// What `kubectl exec` needs to run a command in container `name` of pod `uid`

@@ -998,6 +998,44 @@ async fn meridian_up_with_containerd_runs_the_container_example() {
         }
     })
     .await;
+    // Only the pod's declared ports: with the node's network shared, anything else
+    // (another tenant's pod, the node's own services) stays out of reach.
+    let local = free_port();
+    let mut pf = Proc(
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&kc)
+            .args([
+                "port-forward",
+                &format!("pod/{pod}"),
+                &format!("{local}:22"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for("kubectl listens and tries port 22", 30, || {
+        use std::io::Read;
+        let mut c =
+            std::net::TcpStream::connect(("127.0.0.1", local)).map_err(|e| e.to_string())?;
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = c.read(&mut [0u8; 16]);
+        Ok(())
+    })
+    .await;
+    let mut stderr = pf.0.stderr.take().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pf.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = pf.0.kill();
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut err).unwrap();
+    assert!(
+        err.contains("port 22 is not a containerPort of the pod"),
+        "{err}"
+    );
     // An ImagePrePull warms Paris; kubectl shows how far it got.
     let (ok, out) = kubectl(&kc, &["apply", "-f", &example("image-prepull.yaml")]);
     assert!(ok, "{out}");
