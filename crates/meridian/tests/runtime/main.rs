@@ -155,9 +155,21 @@ async fn conformance(rt: Arc<dyn Runtime>, env: &Env) {
         env,
         "p2",
         "stubborn",
-        "trap '' TERM; while true; do sleep 0.1; done",
+        "trap '' TERM; echo armed; while true; do sleep 0.1; done",
     );
+    let log = req.log_path.clone();
     let h = rt.start(req).await.expect("start");
+    // Stop only once the trap is set: a TERM that lands before it (a busy machine
+    // starts the shell late) ends the shell at once, which is not what is tested.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !log_lines(&log).iter().any(|l| l.ends_with(" armed")) {
+        assert!(
+            Instant::now() < deadline,
+            "{}: the trap was never set",
+            rt.name()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let t = Instant::now();
     rt.stop(&h, Duration::from_secs(1)).await;
     let exit = wait_exit(&*rt, &h, Duration::from_secs(15)).await;
