@@ -191,6 +191,13 @@ fn normal_close() -> tungstenite::protocol::CloseFrame {
     }
 }
 
+/// The same normal closure towards kubectl.
+pub(crate) const CLIENT_NORMAL_CLOSE: axum::extract::ws::CloseFrame =
+    axum::extract::ws::CloseFrame {
+        code: 1000,
+        reason: axum::extract::ws::Utf8Bytes::from_static(""),
+    };
+
 /// Relays messages between kubectl and the region until either side closes.
 async fn relay(client: WebSocket, region: RegionSocket) {
     let (mut client_tx, mut client_rx) = client.split();
@@ -224,10 +231,7 @@ async fn relay(client: WebSocket, region: RegionSocket) {
             }
         }
         let _ = client_tx
-            .send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                code: 1000,
-                reason: "".into(),
-            })))
+            .send(Message::Close(Some(CLIENT_NORMAL_CLOSE)))
             .await;
     };
     // Whichever side ends first ends the session.

@@ -52,10 +52,7 @@ async fn session(socket: WebSocket, at: Arc<Located>, pod: String) {
             }
         }
         let _ = ws_tx
-            .send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                code: 1000,
-                reason: "".into(),
-            })))
+            .send(Message::Close(Some(crate::exec::CLIENT_NORMAL_CLOSE)))
             .await;
     });
     let mut codec = HeaderCodec::default();
