@@ -121,7 +121,7 @@ where
 }
 
 /// Works the cascade of every owner in `owners` being deleted with one.
-async fn owners<K, D>(client: &kube::Client, owners: &[Arc<K>], deps: &[Arc<D>])
+async fn owners<K, D>(client: &kube::Client, owners: &[Arc<K>], deps: impl Fn(&str) -> Vec<Arc<D>>)
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -136,7 +136,8 @@ where
     for o in owners {
         if let Some(how) = cascade_of(o.meta()) {
             let uid = o.meta().uid.clone().unwrap_or_default();
-            let mine = owned_by(deps, &uid);
+            let deps = deps(&uid);
+            let mine: Vec<&Arc<D>> = deps.iter().collect();
             if work_dependents(client, &mine, &uid, how).await {
                 release(client, &**o, how).await;
             }
@@ -146,10 +147,13 @@ where
 
 /// One pass over every owner being deleted with a cascade.
 pub async fn run(client: &kube::Client, s: &Stores) {
-    let pods = s.pods.state();
     let replicasets = s.replicasets.state();
-    owners(client, &s.deployments.state(), &replicasets).await;
-    owners(client, &replicasets, &pods).await;
-    owners(client, &s.daemonsets.state(), &pods).await;
-    owners(client, &s.jobs.state(), &pods).await;
+    owners(client, &s.deployments.state(), |uid| {
+        owned_by(&replicasets, uid).into_iter().cloned().collect()
+    })
+    .await;
+    let pods = |uid: &str| s.pods.dependents_of(uid);
+    owners(client, &replicasets, pods).await;
+    owners(client, &s.daemonsets.state(), pods).await;
+    owners(client, &s.jobs.state(), pods).await;
 }

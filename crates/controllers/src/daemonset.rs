@@ -14,6 +14,7 @@ use meridian_scheduler::engine::{Fleet, NodeInfo, PodRequest};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+use crate::index::PodView;
 use crate::{Stores, is_active, is_ready, owner_ref};
 
 pub const REVISION_LABEL: &str = "controller-revision-hash";
@@ -25,19 +26,22 @@ fn template_hash(ds: &DaemonSet) -> String {
 }
 
 pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
+    let sets = s.daemonsets.state();
+    if sets.is_empty() {
+        return; // no walk over every node for nothing
+    }
     let nodes: Vec<NodeInfo> = s
         .nodes
         .state()
         .iter()
         .map(|n| NodeInfo::from_node(n))
         .collect();
-    let mut owned = crate::owned_pods(s, "DaemonSet");
-    for ds in s.daemonsets.state() {
+    for ds in sets {
         if ds.metadata.deletion_timestamp.is_some() {
             continue;
         }
         let uid = ds.metadata.uid.clone().unwrap_or_default();
-        let pods = owned.remove(&uid).unwrap_or_default();
+        let pods = s.pods.controlled_by(&uid);
         reconcile(client, s, &ds, &uid, &nodes, pods).await;
     }
 }
@@ -48,7 +52,7 @@ async fn reconcile(
     ds: &DaemonSet,
     uid: &str,
     nodes: &[NodeInfo],
-    pods: Vec<Arc<Pod>>,
+    pods: Vec<Arc<PodView>>,
 ) {
     let ns = ds.metadata.namespace.clone().unwrap_or_default();
     let name = ds.metadata.name.clone().unwrap_or_default();
@@ -61,7 +65,7 @@ async fn reconcile(
     };
     let req = PodRequest::from_pod(&probe);
     let eligible: Vec<&NodeInfo> = nodes.iter().filter(|n| Fleet::admits(n, &req)).collect();
-    let mut by_node: HashMap<String, Vec<Arc<Pod>>> = HashMap::new();
+    let mut by_node: HashMap<String, Vec<Arc<PodView>>> = HashMap::new();
     for p in pods.iter().filter(|p| is_active(p)) {
         let node = p
             .spec
@@ -196,7 +200,7 @@ async fn delete_all(
     s: &Stores,
     ds: &DaemonSet,
     api: &Api<Pod>,
-    pods: &[Arc<Pod>],
+    pods: &[Arc<PodView>],
 ) {
     let ns = ds.metadata.namespace.as_deref().unwrap_or_default();
     let name = ds.metadata.name.as_deref().unwrap_or_default();

@@ -12,9 +12,10 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use crate::index::PodView;
 use crate::{Stores, is_active};
 
-fn phase(p: &Pod) -> &str {
+fn phase(p: &PodView) -> &str {
     p.status
         .as_ref()
         .and_then(|s| s.phase.as_deref())
@@ -32,25 +33,30 @@ fn finished(j: &Job) -> bool {
 }
 
 pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
-    let mut owned = crate::owned_pods(s, "Job");
     for job in s.jobs.state() {
         if job.metadata.deletion_timestamp.is_some() {
             continue;
         }
         let uid = job.metadata.uid.clone().unwrap_or_default();
-        let pods = owned.remove(&uid).unwrap_or_default();
+        let pods = s.pods.controlled_by(&uid);
         reconcile(client, s, &job, &uid, pods).await;
     }
 }
 
-async fn reconcile(client: &kube::Client, s: &Stores, job: &Job, uid: &str, pods: Vec<Arc<Pod>>) {
+async fn reconcile(
+    client: &kube::Client,
+    s: &Stores,
+    job: &Job,
+    uid: &str,
+    pods: Vec<Arc<PodView>>,
+) {
     let ns = job.metadata.namespace.clone().unwrap_or_default();
     let name = job.metadata.name.clone().unwrap_or_default();
     let Some(spec) = job.spec.as_ref() else {
         return;
     };
     let pod_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-    let active: Vec<&Arc<Pod>> = pods.iter().filter(|p| is_active(p)).collect();
+    let active: Vec<&Arc<PodView>> = pods.iter().filter(|p| is_active(p)).collect();
     let succeeded = pods.iter().filter(|p| phase(p) == "Succeeded").count() as i32;
     let failed = pods.iter().filter(|p| phase(p) == "Failed").count() as i32;
     let completions = spec.completions.unwrap_or(1).max(1);

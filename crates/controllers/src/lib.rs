@@ -13,6 +13,7 @@
 pub mod cascade;
 pub mod daemonset;
 pub mod deployment;
+pub mod index;
 pub mod job;
 pub mod replicaset;
 pub mod risk;
@@ -24,11 +25,13 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Api;
+
+use crate::index::PodView;
 use kube::runtime::reflector::Store;
 use meridian_scheduler::reflect;
 
 pub struct Stores {
-    pub pods: Store<Pod>,
+    pub pods: std::sync::Arc<index::PodIndex>,
     pub replicasets: Store<ReplicaSet>,
     pub deployments: Store<Deployment>,
     pub daemonsets: Store<DaemonSet>,
@@ -46,7 +49,24 @@ pub struct Stores {
         std::sync::Mutex<std::collections::HashMap<String, (Vec<String>, std::time::Instant)>>,
     /// Removals risk control refused, per workload: backing off.
     pub denials: risk::Denials,
+    /// ReplicaSets as last reconciled, by uid: their resourceVersion. A ReplicaSet
+    /// that has not changed since, none of whose pods changed, is skipped until
+    /// the next full pass.
+    pub reconciled: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
+
+/// What one tick of the controllers works on.
+#[derive(Default)]
+pub struct Tick {
+    /// Owners (by uid) one of whose pods changed since the last tick.
+    pub changed: std::collections::HashSet<std::sync::Arc<str>>,
+    /// Look at every object, changed or not (expectations time out, backoffs
+    /// end, a change may have been missed).
+    pub full: bool,
+}
+
+/// Every this many ticks the controllers look at every object.
+const FULL_PASS_EVERY: u64 = 10;
 
 /// How long a ReplicaSet waits for pods it created to appear in its watch before it
 /// assumes they never will (Kubernetes' expectations use the same 5 minutes).
@@ -61,7 +81,7 @@ pub(crate) const EXPECTATION_TTL: std::time::Duration = std::time::Duration::fro
 /// Runs every controller until the task is dropped.
 pub async fn run(client: kube::Client) {
     let stores = Stores {
-        pods: reflect(&client),
+        pods: index::PodIndex::watch(&client),
         replicasets: reflect(&client),
         deployments: reflect(&client),
         daemonsets: reflect(&client),
@@ -70,9 +90,10 @@ pub async fn run(client: kube::Client) {
         expectations: Default::default(),
         created: Default::default(),
         denials: Default::default(),
+        reconciled: Default::default(),
     };
-    if stores.pods.wait_until_ready().await.is_err()
-        || stores.replicasets.wait_until_ready().await.is_err()
+    stores.pods.wait_until_ready().await;
+    if stores.replicasets.wait_until_ready().await.is_err()
         || stores.deployments.wait_until_ready().await.is_err()
         || stores.daemonsets.wait_until_ready().await.is_err()
         || stores.jobs.wait_until_ready().await.is_err()
@@ -81,10 +102,14 @@ pub async fn run(client: kube::Client) {
         return;
     }
     let mut tick = tokio::time::interval(Duration::from_millis(300));
-    loop {
+    for n in 0u64.. {
         tick.tick().await;
+        let t = Tick {
+            changed: stores.pods.take_changed(),
+            full: n % FULL_PASS_EVERY == 0,
+        };
         deployment::reconcile_all(&client, &stores).await;
-        replicaset::reconcile_all(&client, &stores).await;
+        replicaset::reconcile_all(&client, &stores, &t).await;
         daemonset::reconcile_all(&client, &stores).await;
         job::reconcile_all(&client, &stores).await;
         collect_garbage(&client, &stores).await;
@@ -129,37 +154,35 @@ fn uids<K: kube::Resource<DynamicType = ()> + Clone>(
 /// a fresh object look orphaned).
 async fn collect_garbage(client: &kube::Client, s: &Stores) {
     let rs_uids = uids(&s.replicasets);
-    let deploy_uids = uids(&s.deployments);
     let mut other_uids = uids(&s.daemonsets);
     other_uids.extend(uids(&s.jobs));
-    for p in s.pods.state() {
-        if let Some(o) = controller_of(&p.metadata)
-            && match o.kind.as_str() {
-                "ReplicaSet" => !rs_uids.contains(&o.uid),
-                "DaemonSet" | "Job" => !other_uids.contains(&o.uid),
-                _ => false,
+    for (owner, kind) in s.pods.controllers() {
+        let gone = match kind.as_str() {
+            "ReplicaSet" => !rs_uids.contains(&owner),
+            "DaemonSet" | "Job" => !other_uids.contains(&owner),
+            _ => false,
+        };
+        if !gone {
+            continue;
+        }
+        for p in s.pods.controlled_by(&owner) {
+            if p.metadata.deletion_timestamp.is_some() || !older_than(&p.metadata, 10) {
+                continue;
             }
-            && p.metadata.deletion_timestamp.is_none()
-            && older_than(&p.metadata, 10)
-        {
-            let api: Api<Pod> = Api::namespaced(
-                client.clone(),
-                p.metadata.namespace.as_deref().unwrap_or_default(),
-            );
+            let ns = p.metadata.namespace.as_deref().unwrap_or_default();
+            let api: Api<Pod> = Api::namespaced(client.clone(), ns);
             let name = p.metadata.name.clone().unwrap_or_default();
-            let key = format!(
-                "gc/Pod/{}/{name}",
-                p.metadata.namespace.as_deref().unwrap_or_default()
-            );
+            let key = format!("gc/Pod/{ns}/{name}");
             if s.denials.blocked(&key) {
                 continue;
             }
-            tracing::info!(pod = %name, owner = %o.name, "garbage collecting orphaned pod");
+            tracing::info!(pod = %name, owner = %owner, kind = %kind, "garbage collecting orphaned pod");
             if let Err(e) = api.delete(&name, &Default::default()).await {
                 s.denials.note(&key, &e);
             }
         }
     }
+    let deploy_uids = uids(&s.deployments);
     for r in s.replicasets.state() {
         if let Some(o) = controller_of(&r.metadata)
             && o.kind == "Deployment"
@@ -186,23 +209,7 @@ async fn collect_garbage(client: &kube::Client, s: &Stores) {
     }
 }
 
-/// Pods grouped by the uid of their controlling owner of `kind`.
-pub fn owned_pods(
-    s: &Stores,
-    kind: &str,
-) -> std::collections::HashMap<String, Vec<std::sync::Arc<Pod>>> {
-    let mut owned: std::collections::HashMap<String, Vec<std::sync::Arc<Pod>>> = Default::default();
-    for p in s.pods.state() {
-        if let Some(o) = controller_of(&p.metadata)
-            && o.kind == kind
-        {
-            owned.entry(o.uid.clone()).or_default().push(p.clone());
-        }
-    }
-    owned
-}
-
-pub fn is_active(p: &Pod) -> bool {
+pub fn is_active(p: &PodView) -> bool {
     p.metadata.deletion_timestamp.is_none()
         && !matches!(
             p.status.as_ref().and_then(|s| s.phase.as_deref()),
@@ -210,7 +217,7 @@ pub fn is_active(p: &Pod) -> bool {
         )
 }
 
-pub fn is_ready(p: &Pod) -> bool {
+pub fn is_ready(p: &PodView) -> bool {
     p.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())

@@ -13,11 +13,12 @@ use serde_json::json;
 
 use meridian_api::meridian::REPLACES_NODE_ANNOTATION;
 
-use crate::{Stores, is_active, is_ready, owner_ref};
+use crate::index::PodView;
+use crate::{Stores, Tick, is_active, is_ready, owner_ref};
 
 /// Nodes of pods the region marked lost (`Failed`, reason `NodeLost`) that no
 /// active pod replaces yet: one entry per lost pod, newest first.
-fn unreplaced_lost_nodes(pods: &[Arc<Pod>], active: &[Arc<Pod>]) -> Vec<String> {
+fn unreplaced_lost_nodes(pods: &[Arc<PodView>], active: &[Arc<PodView>]) -> Vec<String> {
     let mut lost: Vec<(Option<k8s_openapi::jiff::Timestamp>, String)> = pods
         .iter()
         .filter(|p| {
@@ -60,19 +61,34 @@ pub(crate) fn suffix() -> String {
         .collect()
 }
 
-pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
-    let mut owned = crate::owned_pods(s, "ReplicaSet");
-    let work: Vec<(Arc<ReplicaSet>, String, Vec<Arc<Pod>>)> = s
-        .replicasets
-        .state()
-        .into_iter()
-        .filter(|rs| rs.metadata.deletion_timestamp.is_none())
-        .map(|rs| {
-            let uid = rs.metadata.uid.clone().unwrap_or_default();
-            let pods = owned.remove(&uid).unwrap_or_default();
-            (rs, uid, pods)
-        })
-        .collect();
+pub async fn reconcile_all(client: &kube::Client, s: &Stores, tick: &Tick) {
+    let sets = s.replicasets.state();
+    let work: Vec<(Arc<ReplicaSet>, String, Vec<Arc<PodView>>)> = {
+        let mut reconciled = s.reconciled.lock().unwrap_or_else(|e| e.into_inner());
+        if tick.full {
+            // Forget ReplicaSets that are gone.
+            let live: std::collections::HashSet<&str> = sets
+                .iter()
+                .filter_map(|rs| rs.metadata.uid.as_deref())
+                .collect();
+            reconciled.retain(|uid, _| live.contains(uid.as_str()));
+        }
+        sets.into_iter()
+            .filter(|rs| rs.metadata.deletion_timestamp.is_none())
+            .filter_map(|rs| {
+                let uid = rs.metadata.uid.clone().unwrap_or_default();
+                let rv = rs.metadata.resource_version.clone().unwrap_or_default();
+                let unchanged = !tick.changed.contains(uid.as_str())
+                    && reconciled.get(&uid).is_some_and(|seen| *seen == rv);
+                if unchanged && !tick.full {
+                    return None;
+                }
+                reconciled.insert(uid.clone(), rv);
+                let pods = s.pods.controlled_by(&uid);
+                Some((rs, uid, pods))
+            })
+            .collect()
+    };
     // Many ReplicaSets at once (thousands of small workloads must not wait for each
     // other's round trips); pod creations share one bound on requests in flight.
     let requests = tokio::sync::Semaphore::new(CONCURRENCY);
@@ -89,7 +105,7 @@ async fn reconcile(
     s: &Stores,
     rs: &ReplicaSet,
     uid: &str,
-    pods: Vec<Arc<Pod>>,
+    pods: Vec<Arc<PodView>>,
     requests: &tokio::sync::Semaphore,
 ) {
     let ns = rs.metadata.namespace.clone().unwrap_or_default();
@@ -100,7 +116,7 @@ async fn reconcile(
         .and_then(|s| s.replicas)
         .unwrap_or(1)
         .max(0) as usize;
-    let mut active: Vec<Arc<Pod>> = pods.iter().filter(|p| is_active(p)).cloned().collect();
+    let mut active: Vec<Arc<PodView>> = pods.iter().filter(|p| is_active(p)).cloned().collect();
     let pod_api: Api<Pod> = Api::namespaced(client.clone(), &ns);
     // Pods we created that the watch has not shown yet: wait for them by name
     // (a count alone is fooled when a pod also disappears meanwhile, and a short

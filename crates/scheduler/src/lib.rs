@@ -90,15 +90,13 @@ enum PodEvent {
     InitDone,
 }
 
-/// The pods reflector, and its events in order (applied to the view each tick).
-fn reflect_pods(
-    client: &kube::Client,
-) -> (Store<Pod>, tokio::sync::mpsc::UnboundedReceiver<PodEvent>) {
-    let (store, writer) = reflector::store::<Pod>();
+/// The pods watch: its events in order (applied to the view each tick). No store
+/// of typed pods is kept: the scheduler holds what it needs of each pod itself.
+fn watch_pods(client: &kube::Client) -> tokio::sync::mpsc::UnboundedReceiver<PodEvent> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let api: Api<Pod> = Api::all(client.clone());
     tokio::spawn(
-        reflector(writer, watcher(api, watcher::Config::default()))
+        watcher(api, watcher::Config::default())
             .default_backoff()
             .for_each(move |ev| {
                 let ev = match ev {
@@ -118,7 +116,31 @@ fn reflect_pods(
                 futures::future::ready(())
             }),
     );
-    (store, rx)
+    rx
+}
+
+/// What the policy report reads of a live pod (a typed `Pod` is ~8 KB of memory;
+/// this a few hundred bytes).
+struct PodFacts {
+    namespace: String,
+    labels: std::collections::BTreeMap<String, String>,
+    owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
+    node: Option<String>,
+}
+
+impl PodFacts {
+    fn of(p: &Pod) -> PodFacts {
+        PodFacts {
+            namespace: p.metadata.namespace.clone().unwrap_or_default(),
+            labels: p.metadata.labels.clone().unwrap_or_default(),
+            owner: controller_of(&p.metadata).cloned(),
+            node: p
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .filter(|n| !n.is_empty()),
+        }
+    }
 }
 
 fn policy_resource() -> ApiResource {
@@ -216,15 +238,27 @@ impl Policies {
     /// The policy governing a pod (by workload name first, then by selector), and
     /// the size of its replica group.
     fn resolve(&self, p: &Pod) -> Option<(&Arc<PlacementPolicy>, &Arc<PolicyRules>, i64)> {
-        let list = self.by_ns.get(p.metadata.namespace.as_deref()?)?;
-        let owner = controller_of(&p.metadata);
+        let empty = std::collections::BTreeMap::new();
+        self.resolve_parts(
+            p.metadata.namespace.as_deref()?,
+            p.metadata.labels.as_ref().unwrap_or(&empty),
+            controller_of(&p.metadata),
+        )
+    }
+
+    fn resolve_parts(
+        &self,
+        namespace: &str,
+        labels: &std::collections::BTreeMap<String, String>,
+        owner: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
+    ) -> Option<(&Arc<PlacementPolicy>, &Arc<PolicyRules>, i64)> {
+        let list = self.by_ns.get(namespace)?;
         let group = owner.and_then(|o| self.groups.get(&o.uid));
         let workload = match (group, owner) {
             (Some(g), _) => Some(g.workload.clone()),
             (None, Some(o)) => Some((o.kind.clone(), o.name.clone())),
             (None, None) => None,
         };
-        let labels = p.metadata.labels.clone().unwrap_or_default();
         let by_name = list.iter().find(|(pp, _)| {
             workload.as_ref().is_some_and(|(k, n)| {
                 pp.spec
@@ -238,7 +272,7 @@ impl Policies {
                 pp.spec
                     .selector
                     .as_ref()
-                    .is_some_and(|s| engine::selector_matches(s, &labels))
+                    .is_some_and(|s| engine::selector_matches(s, labels))
             })
         })?;
         Some((&found.0, &found.1, group.map_or(0, |g| g.size)))
@@ -376,7 +410,7 @@ impl FleetView {
 /// Runs the scheduler until the task is dropped.
 pub async fn run(client: kube::Client) {
     let nodes: Store<Node> = reflect(&client);
-    let (pods, mut pod_events) = reflect_pods(&client);
+    let mut pod_events = watch_pods(&client);
     let replicasets: Store<ReplicaSet> = reflect(&client);
     let jobs: Store<Job> = reflect(&client);
     let ar = policy_resource();
@@ -392,7 +426,6 @@ pub async fn run(client: kube::Client) {
         .for_each(|_| async {}),
     );
     if nodes.wait_until_ready().await.is_err()
-        || pods.wait_until_ready().await.is_err()
         || replicasets.wait_until_ready().await.is_err()
         || jobs.wait_until_ready().await.is_err()
         || policies.wait_until_ready().await.is_err()
@@ -408,6 +441,8 @@ pub async fn run(client: kube::Client) {
     // During a relist: every pod it has shown so far.
     let mut relist: Option<std::collections::HashSet<String>> = None;
     let mut view = FleetView::default();
+    // Every live pod, as the policy report needs it.
+    let mut facts: HashMap<String, PodFacts> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;
@@ -430,9 +465,11 @@ pub async fn run(client: kube::Client) {
                         waiting.retain(|uid, _| seen.contains(uid));
                         inflight.retain(|uid, _| seen.contains(uid));
                         view.forget_unseen(&seen);
+                        facts.retain(|uid, _| seen.contains(uid));
                     }
                 }
                 PodEvent::Delete(uid) => {
+                    facts.remove(&uid);
                     waiting.remove(&uid);
                     inflight.remove(&uid);
                     view.unbind(&uid);
@@ -443,11 +480,13 @@ pub async fn run(client: kube::Client) {
                         seen.insert(uid.clone());
                     }
                     if is_terminal(&p) || p.metadata.deletion_timestamp.is_some() {
+                        facts.remove(&uid);
                         waiting.remove(&uid);
                         inflight.remove(&uid);
                         view.unbind(&uid);
                         continue;
                     }
+                    facts.insert(uid.clone(), PodFacts::of(&p));
                     let node = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
                     match node.filter(|n| !n.is_empty()) {
                         Some(n) => {
@@ -490,7 +529,7 @@ pub async fn run(client: kube::Client) {
         let fleet = &mut view.fleet;
         if last_report.elapsed() >= Duration::from_secs(2) {
             last_report = Instant::now();
-            report_policies(&client, &pol, &pods, fleet).await;
+            report_policies(&client, &pol, &facts, fleet).await;
         }
         if pending.is_empty() {
             continue;
@@ -689,7 +728,12 @@ async fn report_unschedulable(client: &kube::Client, p: &Pod, msg: &str) {
 
 /// Writes each policy's status (where its replicas are, which objectives are
 /// met) when it changed.
-async fn report_policies(client: &kube::Client, pol: &Policies, pods: &Store<Pod>, fleet: &Fleet) {
+async fn report_policies(
+    client: &kube::Client,
+    pol: &Policies,
+    pods: &HashMap<String, PodFacts>,
+    fleet: &Fleet,
+) {
     if pol.by_ns.is_empty() {
         return;
     }
@@ -700,12 +744,9 @@ async fn report_policies(client: &kube::Client, pol: &Policies, pods: &Store<Pod
         loose: i64,
     }
     let mut acc: HashMap<(String, String), Acc<'_>> = HashMap::new();
-    let all = pods.state();
-    for p in &all {
-        if is_terminal(p) || p.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let Some((pp, _, size)) = pol.resolve(p) else {
+    for p in pods.values() {
+        let Some((pp, _, size)) = pol.resolve_parts(&p.namespace, &p.labels, p.owner.as_ref())
+        else {
             continue;
         };
         let key = (
@@ -718,16 +759,11 @@ async fn report_policies(client: &kube::Client, pol: &Policies, pods: &Store<Pod
             groups: HashMap::new(),
             loose: 0,
         });
-        match p
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.as_deref())
-            .and_then(|n| fleet.node(n))
-        {
+        match p.node.as_deref().and_then(|n| fleet.node(n)) {
             Some(n) => a.bound.push(n),
             None => a.pending += 1,
         }
-        match controller_of(&p.metadata) {
+        match &p.owner {
             Some(o) if size > 0 => {
                 a.groups.insert(o.uid.clone(), size);
             }
