@@ -452,6 +452,22 @@ pub static RESOURCES: &[Resource] = &[
     Resource {
         group: meridian::GROUP,
         version: meridian::VERSION,
+        kind: "BulkPod",
+        plural: "bulkpods",
+        singular: "bulkpod",
+        scope: Scope::Cluster,
+        tenant_access: TenantAccess::None,
+        normalize: |v, _| Ok(v),
+        schema: |_| {
+            schemars::json_schema!({"type": "object",
+                "description": "Many pods created in one request (the ReplicaSet controller's): `items`, each a Pod with its namespace.",
+                "x-kubernetes-preserve-unknown-fields": true})
+        },
+        ..COMMON
+    },
+    Resource {
+        group: meridian::GROUP,
+        version: meridian::VERSION,
         kind: "PlacementPolicy",
         plural: "placementpolicies",
         singular: "placementpolicy",

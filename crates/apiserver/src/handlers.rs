@@ -345,6 +345,9 @@ async fn run(cx: &Ctx<'_>, verb: Verb, body: Bytes) -> Result<Response, ApiError
         (Verb::List, _) => list(cx).await,
         (Verb::Watch, _) => crate::watch::serve(cx).await,
         (Verb::Create, None) if cx.resource().plural == "bulkbindings" => bulk_bind(cx, body).await,
+        (Verb::Create, None) if cx.resource().plural == "bulkpods" => {
+            bulk_create_pods(cx, body).await
+        }
         (Verb::Create, None) => create(cx, body).await,
         (Verb::Create, Some("binding")) => bind(cx, body).await,
         (Verb::Create, Some("eviction")) => evict(cx, body).await,
@@ -923,7 +926,16 @@ async fn create(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
 
 /// Creates `obj` (server fields already stripped; managedFields only from a
 /// server-side apply).
-async fn create_object(cx: &Ctx<'_>, mut obj: Value) -> Result<Response, ApiError> {
+async fn create_object(cx: &Ctx<'_>, obj: Value) -> Result<Response, ApiError> {
+    let (obj, rev) = store_new(cx, obj).await?;
+    respond(cx, StatusCode::CREATED, obj, rev)
+}
+
+/// A new object as stored, and its revision.
+type Stored = Result<(Value, Revision), ApiError>;
+
+/// Checks, admits and stores a new object.
+async fn store_new(cx: &Ctx<'_>, mut obj: Value) -> Stored {
     let r = cx.resource();
     check_namespace(cx, &mut obj)?;
     if let Some(m) = obj["metadata"].as_object_mut() {
@@ -973,7 +985,7 @@ async fn create_object(cx: &Ctx<'_>, mut obj: Value) -> Result<Response, ApiErro
             if r.plural == "tenants" {
                 ensure_tenant_default_namespace(cx, &name).await?;
             }
-            respond(cx, StatusCode::CREATED, obj, rev)
+            Ok((obj, rev))
         }
         None => {
             let shown = if is_namespaces(r) {
@@ -2113,6 +2125,84 @@ async fn bulk_bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
     let body = json!({
         "apiVersion": "meridian.io/v1alpha1",
         "kind": "BulkBindingResult",
+        "items": out,
+    });
+    Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())))
+}
+
+/// `POST /apis/meridian.io/v1alpha1/bulkpods`: many pods created in one request
+/// (the ReplicaSet controller's): `{"items": [pod, ...]}`, each pod with its
+/// namespace, each checked, admitted and stored exactly as one `POST` to its
+/// namespace's pods would, all in flight together so the store commits them in
+/// one transaction. The answer lists each item's outcome in order (`name`, `uid`;
+/// a failure's `reason`, `code` and `message`); a bad item changes nothing.
+async fn bulk_create_pods(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
+    let req = parse_body(&cx.headers, &body)?;
+    let Some(items) = req.get("items").and_then(Value::as_array) else {
+        return Err(ApiError::bad_request("items: a list of pods is required"));
+    };
+    if items.len() > BULK_MAX {
+        return Err(ApiError::bad_request(format!(
+            "items: at most {BULK_MAX} pods per request"
+        )));
+    }
+    let pods = Resource::find("", "v1", "pods").ok_or_else(|| internal("no pods"))?;
+    auth::authorize(&cx.who, Verb::Create, pods, None)?;
+    let one = |i: usize, mut obj: Value| async move {
+        let ns = obj["metadata"]["namespace"].as_str().map(str::to_owned);
+        let item = Ctx {
+            state: cx.state,
+            who: cx.who.clone(),
+            target: Target {
+                resource: pods,
+                namespace: ns.clone(),
+                name: None,
+                subresource: None,
+            },
+            query: HashMap::new(),
+            headers: cx.headers.clone(),
+        };
+        let result = match ns {
+            None => Err(ApiError::invalid(
+                "Pod",
+                "",
+                obj["metadata"]["name"].as_str().unwrap_or_default(),
+                vec![meridian_api::Cause::required("metadata.namespace")],
+            )),
+            Some(_) if !obj.is_object() => Err(ApiError::bad_request("each item must be a Pod")),
+            Some(_) => {
+                strip_server_fields(&mut obj);
+                store_new(&item, obj).await
+            }
+        };
+        (i, result)
+    };
+    use futures::StreamExt;
+    let mut results: Vec<(usize, Stored)> =
+        futures::stream::iter(items.iter().cloned().enumerate())
+            .map(|(i, obj)| one(i, obj))
+            .buffer_unordered(BULK_CONCURRENCY)
+            .collect()
+            .await;
+    results.sort_by_key(|(i, _)| *i);
+    let out: Vec<Value> = results
+        .into_iter()
+        .map(|(_, r)| match r {
+            Ok((obj, _)) => json!({
+                "status": "Success",
+                "name": obj["metadata"]["name"],
+                "uid": obj["metadata"]["uid"],
+            }),
+            Err(e) => {
+                let st = e.to_status();
+                json!({"status": "Failure", "reason": st["reason"], "code": st["code"],
+                       "message": st["message"]})
+            }
+        })
+        .collect();
+    let body = json!({
+        "apiVersion": "meridian.io/v1alpha1",
+        "kind": "BulkPodResult",
         "items": out,
     });
     Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())))

@@ -53,6 +53,111 @@ const BURST: usize = 500;
 /// at once.
 const CONCURRENCY: usize = 64;
 
+/// Set once the server has answered that it has no bulk pod creation: from then
+/// on pods are created one request each.
+static NO_BULK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Random names collide now and then (1,000 pods of one set: ~3 % chance): a pod
+/// whose name is taken gets another, this many times, rather than wait a tick.
+const NAME_TRIES: usize = 3;
+
+/// Creates `pods` (named `{base}-{suffix}`): in one `bulkpods` request (one store
+/// commit for all), or one request each when the server has no bulk creation.
+/// The names of the pods created.
+async fn create_pods(
+    client: &kube::Client,
+    api: &Api<Pod>,
+    base: &str,
+    mut pods: Vec<Pod>,
+    requests: &tokio::sync::Semaphore,
+) -> Vec<String> {
+    use std::sync::atomic::Ordering;
+    let mut names = Vec::new();
+    for _ in 0..=NAME_TRIES {
+        if pods.is_empty() || NO_BULK.load(Ordering::Relaxed) {
+            break;
+        }
+        // A bulk request is a heavy one: at most a few in flight.
+        let _permits = requests.acquire_many(BULK_PERMITS).await;
+        let body = serde_json::to_vec(&json!({ "items": pods })).unwrap_or_default();
+        let req = http::Request::post("/apis/meridian.io/v1alpha1/bulkpods")
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        let answer = match req {
+            Ok(r) => client.request::<serde_json::Value>(r).await,
+            Err(e) => {
+                tracing::warn!(replicaset = %base, "bulk pod request: {e}");
+                return names;
+            }
+        };
+        let items = match answer {
+            Ok(v) => v["items"].as_array().cloned().unwrap_or_default(),
+            Err(kube::Error::Api(e)) if (403..=405).contains(&e.code) => {
+                tracing::info!(
+                    "no bulk pod creation on this server ({}); one request per pod",
+                    e.code
+                );
+                NO_BULK.store(true, Ordering::Relaxed);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(replicaset = %base, "cannot create pods: {e}");
+                return names;
+            }
+        };
+        let mut again = Vec::new();
+        for (mut pod, it) in pods.into_iter().zip(items) {
+            match (it["status"].as_str(), it["reason"].as_str()) {
+                (Some("Success"), _) => names.extend(it["name"].as_str().map(str::to_owned)),
+                (_, Some("AlreadyExists")) => {
+                    pod.metadata.name = Some(format!("{base}-{}", suffix()));
+                    again.push(pod);
+                }
+                _ => tracing::warn!(replicaset = %base, "cannot create pod: {}", it["message"]),
+            }
+        }
+        pods = again;
+    }
+    if !NO_BULK.load(Ordering::Relaxed) {
+        return names;
+    }
+    // Many creations in flight: the store commits them together.
+    let one_by_one = futures::stream::iter(pods)
+        .map(|mut pod| {
+            let api = api.clone();
+            async move {
+                let _permit = requests.acquire().await;
+                let mut tries = 0;
+                loop {
+                    match api.create(&PostParams::default(), &pod).await {
+                        Err(kube::Error::Api(e)) if e.code == 409 && tries < NAME_TRIES => {
+                            tries += 1;
+                            pod.metadata.name = Some(format!("{base}-{}", suffix()));
+                        }
+                        r => return r,
+                    }
+                }
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .filter_map(|r| async {
+            match r {
+                Ok(p) => p.metadata.name,
+                Err(e) => {
+                    tracing::warn!(replicaset = %base, "cannot create pod: {e}");
+                    None
+                }
+            }
+        })
+        .collect::<Vec<String>>()
+        .await;
+    names.extend(one_by_one);
+    names
+}
+
+/// Permits (of `CONCURRENCY`) one bulk request holds: at most 8 in flight.
+const BULK_PERMITS: u32 = (CONCURRENCY / 8) as u32;
+
 pub(crate) fn suffix() -> String {
     const CHARS: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     let mut rng = rand::rng();
@@ -188,39 +293,7 @@ async fn reconcile(
                 }
             })
             .collect();
-        // Many creations in flight: the store commits them together.
-        let names = futures::stream::iter(new_pods)
-            .map(|mut pod| {
-                let api = pod_api.clone();
-                let base = name.clone();
-                async move {
-                    let _permit = requests.acquire().await;
-                    // Random names collide now and then (1,000 pods of one set:
-                    // ~3% chance): take another name rather than wait a tick.
-                    let mut tries = 0;
-                    loop {
-                        match api.create(&PostParams::default(), &pod).await {
-                            Err(kube::Error::Api(e)) if e.code == 409 && tries < 3 => {
-                                tries += 1;
-                                pod.metadata.name = Some(format!("{base}-{}", suffix()));
-                            }
-                            r => return r,
-                        }
-                    }
-                }
-            })
-            .buffer_unordered(CONCURRENCY)
-            .filter_map(|r| async {
-                match r {
-                    Ok(p) => p.metadata.name,
-                    Err(e) => {
-                        tracing::warn!(replicaset = %name, "cannot create pod: {e}");
-                        None
-                    }
-                }
-            })
-            .collect::<Vec<String>>()
-            .await;
+        let names = create_pods(client, &pod_api, &name, new_pods, requests).await;
         let created = names.len();
         if created > 0 {
             s.created

@@ -182,6 +182,21 @@ async fn binding_annotations_are_copied_to_the_pod() {
     );
 }
 
+/// (status, reason) of each item of a bulk answer.
+fn outcomes(r: &serde_json::Value) -> Vec<(&str, &str)> {
+    r["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["status"].as_str().unwrap(),
+                i["reason"].as_str().unwrap_or(""),
+            )
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn bulk_bindings_bind_many_pods_and_report_each_one() {
     let s = TestServer::start().await;
@@ -212,17 +227,7 @@ async fn bulk_bindings_bind_many_pods_and_report_each_one() {
         .json()
         .await
         .unwrap();
-    let st: Vec<(&str, &str)> = r["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            (
-                i["status"].as_str().unwrap(),
-                i["reason"].as_str().unwrap_or(""),
-            )
-        })
-        .collect();
+    let st = outcomes(&r);
     assert_eq!(
         st,
         vec![
@@ -271,4 +276,110 @@ async fn bulk_bindings_bind_many_pods_and_report_each_one() {
         other => panic!("a tenant used bulk bindings: {other:?}"),
     }
     assert_eq!(node(pods.get("c").await.unwrap()), None);
+}
+
+#[tokio::test]
+async fn bulk_pods_are_created_each_as_one_post_would_and_reported_in_order() {
+    let s = TestServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(s.admin(), "default");
+    let pod = |ns: Option<&str>, name: &str| {
+        json!({"metadata": {"name": name, "namespace": ns, "labels": {"app": "w"}},
+               "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
+    };
+    let url = format!("{}/apis/meridian.io/v1alpha1/bulkpods", s.server.url);
+    let post = |token: String, body: serde_json::Value| {
+        let (http, url) = (s.raw(), url.clone());
+        async move {
+            let r = http
+                .post(&url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<serde_json::Value>().await.unwrap(),
+            )
+        }
+    };
+    let mut no_containers = pod(Some("default"), "e");
+    no_containers["spec"]["containers"] = json!([]);
+    let (code, r) = post(
+        s.server.admin_token.clone(),
+        json!({"items": [
+            pod(Some("default"), "a"),
+            pod(Some("default"), "b"),
+            pod(Some("default"), "a"),
+            pod(None, "d"),
+            no_containers,
+            pod(Some("nowhere"), "f"),
+        ]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{r}");
+    let st = outcomes(&r);
+    assert_eq!(
+        st,
+        vec![
+            ("Success", ""),
+            ("Success", ""),
+            ("Failure", "AlreadyExists"),
+            ("Failure", "Invalid"),
+            ("Failure", "Invalid"),
+            ("Failure", "NotFound"),
+        ],
+        "{r}"
+    );
+    // Stored as a POST stores them: uid, defaults, Pending.
+    let a = pods.get("a").await.unwrap();
+    assert_eq!(a.metadata.uid.as_deref(), r["items"][0]["uid"].as_str());
+    assert_eq!(a.status.unwrap().phase.as_deref(), Some("Pending"));
+    assert_eq!(
+        a.spec.unwrap().scheduler_name.as_deref(),
+        Some("default-scheduler")
+    );
+    let names: Vec<String> = pods
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+    // Too many items, or no list at all: refused whole.
+    let many: Vec<_> = (0..1001)
+        .map(|i| pod(Some("default"), &format!("m{i}")))
+        .collect();
+    let (code, r) = post(s.server.admin_token.clone(), json!({ "items": many })).await;
+    assert_eq!(
+        (code, r["reason"].as_str()),
+        (400, Some("BadRequest")),
+        "{r}"
+    );
+    let (code, _) = post(s.server.admin_token.clone(), json!({"pods": []})).await;
+    assert_eq!(code, 400);
+    // The scheduler and tenants may not create pods this way.
+    let sched = s
+        .server
+        .system_token(meridian_apiserver::auth::SystemRole::Scheduler)
+        .await
+        .unwrap();
+    let (code, _) = post(sched, json!({"items": [pod(Some("default"), "x")]})).await;
+    assert_eq!(code, 403);
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("meridian.io", "v1alpha1", "BulkPod"),
+        "bulkpods",
+    );
+    let api: Api<DynamicObject> = Api::all_with(s.tenant("acme").await, &ar);
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "meridian.io/v1alpha1", "kind": "BulkPod", "metadata": {"name": "x"},
+        "items": [pod(Some("default"), "y")]}))
+    .unwrap();
+    match api.create(&PostParams::default(), &obj).await {
+        Err(kube::Error::Api(e)) => assert!(e.code == 403 || e.code == 404, "{e:?}"),
+        other => panic!("a tenant used bulk pods: {other:?}"),
+    }
+    assert_eq!(pods.list(&Default::default()).await.unwrap().items.len(), 2);
 }
