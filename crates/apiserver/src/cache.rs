@@ -140,7 +140,15 @@ pub struct Cache {
     events: broadcast::Sender<Arc<CacheEvent>>,
     revision: watch::Sender<Revision>,
     ring_capacity: usize,
+    /// Snapshots of paginated lists still being read, newest last: every page of
+    /// a list comes from the revision of its first page, as in Kubernetes.
+    pinned: std::sync::Mutex<VecDeque<(Snapshot, std::time::Instant)>>,
 }
+
+/// A paginated list's snapshot is kept this long after its last page was read.
+const PIN_TTL: Duration = Duration::from_secs(300);
+/// At most this many paginated lists in progress are kept (the oldest go first).
+const PIN_MAX: usize = 64;
 
 /// What a watch needs to start: the history to replay and the live feed.
 pub struct Subscription {
@@ -218,6 +226,7 @@ impl Cache {
             events: broadcast::channel(64 * 1024).0,
             revision: watch::channel(revision).0,
             ring_capacity,
+            pinned: Default::default(),
         });
         let me = cache.clone();
         tokio::spawn(async move { me.follow(store, from, shutdown).await });
@@ -375,6 +384,29 @@ impl Cache {
         let _ = self.events.send(cache_event);
         drop(st);
         self.revision.send_replace(revision);
+    }
+
+    /// Keeps `snap` for the next pages of a paginated list.
+    pub fn pin(&self, snap: &Snapshot) {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        pinned.retain(|(s, t)| s.revision != snap.revision && t.elapsed() < PIN_TTL);
+        pinned.push_back((snap.clone(), std::time::Instant::now()));
+        while pinned.len() > PIN_MAX {
+            pinned.pop_front();
+        }
+    }
+
+    /// The snapshot a paginated list began at `revision`, if it is still kept (or
+    /// is the current one).
+    pub fn pinned(&self, revision: Revision) -> Option<Snapshot> {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        pinned.retain(|(_, t)| t.elapsed() < PIN_TTL);
+        if let Some((s, t)) = pinned.iter_mut().find(|(s, _)| s.revision == revision) {
+            *t = std::time::Instant::now();
+            return Some(s.clone());
+        }
+        drop(pinned);
+        Some(self.snapshot()).filter(|s| s.revision == revision)
     }
 
     pub fn snapshot(&self) -> Snapshot {

@@ -41,8 +41,11 @@ fn count(server: &Server) -> (usize, usize) {
 pub async fn run(nodes: usize, deployments: usize, replicas: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let store: DynStore = Arc::new(EmbeddedStore::open(&dir.path().join("store.redb"))?);
-    let server =
-        Server::start(ServerConfig::new("127.0.0.1:0".parse()?, dir.path()), store).await?;
+    let server = Server::start(
+        ServerConfig::new("127.0.0.1:0".parse()?, dir.path()),
+        store.clone(),
+    )
+    .await?;
     let admin = client(&server, &server.admin_token).await?;
     let node_api: Api<Node> = Api::all(admin.clone());
     let cities: Vec<String> = meridian_api::geo::cities()
@@ -112,8 +115,11 @@ pub async fn run(nodes: usize, deployments: usize, replicas: usize) -> Result<()
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (all, bound) = count(&server);
         if (all, bound) != last {
+            // How far the watch cache (what watchers see) is behind the store.
+            let behind = store.current_revision().await.unwrap_or_default()
+                - server.state.cache.snapshot().revision;
             eprintln!(
-                "  {:>5.1}s: {all} pods created, {bound} bound",
+                "  {:>5.1}s: {all} pods created, {bound} bound (watch cache {behind} revisions behind the store)",
                 t0.elapsed().as_secs_f64()
             );
             last = (all, bound);

@@ -280,7 +280,7 @@ fn commit_batch(
                                             record::encode_events(&events).as_slice(),
                                         )
                                         .map_err(db_err)?;
-                                        published.push(Arc::new(events));
+                                        published.extend(events);
                                         Ok(TxnResult {
                                             succeeded: true,
                                             revision,
@@ -317,7 +317,17 @@ fn commit_batch(
         Ok(())
     })();
     match outcome {
-        Ok(()) => Ok((revision, replies, published)),
+        // One live batch per commit (not per transaction): a commit of 500
+        // writes is one slot of the live channel, so a watcher falls behind by
+        // commits, not by writes.
+        Ok(()) => Ok((
+            revision,
+            replies,
+            (!published.is_empty())
+                .then(|| Arc::new(published))
+                .into_iter()
+                .collect(),
+        )),
         Err(e) => Err((e, replies)),
     }
 }

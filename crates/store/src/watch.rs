@@ -7,7 +7,8 @@ use tokio::sync::broadcast::{self, error::RecvError};
 
 use crate::{Event, Revision, StoreError, WatchStream};
 
-/// Events of one committed revision, as published to live watchers.
+/// Events of one commit (one or more revisions, in order), as published to live
+/// watchers.
 pub(crate) type Batch = Arc<Vec<Event>>;
 
 /// `history` holds the matching events from the watch's start revision up to some
@@ -30,14 +31,17 @@ pub(crate) fn join(
             loop {
                 match rx.recv().await {
                     Ok(batch) => {
-                        let Some(first) = batch.first() else { continue };
-                        if first.revision() <= last {
+                        let Some(end) = batch.last().map(Event::revision) else {
+                            continue;
+                        };
+                        if end <= last {
                             continue;
                         }
-                        last = first.revision();
+                        let after = last;
+                        last = end;
                         let matching: Vec<_> = batch
                             .iter()
-                            .filter(|e| e.kv.key.starts_with(&prefix))
+                            .filter(|e| e.revision() > after && e.kv.key.starts_with(&prefix))
                             .cloned()
                             .map(Ok)
                             .collect();

@@ -331,3 +331,87 @@ async fn namespaces_delete_their_content_and_block_new_objects() {
         "no objects in a missing namespace"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_page_of_a_list_is_from_its_first_pages_revision_and_a_watch_from_there_sees_the_rest()
+ {
+    use futures::{StreamExt, TryStreamExt};
+    use kube::api::{WatchEvent, WatchParams};
+    let t = TestServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(t.admin(), "default");
+    for name in ["a", "b", "c", "d"] {
+        pods.create(&PostParams::default(), &pod(name, json!({"v": "1"})))
+            .await
+            .unwrap();
+    }
+    let first = pods.list(&ListParams::default().limit(2)).await.unwrap();
+    let rv = first.metadata.resource_version.clone().unwrap();
+    let token = first.metadata.continue_.clone().unwrap();
+    // Changes between the pages: c relabelled, d deleted, e created.
+    pods.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": {"v": "2"}}})),
+    )
+    .await
+    .unwrap();
+    pods.delete("d", &DeleteParams::default()).await.unwrap();
+    pods.create(&PostParams::default(), &pod("e", json!({"v": "1"})))
+        .await
+        .unwrap();
+    let second = pods
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .unwrap();
+    // The list as of the first page: c unchanged, d still there, no e.
+    let seen: Vec<(String, String)> = second
+        .items
+        .iter()
+        .map(|p| {
+            let labels = p.metadata.labels.clone().unwrap_or_default();
+            (p.metadata.name.clone().unwrap(), labels["v"].clone())
+        })
+        .collect();
+    assert_eq!(seen, [("c".into(), "1".into()), ("d".into(), "1".into())]);
+    assert_eq!(
+        second.metadata.resource_version.as_deref(),
+        Some(rv.as_str())
+    );
+    // A watch from the list's revision brings exactly the three changes.
+    let mut events = pods
+        .watch(&WatchParams::default().timeout(5), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let mut changes = Vec::new();
+    while changes.len() < 3 {
+        match events.try_next().await.unwrap() {
+            Some(WatchEvent::Modified(p)) => {
+                changes.push(format!("M {}", p.metadata.name.unwrap()))
+            }
+            Some(WatchEvent::Deleted(p)) => changes.push(format!("D {}", p.metadata.name.unwrap())),
+            Some(WatchEvent::Added(p)) => changes.push(format!("A {}", p.metadata.name.unwrap())),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert_eq!(changes, ["M c", "D d", "A e"]);
+    // A token whose revision is neither kept nor current: 410, list again.
+    let stale = base64_url(&format!(
+        r#"{{"rv":1,"start":"{}"}}"#,
+        "/registry/core/pods/default/a"
+    ));
+    let err = pods
+        .list(&ListParams::default().limit(2).continue_token(&stale))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 410),
+        "{err:?}"
+    );
+}
+
+fn base64_url(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+}
