@@ -510,7 +510,7 @@ pub async fn run(client: kube::Client) {
         }
         // A binding that never showed up: release its place and try again.
         inflight.retain(|uid, (_, t)| {
-            let keep = t.elapsed() < Duration::from_secs(10);
+            let keep = t.elapsed() < INFLIGHT_TIMEOUT;
             if !keep && waiting.contains_key(uid) {
                 view.unbind(uid);
             }
@@ -601,7 +601,13 @@ pub async fn run(client: kube::Client) {
         }
         view.commit_placed();
         let client = &client;
-        bind_all(client, binds).await;
+        // Bindings refused (the pod is gone, changed, or being deleted): their
+        // places are free again at once, and the pods are placed anew if the
+        // watch still shows them waiting.
+        for uid in bind_all(client, binds).await {
+            inflight.remove(&uid);
+            view.unbind(&uid);
+        }
         futures::stream::iter(failures)
             .for_each_concurrent(16, |(p, msg)| async move {
                 report_unschedulable(client, &p, &msg).await;
@@ -613,10 +619,31 @@ pub async fn run(client: kube::Client) {
 /// A pod, its node, and the reschedule grace to annotate it with.
 type Bind = (Arc<Pod>, String, Option<String>);
 
+/// How long a pod we bound may take to show up bound in the watch before its
+/// place is released and it is placed again. A bulk answer already tells which
+/// bindings failed; this covers a lost answer. A loaded server's watch can lag by
+/// many seconds: at 10 s, pods a lagging watch still showed pending were placed
+/// again and their bindings refused as already assigned, over and over.
+const INFLIGHT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether a refused binding means the pod is bound already (by us, as the watch
+/// will show).
+fn already_bound(message: &str) -> bool {
+    message.contains("is already assigned to node")
+}
+
 /// Binds pods in bulk (`bulkbindings`: one request and, mostly, one store
 /// transaction per chunk); a chunk whose request fails is bound one pod at a time.
-async fn bind_all(client: &kube::Client, binds: Vec<Bind>) {
+/// Returns the uids of the pods whose binding was refused.
+async fn bind_all(client: &kube::Client, binds: Vec<Bind>) -> Vec<String> {
     let chunks: Vec<Vec<Bind>> = binds.chunks(BULK).map(<[_]>::to_vec).collect();
+    let refused = std::sync::Mutex::new(Vec::new());
+    let refuse = |p: &Pod| {
+        refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(p.metadata.uid.clone().unwrap_or_default());
+    };
     futures::stream::iter(chunks)
         .for_each_concurrent(BULK_CONCURRENCY, |chunk| async move {
             let items: Vec<serde_json::Value> = chunk
@@ -644,9 +671,12 @@ async fn bind_all(client: &kube::Client, binds: Vec<Bind>) {
             };
             match answer {
                 Ok(v) => {
-                    for it in v["items"].as_array().into_iter().flatten() {
-                        if it["status"] != "Success" {
-                            tracing::debug!(pod = %it["name"], reason = %it["reason"], "bind failed: {}", it["message"]);
+                    let items = v["items"].as_array().cloned().unwrap_or_default();
+                    for ((p, _, _), it) in chunk.iter().zip(&items) {
+                        let message = it["message"].as_str().unwrap_or_default();
+                        if it["status"] != "Success" && !already_bound(message) {
+                            tracing::debug!(pod = %it["name"], reason = %it["reason"], "bind failed: {message}");
+                            refuse(p);
                         }
                     }
                 }
@@ -654,8 +684,11 @@ async fn bind_all(client: &kube::Client, binds: Vec<Bind>) {
                     tracing::debug!("bulk binding unavailable ({e}); binding one by one");
                     futures::stream::iter(chunk)
                         .for_each_concurrent(BIND_CONCURRENCY, |(p, node, grace)| async move {
-                            if let Err(e) = bind(client, &p, &node, grace).await {
+                            if let Err(e) = bind(client, &p, &node, grace).await
+                                && !already_bound(&e.to_string())
+                            {
                                 tracing::warn!(pod = ?p.metadata.name, %node, "bind failed: {e}");
+                                refuse(&p);
                             }
                         })
                         .await;
@@ -663,6 +696,7 @@ async fn bind_all(client: &kube::Client, binds: Vec<Bind>) {
             }
         })
         .await;
+    refused.into_inner().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Binds a pod; annotations on the Binding are copied to the pod (as in
