@@ -524,7 +524,13 @@ async fn meridian_up_then_kubectl_apply_the_example() {
             let row: Vec<&str> = out.lines().nth(1).unwrap().split_whitespace().collect();
             assert_eq!(row[0], "hello", "{out}");
             assert!(row[1].ends_with("/1"), "ready/total: {out}");
-            assert_eq!(row[2], "Running", "{out}");
+            // Logs come from the agent directly, the phase through the region's
+            // batched status writes: the second can be a moment behind.
+            if row[2] != "Running" {
+                assert!(Instant::now() < deadline, "never Running: {out}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
             assert_eq!(
                 &row[row.len() - 2..],
                 ["paris-1", "Paris"],
