@@ -2148,8 +2148,8 @@ async fn bulk_bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
 /// one transaction. The answer lists each item's outcome in order (`name`, `uid`;
 /// a failure's `reason`, `code` and `message`); a bad item changes nothing.
 async fn bulk_create_pods(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
-    let req = parse_body(&cx.headers, &body)?;
-    let Some(items) = req.get("items").and_then(Value::as_array) else {
+    let mut req = parse_body(&cx.headers, &body)?;
+    let Some(Value::Array(items)) = req.get_mut("items").map(Value::take) else {
         return Err(ApiError::bad_request("items: a list of pods is required"));
     };
     if items.len() > BULK_MAX {
@@ -2189,12 +2189,11 @@ async fn bulk_create_pods(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiErro
         (i, result)
     };
     use futures::StreamExt;
-    let mut results: Vec<(usize, Stored)> =
-        futures::stream::iter(items.iter().cloned().enumerate())
-            .map(|(i, obj)| one(i, obj))
-            .buffer_unordered(BULK_CONCURRENCY)
-            .collect()
-            .await;
+    let mut results: Vec<(usize, Stored)> = futures::stream::iter(items.into_iter().enumerate())
+        .map(|(i, obj)| one(i, obj))
+        .buffer_unordered(BULK_CONCURRENCY)
+        .collect()
+        .await;
     results.sort_by_key(|(i, _)| *i);
     let out: Vec<Value> = results
         .into_iter()

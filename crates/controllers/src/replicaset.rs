@@ -79,19 +79,9 @@ async fn create_pods(
         }
         // A bulk request is a heavy one: at most a few in flight.
         let _permits = requests.acquire_many(BULK_PERMITS).await;
-        let body = serde_json::to_vec(&json!({ "items": pods })).unwrap_or_default();
-        let req = http::Request::post("/apis/meridian.io/v1alpha1/bulkpods")
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body);
-        let answer = match req {
-            Ok(r) => client.request::<serde_json::Value>(r).await,
-            Err(e) => {
-                tracing::warn!(replicaset = %base, "bulk pod request: {e}");
-                return names;
-            }
-        };
+        let answer = meridian_scheduler::bulk_post(client, "bulkpods", &pods).await;
         let items = match answer {
-            Ok(v) => v["items"].as_array().cloned().unwrap_or_default(),
+            Ok(items) => items,
             Err(kube::Error::Api(e)) if (403..=405).contains(&e.code) => {
                 tracing::info!(
                     "no bulk pod creation on this server ({}); one request per pod",

@@ -80,6 +80,22 @@ where
     store
 }
 
+/// POSTs `{"items": items}` to the meridian.io bulk endpoint `plural`
+/// (`bulkbindings`, `bulkpods`); the answer's items, in request order.
+pub async fn bulk_post<T: serde::Serialize>(
+    client: &kube::Client,
+    plural: &str,
+    items: &[T],
+) -> Result<Vec<serde_json::Value>, kube::Error> {
+    let body = serde_json::to_vec(&json!({ "items": items })).map_err(kube::Error::SerdeError)?;
+    let req = http::Request::post(format!("/apis/{}/{}/{plural}", mapi::GROUP, mapi::VERSION))
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .map_err(kube::Error::HttpError)?;
+    let answer: serde_json::Value = client.request(req).await?;
+    Ok(answer["items"].as_array().cloned().unwrap_or_default())
+}
+
 /// A change of one pod as the scheduler's watch delivered it.
 enum PodEvent {
     Apply(Arc<Pod>),
@@ -658,20 +674,8 @@ async fn bind_all(client: &kube::Client, binds: Vec<Bind>) -> Vec<String> {
                     it
                 })
                 .collect();
-            let body = serde_json::to_vec(&json!({"items": items})).unwrap_or_default();
-            let req = http::Request::post("/apis/meridian.io/v1alpha1/bulkbindings")
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(body);
-            let answer = match req {
-                Ok(r) => client.request::<serde_json::Value>(r).await,
-                Err(e) => {
-                    tracing::warn!("bulk binding request: {e}");
-                    return;
-                }
-            };
-            match answer {
-                Ok(v) => {
-                    let items = v["items"].as_array().cloned().unwrap_or_default();
+            match bulk_post(client, "bulkbindings", &items).await {
+                Ok(items) => {
                     for ((p, _, _), it) in chunk.iter().zip(&items) {
                         let message = it["message"].as_str().unwrap_or_default();
                         if it["status"] != "Success" && !already_bound(message) {
