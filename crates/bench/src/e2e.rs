@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use meridian_apiserver::auth::SystemRole;
-use meridian_apiserver::cache::{CachedObject, Snapshot, WatchKind};
+use meridian_apiserver::cache::{CacheEvent, CachedObject, Snapshot, WatchKind};
 use meridian_apiserver::{Server, ServerConfig};
 use meridian_store::{DynStore, EmbeddedStore};
 use serde_json::json;
@@ -50,55 +50,90 @@ fn count(snap: &Snapshot) -> (usize, usize) {
 /// million cached pods every second to count them took a whole core from the
 /// system under test.
 fn counter(server: &Server) -> Result<Arc<(AtomicUsize, AtomicUsize)>> {
-    let sub = server.state.cache.subscribe(None)?;
-    let (all, bound) = count(&sub.snapshot);
-    let counts = Arc::new((AtomicUsize::new(all), AtomicUsize::new(bound)));
+    let counts = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
     let (c, state) = (counts.clone(), server.state.clone());
-    let mut live = sub.live;
-    // Events at or below this revision are counted already.
-    let mut counted = sub.snapshot.revision;
+    // Counts afresh: the snapshot's revision, and the live events after it.
+    let recount = move || -> Result<(i64, _), meridian_apiserver::cache::CacheError> {
+        let sub = state.cache.subscribe(None)?;
+        let (all, bound) = count(&sub.snapshot);
+        c.0.store(all, Ordering::Relaxed);
+        c.1.store(bound, Ordering::Relaxed);
+        Ok((sub.snapshot.revision, sub.live))
+    };
+    let (mut base, mut live) = recount()?;
+    let (c, state) = (counts.clone(), server.state.clone());
+    // Applies one event (at or below `base` it is counted already).
+    let apply = move |e: &CacheEvent, base: i64| {
+        if e.revision <= base || !e.object.key.starts_with(PODS) {
+            return;
+        }
+        let was = match e.kind {
+            WatchKind::Deleted => is_bound(&e.object),
+            _ => e.prev.as_deref().is_some_and(is_bound),
+        };
+        let now = is_bound(&e.object) && e.kind != WatchKind::Deleted;
+        match e.kind {
+            WatchKind::Added => {
+                c.0.fetch_add(1, Ordering::Relaxed);
+            }
+            WatchKind::Deleted => {
+                c.0.fetch_sub(1, Ordering::Relaxed);
+            }
+            WatchKind::Modified => {}
+        }
+        if now && !was {
+            c.1.fetch_add(1, Ordering::Relaxed);
+        } else if was && !now {
+            c.1.fetch_sub(1, Ordering::Relaxed);
+        }
+    };
     tokio::spawn(async move {
+        // The last revision applied, and how many of its events (one commit
+        // may hold many).
+        let (mut last, mut seen) = (base, 0usize);
         loop {
             let e = match live.recv().await {
                 Ok(e) => e,
+                // Events were dropped while this task waited for a core: resume
+                // from the cache's history as a watch would (counting afresh
+                // walks every pod: a whole core at a million).
                 Err(RecvError::Lagged(_)) => {
-                    // Events were lost: count afresh (the events still queued
-                    // are older than this snapshot and skipped).
-                    let snap = state.cache.snapshot();
-                    let (all, bound) = count(&snap);
-                    c.0.store(all, Ordering::Relaxed);
-                    c.1.store(bound, Ordering::Relaxed);
-                    counted = snap.revision;
+                    match state.cache.subscribe(Some(last - 1)) {
+                        Ok(sub) => {
+                            let (mut skip, from) = (seen, last);
+                            for e in &sub.history {
+                                if e.revision == from && skip > 0 {
+                                    skip -= 1;
+                                    continue;
+                                }
+                                (last, seen) = next(e.revision, last, seen);
+                                apply(e, base);
+                            }
+                            live = sub.live;
+                        }
+                        Err(_) => match recount() {
+                            Ok((b, l)) => ((base, live), (last, seen)) = ((b, l), (b, 0)),
+                            Err(_) => return,
+                        },
+                    }
                     continue;
                 }
                 Err(RecvError::Closed) => return,
             };
-            if e.revision <= counted || !e.object.key.starts_with(PODS) {
-                continue;
-            }
-            let was = match e.kind {
-                WatchKind::Deleted => is_bound(&e.object),
-                _ => e.prev.as_deref().is_some_and(is_bound),
-            };
-            let now = is_bound(&e.object);
-            match e.kind {
-                WatchKind::Added => {
-                    c.0.fetch_add(1, Ordering::Relaxed);
-                }
-                WatchKind::Deleted => {
-                    c.0.fetch_sub(1, Ordering::Relaxed);
-                }
-                WatchKind::Modified => {}
-            }
-            let now = now && e.kind != WatchKind::Deleted;
-            if now && !was {
-                c.1.fetch_add(1, Ordering::Relaxed);
-            } else if was && !now {
-                c.1.fetch_sub(1, Ordering::Relaxed);
-            }
+            (last, seen) = next(e.revision, last, seen);
+            apply(&e, base);
         }
     });
     Ok(counts)
+}
+
+/// (last revision, events of it seen) after an event at `revision`.
+fn next(revision: i64, last: i64, seen: usize) -> (i64, usize) {
+    if revision == last {
+        (last, seen + 1)
+    } else {
+        (revision, 1)
+    }
 }
 
 pub async fn run(nodes: usize, deployments: usize, replicas: usize) -> Result<()> {

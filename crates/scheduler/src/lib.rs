@@ -9,8 +9,9 @@
 
 pub mod engine;
 pub mod policy;
+mod queue;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::Api;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use meridian_api::meridian::{self as mapi, PlacementPolicy, RESCHEDULE_GRACE_ANNOTATION};
 use meridian_api::owners::controller_of;
@@ -28,6 +29,7 @@ use serde_json::json;
 
 use engine::{Fleet, NodeInfo, Placement, PodRequest};
 use policy::PolicyRules;
+use queue::{Queue, Waiting};
 
 /// Bindings per bulk request, and bulk requests in flight.
 const BULK: usize = 500;
@@ -46,17 +48,6 @@ fn is_terminal(p: &Pod) -> bool {
         p.status.as_ref().and_then(|s| s.phase.as_deref()),
         Some("Succeeded" | "Failed")
     )
-}
-
-fn unschedulable_message(p: &Pod) -> Option<&str> {
-    p.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == "PodScheduled" && c.status == "False")?
-        .message
-        .as_deref()
 }
 
 /// A store kept up to date by a watch of every `K` (used by the controllers too).
@@ -78,6 +69,39 @@ where
             .for_each(|_| async {}),
     );
     store
+}
+
+/// The nodes, kept by a reflector, and the names of the nodes each of its
+/// events touched (`None`: a relist ended, every node may have changed).
+fn reflect_nodes(
+    client: &kube::Client,
+) -> (
+    Store<Node>,
+    tokio::sync::mpsc::UnboundedReceiver<Option<String>>,
+) {
+    let (store, writer) = reflector::store::<Node>();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let api: Api<Node> = Api::all(client.clone());
+    tokio::spawn(
+        reflector(writer, watcher(api, watcher::Config::default()))
+            .default_backoff()
+            .for_each(move |ev| {
+                let name = match ev {
+                    Ok(
+                        watcher::Event::Apply(n)
+                        | watcher::Event::InitApply(n)
+                        | watcher::Event::Delete(n),
+                    ) => Some(Some(n.metadata.name.unwrap_or_default())),
+                    Ok(watcher::Event::InitDone) => Some(None),
+                    Ok(watcher::Event::Init) | Err(_) => None,
+                };
+                if let Some(name) = name {
+                    let _ = tx.send(name);
+                }
+                futures::future::ready(())
+            }),
+    );
+    (store, rx)
 }
 
 /// POSTs `{"items": items}` to the meridian.io bulk endpoint `plural`
@@ -310,50 +334,61 @@ struct FleetView {
     placed: Vec<(String, String, Arc<PodRequest>)>,
     /// When the fleet was last rebuilt from every node.
     rebuilt: Option<Instant>,
+    /// Nodes came, went or changed labels or taints since: rebuild.
+    rebuild_due: bool,
 }
 
 /// Least time between two rebuilds of the fleet from every node.
 const REBUILD_EVERY: Duration = Duration::from_secs(2);
 
 impl FleetView {
-    /// Brings the fleet up to date; `false` when a rebuild is due but deferred
-    /// (the fleet is known to be stale: place nothing on it this tick).
-    fn sync_nodes(&mut self, nodes: &[Arc<Node>]) -> bool {
-        // Nodes come or go: a rebuild (cheap to tell: no node is parsed for it).
-        let mut rebuild = nodes.len() != self.node_rv.len()
-            || nodes.iter().any(|n| {
-                !self
-                    .node_rv
-                    .contains_key(n.metadata.name.as_deref().unwrap_or_default())
-            });
-        let mut changed = Vec::new();
-        for n in nodes {
-            if rebuild {
-                break;
-            }
-            let name = n.metadata.name.as_deref().unwrap_or_default();
-            let rv = n.metadata.resource_version.as_deref().unwrap_or_default();
-            match self.node_rv.get(name) {
-                None => rebuild = true,
-                Some(old) if old != rv => {
-                    let info = NodeInfo::from_node(n);
-                    match self.fleet.node(name) {
-                        Some(cur) if cur.labels == info.labels && cur.taints == info.taints => {
-                            changed.push((info, rv))
+    /// Brings the fleet up to date with the nodes the watch changed since the last
+    /// call (`None`: every node may have, as after a relist); `false` when a
+    /// rebuild is due but deferred (the fleet is known to be stale: place nothing
+    /// on it this tick). Unchanged nodes cost nothing: walking 100,000 of them
+    /// every tick was most of the scheduler's own CPU.
+    fn sync_nodes(&mut self, nodes: &Store<Node>, changed: Option<HashSet<String>>) -> bool {
+        let mut updates = Vec::new();
+        match changed {
+            None => self.rebuild_due = true,
+            Some(names) => {
+                for name in names {
+                    if self.rebuild_due {
+                        break;
+                    }
+                    let Some(n) = nodes.get(&ObjectRef::new(&name)) else {
+                        // Gone.
+                        self.rebuild_due |= self.node_rv.contains_key(&name);
+                        continue;
+                    };
+                    let rv = n.metadata.resource_version.as_deref().unwrap_or_default();
+                    match self.node_rv.get(&name) {
+                        None => self.rebuild_due = true,
+                        Some(old) if old != rv => {
+                            let info = NodeInfo::from_node(&n);
+                            match self.fleet.node(&name) {
+                                Some(cur)
+                                    if cur.labels == info.labels && cur.taints == info.taints =>
+                                {
+                                    updates.push((info, rv.to_owned()))
+                                }
+                                _ => self.rebuild_due = true,
+                            }
                         }
-                        _ => rebuild = true,
+                        Some(_) => {}
                     }
                 }
-                Some(_) => {}
             }
         }
         // A rebuild reads every node (100,000 while a fleet joins: most of the
         // server's CPU when it ran on every tick); at most one per REBUILD_EVERY, and
         // the nodes that changed meanwhile wait for it.
-        if rebuild && self.rebuilt.is_some_and(|t| t.elapsed() < REBUILD_EVERY) {
-            return false;
-        }
-        if rebuild {
+        if self.rebuild_due {
+            if self.rebuilt.is_some_and(|t| t.elapsed() < REBUILD_EVERY) {
+                return false;
+            }
+            let nodes = nodes.state();
+            self.rebuild_due = false;
             self.rebuilt = Some(Instant::now());
             self.fleet = Fleet::new(nodes.iter().map(|n| NodeInfo::from_node(n)).collect());
             for (node, req) in self.bound.values() {
@@ -369,9 +404,9 @@ impl FleetView {
                 })
                 .collect();
         } else {
-            for (info, rv) in changed {
+            for (info, rv) in updates {
                 if let Some(old) = self.node_rv.get_mut(&info.name) {
-                    rv.clone_into(old);
+                    *old = rv;
                 }
                 self.fleet.update_node(info);
             }
@@ -425,7 +460,7 @@ impl FleetView {
 
 /// Runs the scheduler until the task is dropped.
 pub async fn run(client: kube::Client) {
-    let nodes: Store<Node> = reflect(&client);
+    let (nodes, mut node_events) = reflect_nodes(&client);
     let mut pod_events = watch_pods(&client);
     let replicasets: Store<ReplicaSet> = reflect(&client);
     let jobs: Store<Job> = reflect(&client);
@@ -451,9 +486,11 @@ pub async fn run(client: kube::Client) {
     let mut compiled: HashMap<String, Arc<PolicyRules>> = HashMap::new();
     let mut last_report = Instant::now();
     // Pods bound by us that the watch has not shown bound yet.
-    let mut inflight: HashMap<String, (String, Instant)> = HashMap::new();
-    // Pods waiting for a node (ours to schedule), by uid, as the watch last showed them.
-    let mut waiting: HashMap<String, Arc<Pod>> = HashMap::new();
+    let mut inflight: HashMap<String, Inflight> = HashMap::new();
+    // When each binding was sent, oldest first, to find those that never showed up.
+    let mut expiry: std::collections::VecDeque<(Instant, String)> = Default::default();
+    // Pods waiting for a node (ours to schedule) and not in flight.
+    let mut queue = Queue::default();
     // During a relist: every pod it has shown so far.
     let mut relist: Option<std::collections::HashSet<String>> = None;
     let mut view = FleetView::default();
@@ -462,7 +499,17 @@ pub async fn run(client: kube::Client) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
         tick.tick().await;
-        let fresh = view.sync_nodes(&nodes.state());
+        let mut changed = Some(HashSet::new());
+        while let Ok(ev) = node_events.try_recv() {
+            match (ev, changed.as_mut()) {
+                (Some(name), Some(set)) => {
+                    set.insert(name);
+                }
+                (None, _) => changed = None,
+                (Some(_), None) => {}
+            }
+        }
+        let fresh = view.sync_nodes(&nodes, changed);
         let pol = Policies::load(&policies, &mut compiled, &replicasets, &jobs);
         let request = |p: &Pod| {
             let mut r = PodRequest::from_pod(p);
@@ -478,7 +525,7 @@ pub async fn run(client: kube::Client) {
                 PodEvent::Init => relist = Some(Default::default()),
                 PodEvent::InitDone => {
                     if let Some(seen) = relist.take() {
-                        waiting.retain(|uid, _| seen.contains(uid));
+                        queue.retain(|uid| seen.contains(uid));
                         inflight.retain(|uid, _| seen.contains(uid));
                         view.forget_unseen(&seen);
                         facts.retain(|uid, _| seen.contains(uid));
@@ -486,7 +533,7 @@ pub async fn run(client: kube::Client) {
                 }
                 PodEvent::Delete(uid) => {
                     facts.remove(&uid);
-                    waiting.remove(&uid);
+                    queue.remove(&uid);
                     inflight.remove(&uid);
                     view.unbind(&uid);
                 }
@@ -497,7 +544,7 @@ pub async fn run(client: kube::Client) {
                     }
                     if is_terminal(&p) || p.metadata.deletion_timestamp.is_some() {
                         facts.remove(&uid);
-                        waiting.remove(&uid);
+                        queue.remove(&uid);
                         inflight.remove(&uid);
                         view.unbind(&uid);
                         continue;
@@ -506,7 +553,7 @@ pub async fn run(client: kube::Client) {
                     let node = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
                     match node.filter(|n| !n.is_empty()) {
                         Some(n) => {
-                            waiting.remove(&uid);
+                            queue.remove(&uid);
                             inflight.remove(&uid);
                             view.bound(&uid, n, || request(&p));
                         }
@@ -516,8 +563,14 @@ pub async fn run(client: kube::Client) {
                                 .as_ref()
                                 .and_then(|s| s.scheduler_name.as_deref())
                                 .unwrap_or("default-scheduler");
-                            if SCHEDULER_NAMES.contains(&name) {
-                                waiting.insert(uid, p);
+                            if !SCHEDULER_NAMES.contains(&name) {
+                                continue;
+                            }
+                            match inflight.get_mut(&uid) {
+                                // Bound by us, the watch not there yet: the pod
+                                // waits for the binding, not in the queue.
+                                Some(f) => f.template = p,
+                                None => queue.push(p),
                             }
                         }
                     }
@@ -525,92 +578,80 @@ pub async fn run(client: kube::Client) {
             }
         }
         // A binding that never showed up: release its place and try again.
-        inflight.retain(|uid, (_, t)| {
-            let keep = t.elapsed() < INFLIGHT_TIMEOUT;
-            if !keep && waiting.contains_key(uid) {
-                view.unbind(uid);
+        // (Oldest first: a tick looks at the expired ones only.)
+        let now = Instant::now();
+        while let Some((since, _)) = expiry.front()
+            && now.duration_since(*since) >= INFLIGHT_TIMEOUT
+        {
+            let Some((since, uid)) = expiry.pop_front() else {
+                break;
+            };
+            if inflight.get(&uid).is_some_and(|f| f.since == since)
+                && let Some(f) = inflight.remove(&uid)
+            {
+                view.unbind(&uid);
+                queue.put_back(f.template, f.waiting);
             }
-            keep
-        });
+        }
         if !fresh {
             // Nodes came or went and the fleet is rebuilt at most every
             // REBUILD_EVERY: placing now would use a fleet known to be stale.
             continue;
         }
-        let mut pending: Vec<Arc<Pod>> = waiting
-            .iter()
-            .filter(|(uid, _)| !inflight.contains_key(*uid))
-            .map(|(_, p)| p.clone())
-            .collect();
         let fleet = &mut view.fleet;
         if last_report.elapsed() >= Duration::from_secs(2) {
             last_report = Instant::now();
             report_policies(&client, &pol, &facts, fleet).await;
         }
-        if pending.is_empty() {
+        if queue.is_empty() {
             continue;
         }
-        pending.sort_by(|a, b| {
-            a.metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0)
-                .cmp(&b.metadata.creation_timestamp.as_ref().map(|t| t.0))
-        });
+        tracing::debug!(waiting = queue.len(), inflight = inflight.len(), "placing");
         let mut binds = Vec::new();
         let mut failures = Vec::new();
-        // Pending pods of one owner are one equivalence class: placed together by
-        // the engine's incremental path.
-        let owner = |p: &Pod| -> Option<String> {
-            let replaces = p
-                .metadata
-                .annotations
-                .as_ref()
-                .is_some_and(|a| a.contains_key(mapi::REPLACES_NODE_ANNOTATION));
-            if replaces {
-                return None;
-            }
-            controller_of(&p.metadata).map(|o| o.uid.clone())
-        };
-        // Pending pods of one owner form a class, in the order of its oldest pod.
-        let mut classes: Vec<Vec<Arc<Pod>>> = Vec::new();
-        let mut class_of: HashMap<String, usize> = HashMap::new();
-        for p in pending {
-            match owner(&p) {
-                Some(uid) => match class_of.get(&uid) {
-                    Some(&c) => classes[c].push(p),
-                    None => {
-                        class_of.insert(uid, classes.len());
-                        classes.push(vec![p]);
-                    }
-                },
-                None => classes.push(vec![p]),
-            }
-        }
         // Bind what is placed at least every PLACE_BUDGET: pods on the general path
         // cost O(nodes) each, and 20,000 replacements at once would otherwise hold
         // every binding back for minutes. The rest wait for the next tick, oldest first.
         let placing = Instant::now();
-        for class in classes {
+        for key in queue.classes() {
             if placing.elapsed() > PLACE_BUDGET {
                 break;
             }
-            let req = request(&class[0]);
+            let Some((template, pods)) = queue.take(&key) else {
+                continue;
+            };
+            let req = request(&template);
             let grace = req.policy.as_ref().and_then(|r| r.reschedule_grace.clone());
-            let placed = view.fleet.place_class(&req, class.len());
+            let placed = view.fleet.place_class(&req, pods.len());
             let req_arc = Arc::new(req);
-            for (p, placement) in class.into_iter().zip(placed) {
+            for (mut w, placement) in pods.into_iter().zip(placed) {
                 match placement {
                     Placement::Node(n) => {
-                        let uid = p.metadata.uid.clone().unwrap_or_default();
-                        inflight.insert(uid.clone(), (n.clone(), Instant::now()));
-                        view.placed.push((uid, n.clone(), req_arc.clone()));
-                        binds.push((p, n, grace.clone()));
+                        view.placed
+                            .push((w.uid.clone(), n.clone(), req_arc.clone()));
+                        binds.push(Bind {
+                            uid: w.uid.clone(),
+                            namespace: w.namespace.clone(),
+                            name: w.name.clone(),
+                            node: n.clone(),
+                            grace: grace.clone(),
+                        });
+                        expiry.push_back((now, w.uid.clone()));
+                        inflight.insert(
+                            w.uid.clone(),
+                            Inflight {
+                                since: now,
+                                template: template.clone(),
+                                waiting: w,
+                            },
+                        );
                     }
                     Placement::Unschedulable(msg) => {
-                        if unschedulable_message(&p) != Some(msg.as_str()) {
-                            failures.push((p, msg));
+                        if w.unschedulable.as_deref() != Some(msg.as_str()) {
+                            failures.push((w.clone(), msg.clone()));
+                            w.unschedulable = Some(msg);
                         }
+                        queue.put_back(template.clone(), w);
                     }
                 }
             }
@@ -621,19 +662,36 @@ pub async fn run(client: kube::Client) {
         // places are free again at once, and the pods are placed anew if the
         // watch still shows them waiting.
         for uid in bind_all(client, binds).await {
-            inflight.remove(&uid);
-            view.unbind(&uid);
+            if let Some(f) = inflight.remove(&uid) {
+                view.unbind(&uid);
+                queue.put_back(f.template, f.waiting);
+            }
         }
         futures::stream::iter(failures)
-            .for_each_concurrent(16, |(p, msg)| async move {
-                report_unschedulable(client, &p, &msg).await;
+            .for_each_concurrent(16, |(w, msg)| async move {
+                report_unschedulable(client, &w, &msg).await;
             })
             .await;
     }
 }
 
+/// A pod we bound that the watch has not shown bound yet.
+struct Inflight {
+    since: Instant,
+    /// Its class's template and its place in the queue, to put it back if the
+    /// binding fails or never shows up.
+    template: Arc<Pod>,
+    waiting: Waiting,
+}
+
 /// A pod, its node, and the reschedule grace to annotate it with.
-type Bind = (Arc<Pod>, String, Option<String>);
+struct Bind {
+    uid: String,
+    namespace: String,
+    name: String,
+    node: String,
+    grace: Option<String>,
+}
 
 /// How long a pod we bound may take to show up bound in the watch before its
 /// place is released and it is placed again. A bulk answer already tells which
@@ -652,23 +710,27 @@ fn already_bound(message: &str) -> bool {
 /// transaction per chunk); a chunk whose request fails is bound one pod at a time.
 /// Returns the uids of the pods whose binding was refused.
 async fn bind_all(client: &kube::Client, binds: Vec<Bind>) -> Vec<String> {
-    let chunks: Vec<Vec<Bind>> = binds.chunks(BULK).map(<[_]>::to_vec).collect();
+    let mut chunks: Vec<Vec<Bind>> = Vec::new();
+    let mut binds = binds.into_iter().peekable();
+    while binds.peek().is_some() {
+        chunks.push(binds.by_ref().take(BULK).collect());
+    }
     let refused = std::sync::Mutex::new(Vec::new());
-    let refuse = |p: &Pod| {
+    let refuse = |b: &Bind| {
         refused
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(p.metadata.uid.clone().unwrap_or_default());
+            .push(b.uid.clone());
     };
     futures::stream::iter(chunks)
         .for_each_concurrent(BULK_CONCURRENCY, |chunk| async move {
             let items: Vec<serde_json::Value> = chunk
                 .iter()
-                .map(|(p, node, grace)| {
+                .map(|b| {
                     let mut it = json!({
-                        "namespace": p.metadata.namespace, "name": p.metadata.name, "node": node,
+                        "namespace": b.namespace, "name": b.name, "node": b.node,
                     });
-                    if let Some(g) = grace {
+                    if let Some(g) = &b.grace {
                         it["metadata"] = json!({"annotations": {RESCHEDULE_GRACE_ANNOTATION: g}});
                     }
                     it
@@ -676,23 +738,23 @@ async fn bind_all(client: &kube::Client, binds: Vec<Bind>) -> Vec<String> {
                 .collect();
             match bulk_post(client, "bulkbindings", &items).await {
                 Ok(items) => {
-                    for ((p, _, _), it) in chunk.iter().zip(&items) {
+                    for (b, it) in chunk.iter().zip(&items) {
                         let message = it["message"].as_str().unwrap_or_default();
                         if it["status"] != "Success" && !already_bound(message) {
                             tracing::debug!(pod = %it["name"], reason = %it["reason"], "bind failed: {message}");
-                            refuse(p);
+                            refuse(b);
                         }
                     }
                 }
                 Err(e) => {
                     tracing::debug!("bulk binding unavailable ({e}); binding one by one");
                     futures::stream::iter(chunk)
-                        .for_each_concurrent(BIND_CONCURRENCY, |(p, node, grace)| async move {
-                            if let Err(e) = bind(client, &p, &node, grace).await
+                        .for_each_concurrent(BIND_CONCURRENCY, |b| async move {
+                            if let Err(e) = bind(client, &b).await
                                 && !already_bound(&e.to_string())
                             {
-                                tracing::warn!(pod = ?p.metadata.name, %node, "bind failed: {e}");
-                                refuse(&p);
+                                tracing::warn!(pod = %b.name, node = %b.node, "bind failed: {e}");
+                                refuse(&b);
                             }
                         })
                         .await;
@@ -705,26 +767,20 @@ async fn bind_all(client: &kube::Client, binds: Vec<Bind>) -> Vec<String> {
 
 /// Binds a pod; annotations on the Binding are copied to the pod (as in
 /// Kubernetes), which is how a policy's failover grace reaches the region.
-async fn bind(
-    client: &kube::Client,
-    p: &Pod,
-    node: &str,
-    grace: Option<String>,
-) -> Result<(), kube::Error> {
-    let ns = p.metadata.namespace.clone().unwrap_or_default();
-    let name = p.metadata.name.clone().unwrap_or_default();
-    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+async fn bind(client: &kube::Client, b: &Bind) -> Result<(), kube::Error> {
+    let (ns, name, node) = (&b.namespace, &b.name, &b.node);
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
     let mut body = json!({
         "apiVersion": "v1", "kind": "Binding",
         "metadata": {"name": name, "namespace": ns},
         "target": {"apiVersion": "v1", "kind": "Node", "name": node},
     });
-    if let Some(g) = grace {
+    if let Some(g) = &b.grace {
         body["metadata"]["annotations"] = json!({ RESCHEDULE_GRACE_ANNOTATION: g });
     }
     api.create_subresource::<serde_json::Value, serde_json::Value>(
         "binding",
-        &name,
+        name,
         &PostParams::default(),
         &body,
     )
@@ -732,26 +788,25 @@ async fn bind(
     .map(|_| ())
 }
 
-async fn report_unschedulable(client: &kube::Client, p: &Pod, msg: &str) {
-    let ns = p.metadata.namespace.clone().unwrap_or_default();
-    let name = p.metadata.name.clone().unwrap_or_default();
+async fn report_unschedulable(client: &kube::Client, p: &Waiting, msg: &str) {
+    let (ns, name) = (&p.namespace, &p.name);
     let now = jiff::Timestamp::now();
-    let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
     let patch = json!({"status": {"phase": "Pending", "conditions": [{
         "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
         "message": msg, "lastTransitionTime": now.to_string(),
     }]}});
     if let Err(e) = api
-        .patch_status(&name, &PatchParams::default(), &Patch::Merge(patch))
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
         .await
     {
         tracing::debug!(pod = %name, "unschedulable status: {e}");
     }
-    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let events: Api<Event> = Api::namespaced(client.clone(), ns);
     let pod = meridian_api::events::PodRef {
-        namespace: &ns,
-        name: &name,
-        uid: p.metadata.uid.as_deref(),
+        namespace: ns,
+        name,
+        uid: Some(&p.uid),
     };
     let ev = meridian_api::events::pod_event(
         pod,

@@ -1,0 +1,328 @@
+//! Pods waiting for a node, kept as equivalence classes in the order they are to
+//! be placed, so that a tick costs what it places, not what waits.
+//!
+//! Pods of one controlling owner are one class (the same template: one request,
+//! placed together by the engine's incremental path); a pod without an owner, or
+//! one replacing a lost node's pod, is a class of its own. A class holds the newest
+//! typed pod seen of it (what its request is computed from) and, per pod, only its
+//! name and what the loop must remember: a typed `Pod` is ~8 KB of memory, and a
+//! million of them wait at once when creation outruns binding.
+//!
+//! Order: classes by their oldest pod, pods by creation time and then by arrival.
+//! A pod taken for placement and put back (unschedulable, or its binding refused)
+//! keeps its place.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+use meridian_api::meridian as mapi;
+use meridian_api::owners::controller_of;
+
+/// Where a pod stands in the queue: creation time (seconds), then arrival.
+pub(crate) type Order = (i64, u64);
+
+/// One waiting pod, as the loop needs it to bind it or report it.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Waiting {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    /// The message of its `PodScheduled=False` condition, if any.
+    pub unschedulable: Option<String>,
+    class: Arc<str>,
+    order: Order,
+}
+
+struct Class {
+    template: Arc<Pod>,
+    pods: BTreeMap<Order, Waiting>,
+}
+
+/// The pods waiting for a node.
+#[derive(Default)]
+pub(crate) struct Queue {
+    arrivals: u64,
+    /// Every pod in the queue: uid -> (class, order).
+    index: HashMap<String, (Arc<str>, Order)>,
+    classes: HashMap<Arc<str>, Class>,
+    /// Classes by their oldest pod.
+    order: BTreeSet<(Order, Arc<str>)>,
+    /// Pods taken out and not put back (placed, in flight): their places, so a
+    /// pod put back keeps its place.
+    known: HashMap<String, (Arc<str>, Order)>,
+}
+
+/// The class of a pending pod: its controlling owner, unless it stands alone.
+fn class_of(p: &Pod, uid: &str) -> Arc<str> {
+    let replaces = p
+        .metadata
+        .annotations
+        .as_ref()
+        .is_some_and(|a| a.contains_key(mapi::REPLACES_NODE_ANNOTATION));
+    match controller_of(&p.metadata) {
+        Some(o) if !replaces => Arc::from(format!("owner/{}", o.uid)),
+        _ => Arc::from(format!("pod/{uid}")),
+    }
+}
+
+fn unschedulable_message(p: &Pod) -> Option<String> {
+    p.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")?
+        .message
+        .clone()
+}
+
+impl Queue {
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// A pod the watch shows waiting: added, or brought up to date in place.
+    pub fn push(&mut self, pod: Arc<Pod>) {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let (class, order) = match self
+            .index
+            .get(&uid)
+            .or_else(|| self.known.get(&uid))
+            .cloned()
+        {
+            Some(place) => place,
+            None => {
+                self.arrivals += 1;
+                let created = pod
+                    .metadata
+                    .creation_timestamp
+                    .as_ref()
+                    .map_or(0, |t| t.0.as_second());
+                (class_of(&pod, &uid), (created, self.arrivals))
+            }
+        };
+        let waiting = Waiting {
+            namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+            name: pod.metadata.name.clone().unwrap_or_default(),
+            unschedulable: unschedulable_message(&pod),
+            uid,
+            class,
+            order,
+        };
+        self.put(pod, waiting);
+    }
+
+    /// Puts back a pod taken out by [`Queue::take`], in its old place.
+    pub fn put_back(&mut self, template: Arc<Pod>, waiting: Waiting) {
+        self.put(template, waiting);
+    }
+
+    fn put(&mut self, template: Arc<Pod>, waiting: Waiting) {
+        let key = waiting.class.clone();
+        self.known.remove(&waiting.uid);
+        self.index
+            .insert(waiting.uid.clone(), (key.clone(), waiting.order));
+        let class = self.classes.entry(key.clone()).or_insert_with(|| Class {
+            template: template.clone(),
+            pods: BTreeMap::new(),
+        });
+        class.template = template;
+        let oldest = class.pods.keys().next().copied();
+        class.pods.insert(waiting.order, waiting);
+        let now = class.pods.keys().next().copied();
+        if oldest != now {
+            if let Some(o) = oldest {
+                self.order.remove(&(o, key.clone()));
+            }
+            if let Some(o) = now {
+                self.order.insert((o, key));
+            }
+        }
+    }
+
+    /// A pod that no longer waits (bound, finished, deleted).
+    pub fn remove(&mut self, uid: &str) -> Option<Waiting> {
+        self.known.remove(uid);
+        let (key, order) = self.index.remove(uid)?;
+        let class = self.classes.get_mut(&key)?;
+        let oldest = class.pods.keys().next().copied();
+        let w = class.pods.remove(&order);
+        let now = class.pods.keys().next().copied();
+        if oldest != now {
+            if let Some(o) = oldest {
+                self.order.remove(&(o, key.clone()));
+            }
+            match now {
+                Some(o) => {
+                    self.order.insert((o, key));
+                }
+                None => {
+                    self.classes.remove(&key);
+                }
+            }
+        }
+        w
+    }
+
+    /// The classes, oldest first (to [`Queue::take`] one after another).
+    pub fn classes(&self) -> Vec<Arc<str>> {
+        self.order.iter().map(|(_, k)| k.clone()).collect()
+    }
+
+    /// Takes a whole class out for placement: its template and its pods in order.
+    pub fn take(&mut self, key: &str) -> Option<(Arc<Pod>, Vec<Waiting>)> {
+        let class = self.classes.remove(key)?;
+        if let Some(o) = class.pods.keys().next() {
+            self.order.remove(&(*o, Arc::from(key)));
+        }
+        let pods: Vec<Waiting> = class.pods.into_values().collect();
+        for w in &pods {
+            if let Some(place) = self.index.remove(&w.uid) {
+                self.known.insert(w.uid.clone(), place);
+            }
+        }
+        Some((class.template, pods))
+    }
+
+    /// Keeps only the pods `keep` accepts (after a relist).
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        let gone: Vec<String> = self
+            .index
+            .keys()
+            .chain(self.known.keys())
+            .filter(|uid| !keep(uid))
+            .cloned()
+            .collect();
+        for uid in gone {
+            self.remove(&uid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+
+    fn pod(name: &str, owner: Option<&str>, created: i64) -> Arc<Pod> {
+        let mut p = Pod::default();
+        p.metadata.name = Some(name.into());
+        p.metadata.namespace = Some("ns".into());
+        p.metadata.uid = Some(format!("u-{name}"));
+        p.metadata.creation_timestamp = Some(Time(
+            jiff::Timestamp::from_second(1_700_000_000 + created).unwrap(),
+        ));
+        p.metadata.owner_references = owner.map(|o| {
+            vec![OwnerReference {
+                uid: o.into(),
+                controller: Some(true),
+                name: o.into(),
+                kind: "ReplicaSet".into(),
+                api_version: "apps/v1".into(),
+                ..Default::default()
+            }]
+        });
+        Arc::new(p)
+    }
+
+    fn names(q: &mut Queue) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        for k in q.classes() {
+            let (t, pods) = q.take(&k).unwrap();
+            out.push(pods.iter().map(|w| w.name.clone()).collect());
+            for w in pods {
+                q.put_back(t.clone(), w);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn pods_of_one_owner_are_one_class_and_classes_come_oldest_first() {
+        let mut q = Queue::default();
+        q.push(pod("b1", Some("rs-b"), 5));
+        q.push(pod("a1", Some("rs-a"), 3));
+        q.push(pod("lone", None, 4));
+        q.push(pod("b0", Some("rs-b"), 1));
+        q.push(pod("a2", Some("rs-a"), 3));
+        assert_eq!(q.len(), 5);
+        assert_eq!(
+            names(&mut q),
+            vec![vec!["b0", "b1"], vec!["a1", "a2"], vec!["lone"]]
+        );
+        // Taking and putting back changed nothing.
+        assert_eq!(
+            names(&mut q),
+            vec![vec!["b0", "b1"], vec!["a1", "a2"], vec!["lone"]]
+        );
+    }
+
+    #[test]
+    fn a_taken_pod_is_out_of_the_queue_until_put_back_and_keeps_its_place() {
+        let mut q = Queue::default();
+        for (i, n) in ["p0", "p1", "p2"].iter().enumerate() {
+            q.push(pod(n, Some("rs"), i as i64));
+        }
+        q.push(pod("late", Some("other"), 10));
+        let (t, mut pods) = q.take("owner/rs").unwrap();
+        assert_eq!(q.len(), 1);
+        assert!(!q.is_empty());
+        assert_eq!(q.classes().len(), 1);
+        // The watch shows p0 again while it is out (not yet bound): it returns
+        // to its old place, ahead of the other class.
+        q.push(pod("p0", Some("rs"), 0));
+        assert_eq!(names(&mut q), vec![vec!["p0"], vec!["late"]]);
+        // p1 was bound; p2 is put back.
+        assert!(q.remove("u-p1").is_none());
+        let p2 = pods.pop().unwrap();
+        q.put_back(t, p2);
+        assert_eq!(names(&mut q), vec![vec!["p0", "p2"], vec!["late"]]);
+    }
+
+    #[test]
+    fn removing_pods_reorders_and_drops_empty_classes() {
+        let mut q = Queue::default();
+        q.push(pod("a0", Some("a"), 0));
+        q.push(pod("b1", Some("b"), 1));
+        q.push(pod("a2", Some("a"), 2));
+        assert!(q.remove("u-a0").is_some());
+        // Class a's oldest is now 2: b comes first.
+        assert_eq!(names(&mut q), vec![vec!["b1"], vec!["a2"]]);
+        assert!(q.remove("u-b1").is_some());
+        assert!(q.remove("u-b1").is_none());
+        assert_eq!(q.classes().len(), 1);
+        q.retain(|uid| uid != "u-a2");
+        assert!(q.is_empty());
+        assert!(q.classes().is_empty());
+    }
+
+    #[test]
+    fn a_replacement_pod_is_a_class_of_its_own_and_remembers_its_condition() {
+        let mut q = Queue::default();
+        q.push(pod("r0", Some("rs"), 0));
+        let mut repl = (*pod("r1", Some("rs"), 1)).clone();
+        repl.metadata.annotations =
+            Some([(mapi::REPLACES_NODE_ANNOTATION.to_string(), "n1".to_string())].into());
+        repl.status = Some(k8s_openapi::api::core::v1::PodStatus {
+            conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                message: Some("0/3 nodes: 3 insufficient cpu".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        });
+        q.push(Arc::new(repl));
+        assert_eq!(q.classes().len(), 2);
+        let (_, pods) = q.take("pod/u-r1").unwrap();
+        assert_eq!(
+            pods[0].unschedulable.as_deref(),
+            Some("0/3 nodes: 3 insufficient cpu")
+        );
+    }
+}
