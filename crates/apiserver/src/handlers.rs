@@ -1990,30 +1990,50 @@ fn binding_annotations(b: &Value) -> Result<Option<&serde_json::Map<String, Valu
     Ok(Some(ann))
 }
 
-/// One binding with compare-and-swap retries.
+/// One binding with compare-and-swap retries. With `cached`, the first attempt
+/// starts from the watch cache's copy of the pod (what the scheduler placed) and
+/// saves a store read; a stale copy fails its compare-and-swap or its checks and
+/// the next attempt reads the store.
 async fn bind_one(
     cx: &Ctx<'_>,
     key: &str,
     name: &str,
     node: &str,
     annotations: Option<&serde_json::Map<String, Value>>,
+    cached: Option<&crate::cache::Snapshot>,
 ) -> Result<(), ApiError> {
+    let mut hint = cached.and_then(|s| s.get(key)).cloned();
     for _ in 0..MAX_ATTEMPTS {
-        let cur = cx
-            .state
-            .store
-            .get(key)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| ApiError::not_found("pods", "", name))?;
-        let mut pod = parse_stored(&cur)?;
-        assign(&mut pod, node, annotations)
-            .map_err(|why| ApiError::conflict("pods", "", name, &why))?;
+        let from_cache = hint.take();
+        let (mut pod, revision) = match &from_cache {
+            Some(o) => {
+                let mut pod: Value = serde_json::from_slice(&o.json).map_err(internal)?;
+                if let Some(m) = pod["metadata"].as_object_mut() {
+                    m.remove("resourceVersion");
+                }
+                (pod, o.mod_revision)
+            }
+            None => {
+                let cur = cx
+                    .state
+                    .store
+                    .get(key)
+                    .await
+                    .map_err(store_err)?
+                    .ok_or_else(|| ApiError::not_found("pods", "", name))?;
+                (parse_stored(&cur)?, cur.mod_revision)
+            }
+        };
+        match assign(&mut pod, node, annotations) {
+            Ok(()) => {}
+            Err(_) if from_cache.is_some() => continue,
+            Err(why) => return Err(ApiError::conflict("pods", "", name, &why)),
+        }
         let value = Bytes::from(serde_json::to_vec(&pod).map_err(internal)?);
         if cx
             .state
             .store
-            .update(&cur.key, value, cur.mod_revision)
+            .update(key, value, revision)
             .await
             .map_err(store_err)?
             .is_some()
@@ -2045,7 +2065,7 @@ async fn bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
             why,
         ))
     })?;
-    bind_one(cx, &cx.key(), cx.name(), &node, annotations).await?;
+    bind_one(cx, &cx.key(), cx.name(), &node, annotations, None).await?;
     let status = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201});
     Ok(json_response(
         StatusCode::CREATED,
@@ -2060,8 +2080,12 @@ async fn bind_item(
     name: String,
     node: String,
     ann: Option<serde_json::Map<String, Value>>,
+    snap: &crate::cache::Snapshot,
 ) -> (usize, Result<(), ApiError>) {
-    (i, bind_one(cx, &key, &name, &node, ann.as_ref()).await)
+    (
+        i,
+        bind_one(cx, &key, &name, &node, ann.as_ref(), Some(snap)).await,
+    )
 }
 
 /// Most bindings in one bulk request, and how many are written at once.
@@ -2120,8 +2144,9 @@ async fn bulk_bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
     // transaction and one fsync, each pod at its own revision, so a watch resuming
     // from any resourceVersion misses none of them.
     use futures::StreamExt;
+    let snap = cx.state.cache.snapshot();
     let results: Vec<(usize, Result<(), ApiError>)> = futures::stream::iter(todo)
-        .map(|(i, key, name, node, ann)| bind_item(cx, i, key, name, node, ann))
+        .map(|(i, key, name, node, ann)| bind_item(cx, i, key, name, node, ann, &snap))
         .buffer_unordered(BULK_CONCURRENCY)
         .collect()
         .await;

@@ -50,23 +50,86 @@ fn count(snap: &Snapshot) -> (usize, usize) {
 /// million cached pods every second to count them took a whole core from the
 /// system under test.
 fn counter(server: &Server) -> Result<Arc<(AtomicUsize, AtomicUsize)>> {
-    let counts = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
-    let (c, state) = (counts.clone(), server.state.clone());
-    // Counts afresh: the snapshot's revision, and the live events after it.
-    let recount = move || -> Result<(i64, _), meridian_apiserver::cache::CacheError> {
-        let sub = state.cache.subscribe(None)?;
-        let (all, bound) = count(&sub.snapshot);
-        c.0.store(all, Ordering::Relaxed);
-        c.1.store(bound, Ordering::Relaxed);
-        Ok((sub.snapshot.revision, sub.live))
+    let mut tally = Tally {
+        counts: Arc::new((AtomicUsize::new(0), AtomicUsize::new(0))),
+        state: server.state.clone(),
+        base: 0,
+        last: 0,
+        seen: 0,
     };
-    let (mut base, mut live) = recount()?;
-    let (c, state) = (counts.clone(), server.state.clone());
-    // Applies one event (at or below `base` it is counted already).
-    let apply = move |e: &CacheEvent, base: i64| {
-        if e.revision <= base || !e.object.key.starts_with(PODS) {
+    let counts = tally.counts.clone();
+    let mut live = tally.recount()?;
+    tokio::spawn(async move {
+        loop {
+            match live.recv().await {
+                Ok(e) => tally.apply(&e),
+                // Events were dropped while this task waited for a core: resume
+                // from the cache's history as a watch would (counting afresh
+                // walks every pod: a whole core at a million).
+                Err(RecvError::Lagged(_)) => match tally.resume() {
+                    Ok(l) => live = l,
+                    Err(_) => return,
+                },
+                Err(RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(counts)
+}
+
+type Live = tokio::sync::broadcast::Receiver<Arc<CacheEvent>>;
+
+/// The counting state of [`counter`].
+struct Tally {
+    counts: Arc<(AtomicUsize, AtomicUsize)>,
+    state: Arc<meridian_apiserver::AppState>,
+    /// The revision of the last full count: events at or below it are counted.
+    base: i64,
+    /// The last revision applied, and how many of its events (one commit may
+    /// hold many).
+    last: i64,
+    seen: usize,
+}
+
+impl Tally {
+    /// Counts afresh from a snapshot; the live events after it follow.
+    fn recount(&mut self) -> Result<Live, meridian_apiserver::cache::CacheError> {
+        let sub = self.state.cache.subscribe(None)?;
+        let (all, bound) = count(&sub.snapshot);
+        self.counts.0.store(all, Ordering::Relaxed);
+        self.counts.1.store(bound, Ordering::Relaxed);
+        (self.base, self.last, self.seen) = (sub.snapshot.revision, sub.snapshot.revision, 0);
+        Ok(sub.live)
+    }
+
+    /// Resumes after the last event applied from the cache's history, or counts
+    /// afresh if that has left the history.
+    fn resume(&mut self) -> Result<Live, meridian_apiserver::cache::CacheError> {
+        let Ok(sub) = self.state.cache.subscribe(Some(self.last - 1)) else {
+            return self.recount();
+        };
+        let (mut skip, from) = (self.seen, self.last);
+        for e in &sub.history {
+            if e.revision == from && skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            self.apply(e);
+        }
+        Ok(sub.live)
+    }
+
+    /// Applies one event (at or below `base` it is counted already).
+    fn apply(&mut self, e: &CacheEvent) {
+        if e.revision == self.last {
+            self.seen += 1;
+        } else {
+            (self.last, self.seen) = (e.revision, 1);
+        }
+        if e.revision <= self.base || !e.object.key.starts_with(PODS) {
             return;
         }
+        let c = &self.counts;
         let was = match e.kind {
             WatchKind::Deleted => is_bound(&e.object),
             _ => e.prev.as_deref().is_some_and(is_bound),
@@ -86,53 +149,6 @@ fn counter(server: &Server) -> Result<Arc<(AtomicUsize, AtomicUsize)>> {
         } else if was && !now {
             c.1.fetch_sub(1, Ordering::Relaxed);
         }
-    };
-    tokio::spawn(async move {
-        // The last revision applied, and how many of its events (one commit
-        // may hold many).
-        let (mut last, mut seen) = (base, 0usize);
-        loop {
-            let e = match live.recv().await {
-                Ok(e) => e,
-                // Events were dropped while this task waited for a core: resume
-                // from the cache's history as a watch would (counting afresh
-                // walks every pod: a whole core at a million).
-                Err(RecvError::Lagged(_)) => {
-                    match state.cache.subscribe(Some(last - 1)) {
-                        Ok(sub) => {
-                            let (mut skip, from) = (seen, last);
-                            for e in &sub.history {
-                                if e.revision == from && skip > 0 {
-                                    skip -= 1;
-                                    continue;
-                                }
-                                (last, seen) = next(e.revision, last, seen);
-                                apply(e, base);
-                            }
-                            live = sub.live;
-                        }
-                        Err(_) => match recount() {
-                            Ok((b, l)) => ((base, live), (last, seen)) = ((b, l), (b, 0)),
-                            Err(_) => return,
-                        },
-                    }
-                    continue;
-                }
-                Err(RecvError::Closed) => return,
-            };
-            (last, seen) = next(e.revision, last, seen);
-            apply(&e, base);
-        }
-    });
-    Ok(counts)
-}
-
-/// (last revision, events of it seen) after an event at `revision`.
-fn next(revision: i64, last: i64, seen: usize) -> (i64, usize) {
-    if revision == last {
-        (last, seen + 1)
-    } else {
-        (revision, 1)
     }
 }
 

@@ -29,7 +29,7 @@ use serde_json::json;
 
 /// The same allocator as the `meridian` binary, so numbers match what it does.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: meridian_alloc::Allocator = meridian_alloc::Allocator;
 
 #[derive(Parser)]
 struct Cli {
@@ -456,6 +456,7 @@ async fn memory(objects: usize) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    meridian_alloc::tune();
     let _ = rustls::crypto::ring::default_provider().install_default();
     // Warnings of the components under test (RUST_LOG overrides), on stderr.
     tracing_subscriber::fmt()

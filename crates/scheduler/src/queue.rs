@@ -114,15 +114,12 @@ impl Queue {
             class,
             order,
         };
-        self.put(pod, waiting);
+        self.put_back(pod, waiting);
     }
 
-    /// Puts back a pod taken out by [`Queue::take`], in its old place.
+    /// Puts a pod in its place (one taken out by [`Queue::take`] goes back to the
+    /// place it had), with the newest template of its class.
     pub fn put_back(&mut self, template: Arc<Pod>, waiting: Waiting) {
-        self.put(template, waiting);
-    }
-
-    fn put(&mut self, template: Arc<Pod>, waiting: Waiting) {
         let key = waiting.class.clone();
         self.known.remove(&waiting.uid);
         self.index
@@ -175,10 +172,10 @@ impl Queue {
     }
 
     /// Takes a whole class out for placement: its template and its pods in order.
-    pub fn take(&mut self, key: &str) -> Option<(Arc<Pod>, Vec<Waiting>)> {
+    pub fn take(&mut self, key: &Arc<str>) -> Option<(Arc<Pod>, Vec<Waiting>)> {
         let class = self.classes.remove(key)?;
         if let Some(o) = class.pods.keys().next() {
-            self.order.remove(&(*o, Arc::from(key)));
+            self.order.remove(&(*o, key.clone()));
         }
         let pods: Vec<Waiting> = class.pods.into_values().collect();
         for w in &pods {
@@ -269,7 +266,7 @@ mod tests {
             q.push(pod(n, Some("rs"), i as i64));
         }
         q.push(pod("late", Some("other"), 10));
-        let (t, mut pods) = q.take("owner/rs").unwrap();
+        let (t, mut pods) = q.take(&Arc::from("owner/rs")).unwrap();
         assert_eq!(q.len(), 1);
         assert!(!q.is_empty());
         assert_eq!(q.classes().len(), 1);
@@ -319,7 +316,7 @@ mod tests {
         });
         q.push(Arc::new(repl));
         assert_eq!(q.classes().len(), 2);
-        let (_, pods) = q.take("pod/u-r1").unwrap();
+        let (_, pods) = q.take(&Arc::from("pod/u-r1")).unwrap();
         assert_eq!(
             pods[0].unschedulable.as_deref(),
             Some("0/3 nodes: 3 insufficient cpu")
