@@ -468,6 +468,22 @@ pub static RESOURCES: &[Resource] = &[
     Resource {
         group: meridian::GROUP,
         version: meridian::VERSION,
+        kind: "BulkPodStatus",
+        plural: "bulkpodstatuses",
+        singular: "bulkpodstatus",
+        scope: Scope::Cluster,
+        tenant_access: TenantAccess::None,
+        normalize: |v, _| Ok(v),
+        schema: |_| {
+            schemars::json_schema!({"type": "object",
+                "description": "Many pod status updates in one request (the regions'): `items`, each a pod's namespace, name and status, applied as a merge patch of its status.",
+                "x-kubernetes-preserve-unknown-fields": true})
+        },
+        ..COMMON
+    },
+    Resource {
+        group: meridian::GROUP,
+        version: meridian::VERSION,
         kind: "PlacementPolicy",
         plural: "placementpolicies",
         singular: "placementpolicy",

@@ -37,7 +37,30 @@ pub struct Ctx<'a> {
     pub headers: HeaderMap,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// The context of one item of a bulk request: the same caller and server.
+    fn item(
+        &self,
+        resource: &'static Resource,
+        namespace: Option<String>,
+        name: Option<String>,
+        subresource: Option<&str>,
+        headers: HeaderMap,
+    ) -> Ctx<'a> {
+        Ctx {
+            state: self.state,
+            who: self.who.clone(),
+            target: Target {
+                resource,
+                namespace,
+                name,
+                subresource: subresource.map(str::to_owned),
+            },
+            query: HashMap::new(),
+            headers,
+        }
+    }
+
     pub fn view(&self) -> View<'_> {
         View {
             tenant: self.who.tenant(),
@@ -347,6 +370,9 @@ async fn run(cx: &Ctx<'_>, verb: Verb, body: Bytes) -> Result<Response, ApiError
         (Verb::Create, None) if cx.resource().plural == "bulkbindings" => bulk_bind(cx, body).await,
         (Verb::Create, None) if cx.resource().plural == "bulkpods" => {
             bulk_create_pods(cx, body).await
+        }
+        (Verb::Create, None) if cx.resource().plural == "bulkpodstatuses" => {
+            bulk_pod_statuses(cx, body).await
         }
         (Verb::Create, None) => create(cx, body).await,
         (Verb::Create, Some("binding")) => bind(cx, body).await,
@@ -2170,6 +2196,49 @@ async fn bulk_bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
     Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())))
 }
 
+/// The `items` of a bulk request (at most `BULK_MAX`), each a `what`.
+fn bulk_items(cx: &Ctx<'_>, body: &Bytes, what: &str) -> Result<Vec<Value>, ApiError> {
+    let mut req = parse_body(&cx.headers, body)?;
+    let Some(Value::Array(items)) = req.get_mut("items").map(Value::take) else {
+        return Err(ApiError::bad_request(format!(
+            "items: a list of {what} is required"
+        )));
+    };
+    if items.len() > BULK_MAX {
+        return Err(ApiError::bad_request(format!(
+            "items: at most {BULK_MAX} {what} per request"
+        )));
+    }
+    Ok(items)
+}
+
+/// Runs `one` on every item, `BULK_CONCURRENCY` at a time (so the store commits
+/// them together), and returns the outcomes in the items' order.
+async fn each_in_order<R, F, Fut>(items: Vec<Value>, one: F) -> Vec<R>
+where
+    F: Fn(Value) -> Fut,
+    Fut: std::future::Future<Output = R>,
+{
+    use futures::StreamExt;
+    let mut results: Vec<(usize, R)> = futures::stream::iter(items.into_iter().enumerate())
+        .map(|(i, it)| {
+            let fut = one(it);
+            async move { (i, fut.await) }
+        })
+        .buffer_unordered(BULK_CONCURRENCY)
+        .collect()
+        .await;
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// A failed item of a bulk answer.
+fn bulk_failure(e: &ApiError) -> Value {
+    let st = e.to_status();
+    json!({"status": "Failure", "reason": st["reason"], "code": st["code"],
+           "message": st["message"], "details": st["details"]})
+}
+
 /// `POST /apis/meridian.io/v1alpha1/bulkpods`: many pods created in one request
 /// (the ReplicaSet controller's): `{"items": [pod, ...]}`, each pod with its
 /// namespace, each checked, admitted and stored exactly as one `POST` to its
@@ -2177,32 +2246,13 @@ async fn bulk_bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
 /// one transaction. The answer lists each item's outcome in order (`name`, `uid`;
 /// a failure's `reason`, `code` and `message`); a bad item changes nothing.
 async fn bulk_create_pods(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
-    let mut req = parse_body(&cx.headers, &body)?;
-    let Some(Value::Array(items)) = req.get_mut("items").map(Value::take) else {
-        return Err(ApiError::bad_request("items: a list of pods is required"));
-    };
-    if items.len() > BULK_MAX {
-        return Err(ApiError::bad_request(format!(
-            "items: at most {BULK_MAX} pods per request"
-        )));
-    }
+    let items = bulk_items(cx, &body, "pods")?;
     let pods = Resource::find("", "v1", "pods").ok_or_else(|| internal("no pods"))?;
     auth::authorize(&cx.who, Verb::Create, pods, None)?;
-    let one = |i: usize, mut obj: Value| async move {
+    let one = |mut obj: Value| async move {
         let ns = obj["metadata"]["namespace"].as_str().map(str::to_owned);
-        let item = Ctx {
-            state: cx.state,
-            who: cx.who.clone(),
-            target: Target {
-                resource: pods,
-                namespace: ns.clone(),
-                name: None,
-                subresource: None,
-            },
-            query: HashMap::new(),
-            headers: cx.headers.clone(),
-        };
-        let result = match ns {
+        let item = cx.item(pods, ns.clone(), None, None, cx.headers.clone());
+        match ns {
             None => Err(ApiError::invalid(
                 "Pod",
                 "",
@@ -2214,34 +2264,75 @@ async fn bulk_create_pods(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiErro
                 strip_server_fields(&mut obj);
                 store_new(&item, obj).await
             }
-        };
-        (i, result)
+        }
     };
-    use futures::StreamExt;
-    let mut results: Vec<(usize, Stored)> = futures::stream::iter(items.into_iter().enumerate())
-        .map(|(i, obj)| one(i, obj))
-        .buffer_unordered(BULK_CONCURRENCY)
-        .collect()
-        .await;
-    results.sort_by_key(|(i, _)| *i);
+    let results: Vec<Stored> = each_in_order(items, one).await;
     let out: Vec<Value> = results
         .into_iter()
-        .map(|(_, r)| match r {
+        .map(|r| match r {
             Ok((obj, _)) => json!({
                 "status": "Success",
                 "name": obj["metadata"]["name"],
                 "uid": obj["metadata"]["uid"],
             }),
-            Err(e) => {
-                let st = e.to_status();
-                json!({"status": "Failure", "reason": st["reason"], "code": st["code"],
-                       "message": st["message"]})
-            }
+            Err(e) => bulk_failure(&e),
         })
         .collect();
     let body = json!({
         "apiVersion": "meridian.io/v1alpha1",
         "kind": "BulkPodResult",
+        "items": out,
+    });
+    Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())))
+}
+
+/// `POST /apis/meridian.io/v1alpha1/bulkpodstatuses`: many pod status updates in
+/// one request (the regions'): `{"items": [{"namespace", "name", "status"}]}`, each
+/// applied exactly as a merge patch `{"status": ...}` of that pod's `status`
+/// subresource would be (checks, risk control, managed fields), all in flight
+/// together so the store commits them in few transactions. The answer lists each
+/// item's outcome in order (a failure's `code`, `reason`, `message` and `details`,
+/// e.g. a risk refusal's causes and retry time); a bad item changes nothing.
+async fn bulk_pod_statuses(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
+    let items = bulk_items(cx, &body, "pod statuses")?;
+    let pods = Resource::find("", "v1", "pods").ok_or_else(|| internal("no pods"))?;
+    auth::authorize(&cx.who, Verb::Patch, pods, Some("status"))?;
+    let mut headers = cx.headers.clone();
+    headers.insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/merge-patch+json"),
+    );
+    let one = |mut it: Value| {
+        let headers = headers.clone();
+        async move {
+            let text = |f: &str| it[f].as_str().filter(|v| !v.is_empty()).map(str::to_owned);
+            let (ns, name) = (text("namespace"), text("name"));
+            match (ns, name, it.get_mut("status").map(Value::take)) {
+                (Some(ns), Some(name), Some(status)) if status.is_object() => {
+                    let item = cx.item(pods, Some(ns), Some(name), Some("status"), headers);
+                    let body =
+                        serde_json::to_vec(&json!({ "status": status })).map_err(internal)?;
+                    patch(&item, Bytes::from(body), Some("status"))
+                        .await
+                        .map(drop)
+                }
+                _ => Err(ApiError::bad_request(
+                    "namespace, name and a status object are required",
+                )),
+            }
+        }
+    };
+    let results: Vec<Result<(), ApiError>> = each_in_order(items, one).await;
+    let out: Vec<Value> = results
+        .into_iter()
+        .map(|r| match r {
+            Ok(()) => json!({"status": "Success"}),
+            Err(e) => bulk_failure(&e),
+        })
+        .collect();
+    let body = json!({
+        "apiVersion": "meridian.io/v1alpha1",
+        "kind": "BulkPodStatusResult",
         "items": out,
     });
     Ok(json_response(StatusCode::OK, Bytes::from(body.to_string())))

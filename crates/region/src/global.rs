@@ -304,82 +304,179 @@ async fn upload_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Pod statuses in one `bulkpodstatuses` request (the server takes up to 1,000; a
+/// smaller batch keeps each call well under the 1 s mutating-call SLO), and
+/// how many such requests are in flight at once.
+const STATUS_BATCH: usize = 200;
+const STATUS_REQUESTS: usize = 4;
+
+/// What became of one pod's status upload.
+#[derive(Clone, Debug, PartialEq)]
+enum Uploaded {
+    Done,
+    /// Refused for now (a network error, a busy server): send it again.
+    Retry,
+    /// Risk control refused the eviction it carries, for this many seconds.
+    Refused(u32, String),
+}
+
+/// One item's outcome in a `bulkpodstatuses` answer.
+fn uploaded(item: &serde_json::Value) -> Uploaded {
+    if item["status"] == "Success" {
+        return Uploaded::Done;
+    }
+    let details = &item["details"];
+    let risk = details["causes"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["reason"] == "RiskPolicy"));
+    if risk {
+        let secs = details["retryAfterSeconds"].as_u64().unwrap_or(0);
+        let why = item["message"].as_str().unwrap_or_default().to_owned();
+        return Uploaded::Refused(u32::try_from(secs).unwrap_or(u32::MAX), why);
+    }
+    match item["code"].as_u64() {
+        // The pod is gone or was replaced, or the status is refused: nothing to retry.
+        Some(404 | 409 | 422 | 400) => Uploaded::Done,
+        _ => Uploaded::Retry,
+    }
+}
+
+/// Sends pod statuses up in bulk: `STATUS_BATCH` to a request, each applied by
+/// the server as a merge patch of that pod's status (a `patch` per pod was most of
+/// the server's work while a fleet's pods started).
 async fn upload_statuses(
     shared: &Arc<Shared>,
     statuses: std::collections::HashMap<String, (String, String, serde_json::Value)>,
 ) {
     let n = statuses.len();
-    type Outcome = (
-        String,
-        (String, String, serde_json::Value),
-        bool,
-        Option<u32>,
-    );
-    let results: Vec<Outcome> = futures::stream::iter(statuses)
-        .map(|(uid, (ns, name, status))| {
+    /// A pod's uid and (namespace, name, status).
+    type Item = (String, (String, String, serde_json::Value));
+    let all: Vec<Item> = statuses.into_iter().collect();
+    let batches: Vec<Vec<Item>> = all.chunks(STATUS_BATCH).map(<[_]>::to_vec).collect();
+    type Outcome = (String, (String, String, serde_json::Value), Uploaded);
+    let results: Vec<Vec<Outcome>> = futures::stream::iter(batches)
+        .map(|batch| {
             let client = shared.client.clone();
             async move {
-                let api: Api<Pod> = Api::namespaced(client.clone(), &ns);
-                let patch = json!({"status": status});
-                let res = api
-                    .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await;
-                let mut held = None;
-                let retry = match res {
-                    Ok(_) => false,
-                    // Risk control refused the eviction: the pod stays as it is;
-                    // the lifecycle tries again later.
-                    Err(kube::Error::Api(s))
-                        if s.details
-                            .as_ref()
-                            .is_some_and(|d| d.causes.iter().any(|c| c.reason == "RiskPolicy")) =>
-                    {
-                        held = Some(s.details.as_ref().map_or(0, |d| d.retry_after_seconds));
-                        eviction_refused(&client, &ns, &name, &uid, &s.message).await;
-                        false
+                let items: Vec<serde_json::Value> = batch
+                    .iter()
+                    .map(|(_, (ns, name, status))| {
+                        json!({"namespace": ns, "name": name, "status": status})
+                    })
+                    .collect();
+                let answer = match bulk_statuses(&client, &items).await {
+                    // A server without the endpoint (an older version during an
+                    // upgrade): one patch per pod, as before it.
+                    Err(kube::Error::Api(s)) if matches!(s.code, 404 | 405) => {
+                        let mut each = Vec::with_capacity(items.len());
+                        for (_, (ns, name, status)) in &batch {
+                            each.push(patch_status(&client, ns, name, status).await);
+                        }
+                        Ok(each)
                     }
-                    // The pod is gone or was replaced: nothing to retry.
-                    Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 || s.code == 422 => {
-                        false
-                    }
-                    Err(e) => {
-                        tracing::debug!(%ns, %name, "pod status upload: {e}");
-                        true
-                    }
+                    Err(e) => Err(e),
+                    Ok(a) => Ok(a.iter().map(uploaded).collect()),
                 };
-                (uid, (ns, name, status), retry, held)
+                batch
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, (uid, v))| {
+                        let outcome = match &answer {
+                            Ok(a) => a.get(i).cloned().unwrap_or(Uploaded::Retry),
+                            Err(e) => {
+                                tracing::debug!("pod status upload: {e}");
+                                Uploaded::Retry
+                            }
+                        };
+                        (uid, v, outcome)
+                    })
+                    .collect()
             }
         })
-        .buffer_unordered(32)
+        .buffer_unordered(STATUS_REQUESTS)
         .collect()
         .await;
     let mut failed = 0;
+    let mut refused = Vec::new();
     {
         // Lock order (see `state::lock`): evict_hold, pods, upload.
         let mut hold = lock(&shared.evict_hold);
         let mut pods = lock(&shared.pods);
         let mut up = lock(&shared.upload);
-        for (uid, v, retry, held) in results {
-            if let Some(secs) = held {
-                // Not lost after all, for now: try again after the refusal's
-                // retry time (at least 5 s, at most 30 s, so a changed policy is seen soon).
-                if let Some(p) = pods.by_uid.get_mut(&uid) {
-                    p.gone = false;
-                    p.marked = false;
+        for (uid, v, outcome) in results.into_iter().flatten() {
+            match outcome {
+                Uploaded::Done => {}
+                Uploaded::Refused(secs, why) => {
+                    // Not lost after all, for now: try again after the refusal's
+                    // retry time (at least 5 s, at most 30 s, so a changed policy is
+                    // seen soon).
+                    if let Some(p) = pods.by_uid.get_mut(&uid) {
+                        p.gone = false;
+                        p.marked = false;
+                    }
+                    let wait = Duration::from_secs(u64::from(secs).clamp(5, 30));
+                    hold.insert(uid.clone(), Instant::now() + wait);
+                    refused.push((v.0, v.1, uid, why));
                 }
-                let wait = Duration::from_secs(u64::from(secs).clamp(5, 30));
-                hold.insert(uid, Instant::now() + wait);
-            } else if retry {
-                failed += 1;
-                // A newer status may have arrived meanwhile; it wins.
-                up.statuses.entry(uid).or_insert(v);
+                Uploaded::Retry => {
+                    failed += 1;
+                    // A newer status may have arrived meanwhile; it wins.
+                    up.statuses.entry(uid).or_insert(v);
+                }
             }
         }
+    }
+    for (ns, name, uid, why) in refused {
+        eviction_refused(&shared.client, &ns, &name, &uid, &why).await;
     }
     shared.metrics.status_uploads.inc_by((n - failed) as u64);
     if failed > 0 {
         shared.global_ok.store(false, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// One pod's status as a merge patch of its `status` subresource.
+async fn patch_status(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    status: &serde_json::Value,
+) -> Uploaded {
+    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let patch = json!({ "status": status });
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Uploaded::Done,
+        Err(kube::Error::Api(s)) => uploaded(&serde_json::to_value(&s).unwrap_or_default()),
+        Err(e) => {
+            tracing::debug!(%ns, %name, "pod status upload: {e}");
+            Uploaded::Retry
+        }
+    }
+}
+
+/// One `bulkpodstatuses` request: each item's outcome, in order.
+async fn bulk_statuses(
+    client: &kube::Client,
+    items: &[serde_json::Value],
+) -> Result<Vec<serde_json::Value>, kube::Error> {
+    let body = serde_json::to_vec(&json!({ "items": items })).map_err(kube::Error::SerdeError)?;
+    let path = format!(
+        "/apis/{}/{}/bulkpodstatuses",
+        meridian_api::meridian::GROUP,
+        meridian_api::meridian::VERSION
+    );
+    let req = http::Request::post(path)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .map_err(kube::Error::HttpError)?;
+    let mut answer: serde_json::Value = client.request(req).await?;
+    match answer.get_mut("items").map(serde_json::Value::take) {
+        Some(serde_json::Value::Array(items)) => Ok(items),
+        _ => Ok(Vec::new()),
     }
 }
 
@@ -663,5 +760,33 @@ pub async fn region_watchdog(client: kube::Client, timeout: Duration) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bulk_status_outcomes_retry_only_what_may_succeed_later() {
+        assert_eq!(uploaded(&json!({"status": "Success"})), Uploaded::Done);
+        for gone in [404, 409, 422, 400] {
+            let item = json!({"status": "Failure", "code": gone, "reason": "x"});
+            assert_eq!(uploaded(&item), Uploaded::Done, "{gone}");
+        }
+        for busy in [
+            json!({"status": "Failure", "code": 500}),
+            json!({}),
+            json!(null),
+        ] {
+            assert_eq!(uploaded(&busy), Uploaded::Retry, "{busy}");
+        }
+        let refused = json!({"status": "Failure", "code": 429, "message": "deny window",
+            "details": {"retryAfterSeconds": 12,
+                        "causes": [{"reason": "RiskPolicy", "message": "m", "field": ""}]}});
+        assert_eq!(
+            uploaded(&refused),
+            Uploaded::Refused(12, "deny window".into())
+        );
     }
 }

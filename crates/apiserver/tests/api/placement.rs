@@ -182,6 +182,27 @@ async fn binding_annotations_are_copied_to_the_pod() {
     );
 }
 
+/// POSTs a JSON body with a bearer token: (HTTP status, answer).
+async fn post_json(
+    s: &TestServer,
+    url: &str,
+    token: String,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = s
+        .raw()
+        .post(url)
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (
+        r.status().as_u16(),
+        r.json::<serde_json::Value>().await.unwrap(),
+    )
+}
+
 /// (status, reason) of each item of a bulk answer.
 fn outcomes(r: &serde_json::Value) -> Vec<(&str, &str)> {
     r["items"]
@@ -287,22 +308,7 @@ async fn bulk_pods_are_created_each_as_one_post_would_and_reported_in_order() {
                "spec": {"containers": [{"name": "c", "image": "busybox"}]}})
     };
     let url = format!("{}/apis/meridian.io/v1alpha1/bulkpods", s.server.url);
-    let post = |token: String, body: serde_json::Value| {
-        let (http, url) = (s.raw(), url.clone());
-        async move {
-            let r = http
-                .post(&url)
-                .bearer_auth(token)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            (
-                r.status().as_u16(),
-                r.json::<serde_json::Value>().await.unwrap(),
-            )
-        }
-    };
+    let post = |token: String, body: serde_json::Value| post_json(&s, &url, token, body);
     let mut no_containers = pod(Some("default"), "e");
     no_containers["spec"]["containers"] = json!([]);
     let (code, r) = post(
@@ -382,4 +388,59 @@ async fn bulk_pods_are_created_each_as_one_post_would_and_reported_in_order() {
         other => panic!("a tenant used bulk pods: {other:?}"),
     }
     assert_eq!(pods.list(&Default::default()).await.unwrap().items.len(), 2);
+}
+
+#[tokio::test]
+async fn bulk_pod_statuses_patch_each_pods_status_and_report_each_one() {
+    use meridian_apiserver::auth::SystemRole;
+    let s = TestServer::start().await;
+    let pods: Api<Pod> = Api::namespaced(s.admin(), "default");
+    for name in ["a", "b"] {
+        let p = json!({"metadata": {"name": name}, "spec": {"containers": [{"name": "c", "image": "i"}]}});
+        pods.create(&PostParams::default(), &serde_json::from_value(p).unwrap())
+            .await
+            .unwrap();
+    }
+    let url = format!("{}/apis/meridian.io/v1alpha1/bulkpodstatuses", s.server.url);
+    let post = |token: String, body: serde_json::Value| post_json(&s, &url, token, body);
+    let region = s.server.system_token(SystemRole::Region).await.unwrap();
+    let running = json!({"phase": "Running", "podIP": "10.0.0.7"});
+    let (code, r) = post(
+        region.clone(),
+        json!({"items": [
+            {"namespace": "default", "name": "a", "status": running},
+            {"namespace": "default", "name": "ghost", "status": running},
+            {"namespace": "default", "name": "b"},
+            {"namespace": "default", "name": "b", "status": {"phase": 7}},
+        ]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{r}");
+    let st = outcomes(&r);
+    assert_eq!(st[0], ("Success", ""), "{r}");
+    assert_eq!(st[1], ("Failure", "NotFound"), "{r}");
+    assert_eq!(st[2], ("Failure", "BadRequest"), "{r}");
+    assert_eq!(st[3].0, "Failure", "{r}");
+    assert_eq!(r["items"][1]["code"], 404, "{r}");
+    // The good item is written, merged into the status; the bad ones change nothing.
+    let a = pods.get("a").await.unwrap().status.unwrap();
+    assert_eq!(a.phase.as_deref(), Some("Running"));
+    assert_eq!(a.pod_ip.as_deref(), Some("10.0.0.7"));
+    let b = pods.get("b").await.unwrap().status.unwrap();
+    assert_eq!(b.phase.as_deref(), Some("Pending"));
+    // More than the limit is refused whole; a tenant may not use the endpoint, and
+    // neither may the scheduler (it writes bindings, not statuses).
+    let many: Vec<_> = (0..1001)
+        .map(|_| json!({"namespace": "default", "name": "b", "status": running}))
+        .collect();
+    let (code, r) = post(region, json!({ "items": many })).await;
+    assert_eq!(code, 400, "{r}");
+    let scheduler = s.server.system_token(SystemRole::Scheduler).await.unwrap();
+    let one = json!({"items": [{"namespace": "default", "name": "b", "status": running}]});
+    let (code, _) = post(scheduler, one.clone()).await;
+    assert_eq!(code, 403);
+    let (code, _) = post("not-a-token".into(), one).await;
+    assert_eq!(code, 401);
+    let b = pods.get("b").await.unwrap().status.unwrap();
+    assert_eq!(b.phase.as_deref(), Some("Pending"));
 }
