@@ -2127,15 +2127,7 @@ const BULK_CONCURRENCY: usize = 256;
 /// each a compare-and-swap of its pod, all in flight together. The answer lists
 /// each item's outcome; a bad item changes nothing.
 async fn bulk_bind(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
-    let req = parse_body(&cx.headers, &body)?;
-    let items = req["items"]
-        .as_array()
-        .ok_or_else(|| ApiError::bad_request("items: a list of bindings is required"))?;
-    if items.len() > BULK_MAX {
-        return Err(ApiError::bad_request(format!(
-            "items: at most {BULK_MAX} bindings per request"
-        )));
-    }
+    let items = bulk_items(cx, &body, "bindings")?;
     let pods = Resource::find("", "v1", "pods").ok_or_else(|| internal("no pods"))?;
     let mut out: Vec<Value> = Vec::with_capacity(items.len());
     let mut seen = std::collections::HashSet::new();

@@ -351,8 +351,11 @@ async fn upload_statuses(
     let n = statuses.len();
     /// A pod's uid and (namespace, name, status).
     type Item = (String, (String, String, serde_json::Value));
-    let all: Vec<Item> = statuses.into_iter().collect();
-    let batches: Vec<Vec<Item>> = all.chunks(STATUS_BATCH).map(<[_]>::to_vec).collect();
+    let mut all = statuses.into_iter();
+    let batches = std::iter::from_fn(|| {
+        let batch: Vec<Item> = all.by_ref().take(STATUS_BATCH).collect();
+        (!batch.is_empty()).then_some(batch)
+    });
     type Outcome = (String, (String, String, serde_json::Value), Uploaded);
     let results: Vec<Vec<Outcome>> = futures::stream::iter(batches)
         .map(|batch| {
