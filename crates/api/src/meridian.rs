@@ -377,6 +377,10 @@ pub const ISP_KEY: &str = "topology.meridian.io/isp";
 pub const SOURCE_KEY: &str = "node.meridian.io/source";
 pub const MACHINE_KEY: &str = "node.meridian.io/machine";
 pub const BANDWIDTH_PRICE_KEY: &str = "node.meridian.io/bandwidth-price";
+/// Node label naming the region (EdgeCluster) that manages the node. Also a pod
+/// field selector, `meridian.io/region=<region>`: the region of the pod's node
+/// when the pod was last written (how each region watches only its own pods).
+pub const REGION_LABEL: &str = "meridian.io/region";
 /// Pod annotation: how long the pod's node may be unreachable before the pod is
 /// replaced (`300s`, or `never`). Set from the policy's `failover` at binding.
 pub const RESCHEDULE_GRACE_ANNOTATION: &str = "meridian.io/reschedule-grace";

@@ -276,6 +276,8 @@ pub static RESOURCES: &[Resource] = &[
             "status.phase",
             "status.podIP",
             "status.nominatedNodeName",
+            // Derived: the node's region label (see `REGION_LABEL`).
+            crate::meridian::REGION_LABEL,
         ],
         normalize: |v, c| defaulted::<Pod>(v, c, crate::defaults::pod, check_pod),
         schema: |g| g.subschema_for::<Pod>(),

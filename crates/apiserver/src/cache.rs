@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::StreamExt;
 use imbl::OrdMap;
+use meridian_api::meridian::REGION_LABEL;
 use meridian_api::resources::{RESOURCES, field_value};
 use meridian_store::{DynStore, EventType, KeyValue, Revision, StoreError};
 use serde_json::Value;
@@ -157,7 +158,29 @@ pub struct Subscription {
     pub live: broadcast::Receiver<Arc<CacheEvent>>,
 }
 
-fn render(kv: &KeyValue, revision: Revision) -> Option<CachedObject> {
+/// Store key prefixes of pods and nodes, for the pods' derived region field.
+static POD_PREFIX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| prefix_of("pods"));
+static NODE_PREFIX: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| prefix_of("nodes"));
+
+fn prefix_of(plural: &str) -> String {
+    meridian_api::Resource::find("", "v1", plural)
+        .map(|r| r.storage_prefix())
+        .unwrap_or_default()
+}
+
+/// The region label of the pod's node, looked up in `objects` (the cache as of
+/// the pod's write): what the `meridian.io/region` pod field selector matches.
+fn node_region(objects: &OrdMap<Arc<str>, Arc<CachedObject>>, node: &str) -> Option<Box<str>> {
+    let key = format!("{}{node}", *NODE_PREFIX);
+    let n = objects.get(key.as_str())?;
+    Some(n.labels.get(REGION_LABEL)?.as_str().into())
+}
+
+fn render(
+    kv: &KeyValue,
+    revision: Revision,
+    objects: &OrdMap<Arc<str>, Arc<CachedObject>>,
+) -> Option<CachedObject> {
     let mut v: Value = match serde_json::from_slice(&kv.value) {
         Ok(v) => v,
         Err(e) => {
@@ -182,10 +205,16 @@ fn render(kv: &KeyValue, revision: Revision) -> Option<CachedObject> {
                 .collect()
         })
         .unwrap_or_default();
-    let fields = resource_fields(&kv.key)
+    let mut fields: Vec<(&'static str, Box<str>)> = resource_fields(&kv.key)
         .iter()
         .filter_map(|p| field_value(&v, p).map(|val| (*p, val.into_owned().into_boxed_str())))
         .collect();
+    if kv.key.starts_with(POD_PREFIX.as_str())
+        && let Some(node) = v["spec"]["nodeName"].as_str().filter(|n| !n.is_empty())
+        && let Some(region) = node_region(objects, node)
+    {
+        fields.push((REGION_LABEL, region));
+    }
     let mut json = serde_json::to_vec(&v).ok()?;
     json.shrink_to_fit();
     let json = Bytes::from(json);
@@ -245,7 +274,7 @@ impl Cache {
             let page = store.range(ROOT, after.as_deref(), PAGE).await?;
             first_revision.get_or_insert(page.revision);
             for kv in &page.kvs {
-                if let Some(o) = render(kv, kv.mod_revision) {
+                if let Some(o) = render(kv, kv.mod_revision, &objects) {
                     objects.insert(o.key.clone(), Arc::new(o));
                 }
             }
@@ -331,7 +360,7 @@ impl Cache {
         let prev = st.snapshot.objects.get(key).cloned();
         let cache_event = match event.kind {
             EventType::Put => {
-                let Some(obj) = render(&event.kv, revision) else {
+                let Some(obj) = render(&event.kv, revision, &st.snapshot.objects) else {
                     st.snapshot.revision = revision;
                     drop(st);
                     self.revision.send_replace(revision);
@@ -355,7 +384,7 @@ impl Cache {
                 let last = event
                     .prev
                     .as_ref()
-                    .and_then(|p| render(p, revision))
+                    .and_then(|p| render(p, revision, &st.snapshot.objects))
                     .map(Arc::new)
                     .or_else(|| prev.clone());
                 let Some(object) = last else {

@@ -143,17 +143,31 @@ fn is_ours(shared: &Shared, node: &str) -> bool {
     lock(&shared.nodes).contains_key(node)
 }
 
-/// Watches every bound pod, keeps the ones on this region's nodes, and pushes each
-/// affected node's desired set. Resumes by resourceVersion; relists when told to.
+/// Watches the pods on this region's nodes (`meridian.io/region=<name>`, a field
+/// the global API derives from the pod's node), keeps the ones on nodes it
+/// manages, and pushes each affected node's desired set. Resumes by
+/// resourceVersion; relists when told to. Against a global API without that
+/// field it watches every bound pod and drops the others, as before.
 async fn watch_pods(shared: Arc<Shared>) {
     let api: Api<Pod> = Api::all(shared.client.clone());
-    let cfg = watcher::Config::default().fields("spec.nodeName!=");
-    let mut stream = watcher(api, cfg).boxed();
+    let own = format!("{}={}", crate::REGION_LABEL, shared.cfg.name);
+    let mut stream = watcher(api.clone(), watcher::Config::default().fields(&own)).boxed();
     let mut init: Option<HashSet<String>> = None;
     loop {
         let ev = match stream.try_next().await {
             Ok(Some(ev)) => ev,
             Ok(None) => return,
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(s)))
+                if s.code == 400 && s.message.contains("field label not supported") =>
+            {
+                tracing::warn!(
+                    "the global API cannot select pods by region ({}); watching every bound pod",
+                    s.message
+                );
+                let every = watcher::Config::default().fields("spec.nodeName!=");
+                stream = watcher(api.clone(), every).boxed();
+                continue;
+            }
             Err(e) => {
                 shared.global_ok.store(false, Ordering::Relaxed);
                 tracing::warn!("pod watch (serving from cache, retrying): {e}");
@@ -590,17 +604,17 @@ async fn write_nodes(shared: &Arc<Shared>, names: HashSet<String>) {
             })
             .collect()
     };
-    let results: Vec<(String, Option<bool>)> = futures::stream::iter(work)
+    let results: Vec<(String, Wrote)> = futures::stream::iter(work)
         .map(|(name, node, created, verify)| {
             let client = shared.client.clone();
             let shared = shared.clone();
             async move {
                 if verify && crate::lifecycle::still_ours(&shared, &name).await == Some(false) {
-                    return (name, None);
+                    return (name, Wrote::Moved);
                 }
                 let api: Api<Node> = Api::all(client);
-                let ok = write_node(&api, &name, &node, created).await;
-                (name, Some(ok))
+                let wrote = write_node(&api, &name, &node, created).await;
+                (name, wrote)
             }
         })
         .buffer_unordered(32)
@@ -608,22 +622,31 @@ async fn write_nodes(shared: &Arc<Shared>, names: HashSet<String>) {
         .await;
     let mut failed = Vec::new();
     let mut moved = Vec::new();
+    let mut adopted = Vec::new();
     {
         let mut nodes = lock(&shared.nodes);
-        for (name, ok) in results {
-            match ok {
-                Some(true) => {
+        for (name, wrote) in results {
+            match wrote {
+                Wrote::Written | Wrote::Adopted => {
                     if let Some(e) = nodes.get_mut(&name) {
                         e.created = true;
                     }
+                    if wrote == Wrote::Adopted {
+                        adopted.push(name);
+                    }
                 }
-                Some(false) => failed.push(name),
-                None => moved.push(name),
+                Wrote::Failed => failed.push(name),
+                Wrote::Moved => moved.push(name),
             }
         }
     }
     for name in moved {
         crate::lifecycle::forget(shared, &name).await;
+    }
+    // The pod watch sees a node's pods by the node's region label: pods written
+    // while the label still named another region were missed. Read them now.
+    for name in adopted {
+        fetch_node_pods(shared, &name).await;
     }
     if !failed.is_empty() {
         shared.global_ok.store(false, Ordering::Relaxed);
@@ -632,7 +655,20 @@ async fn write_nodes(shared: &Arc<Shared>, names: HashSet<String>) {
     }
 }
 
-async fn write_node(api: &Api<Node>, name: &str, node: &Node, created: bool) -> bool {
+/// What became of one node's write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wrote {
+    Written,
+    /// The Node already existed (moved here, or this region lost its state):
+    /// now labelled as this region's.
+    Adopted,
+    Failed,
+    /// Another region manages the node now.
+    Moved,
+}
+
+async fn write_node(api: &Api<Node>, name: &str, node: &Node, created: bool) -> Wrote {
+    let mut wrote = Wrote::Written;
     if !created {
         match api.create(&PostParams::default(), node).await {
             Ok(_) => {}
@@ -643,12 +679,13 @@ async fn write_node(api: &Api<Node>, name: &str, node: &Node, created: bool) -> 
                     .await
                 {
                     tracing::debug!(node = name, "node labels: {e}");
-                    return false;
+                    return Wrote::Failed;
                 }
+                wrote = Wrote::Adopted;
             }
             Err(e) => {
                 tracing::debug!(node = name, "node create: {e}");
-                return false;
+                return Wrote::Failed;
             }
         }
     } else if let Some(a) = &node.metadata.annotations {
@@ -662,10 +699,10 @@ async fn write_node(api: &Api<Node>, name: &str, node: &Node, created: bool) -> 
         .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
         .await
     {
-        Ok(_) => true,
+        Ok(_) => wrote,
         Err(e) => {
             tracing::debug!(node = name, "node status: {e}");
-            false
+            Wrote::Failed
         }
     }
 }

@@ -32,12 +32,11 @@ use meridian_store::{DynStore, EmbeddedStore};
 
 pub use state::Shared;
 
+pub use meridian_api::meridian::REGION_LABEL;
 /// Annotation (on a pod, its workload template, or a Node) overriding how long
 /// after its node became unreachable a pod is marked for rescheduling: a duration
 /// such as `600s`, `10m`, or `never` for pinned workloads.
 pub use meridian_api::meridian::RESCHEDULE_GRACE_ANNOTATION as GRACE_ANNOTATION;
-/// Node label naming the region that manages the node.
-pub const REGION_LABEL: &str = "meridian.io/region";
 /// Pod status reason for pods marked for rescheduling after node loss.
 pub const NODE_LOST: &str = meridian_api::NODE_LOST_REASON;
 

@@ -209,3 +209,92 @@ async fn every_event_of_a_multi_object_transaction_is_delivered() {
     names.sort();
     assert_eq!(names, ["tx-a", "tx-b"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_are_selected_by_their_nodes_region() {
+    use k8s_openapi::api::core::v1::Node;
+    use kube::api::ListParams;
+    let t = TestServer::start().await;
+    let nodes: Api<Node> = Api::all(t.admin());
+    for (name, region) in [("n-east", "east"), ("n-west", "west")] {
+        let node: Node = serde_json::from_value(
+            json!({"metadata": {"name": name, "labels": {"meridian.io/region": region}}}),
+        )
+        .unwrap();
+        nodes.create(&PostParams::default(), &node).await.unwrap();
+    }
+    let pods: Api<Pod> = Api::all(t.admin());
+    let in_default: Api<Pod> = Api::namespaced(t.admin(), "default");
+    let bound = |name: &str, node: Option<&str>| {
+        let mut p = pod(name, json!({}));
+        p.spec.as_mut().unwrap().node_name = node.map(str::to_owned);
+        p
+    };
+    for (name, node) in [
+        ("e1", Some("n-east")),
+        ("w1", Some("n-west")),
+        ("e2", Some("n-east")),
+        ("free", None),
+        ("ghost", Some("no-such-node")),
+    ] {
+        in_default
+            .create(&PostParams::default(), &bound(name, node))
+            .await
+            .unwrap();
+    }
+    let east = ListParams::default().fields("meridian.io/region=east");
+    let mut names: Vec<String> = pods
+        .list(&east)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|p| p.metadata.name.unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["e1", "e2"]);
+    // Watching from now: a west pod's change is not delivered, the next east
+    // pod is (events arrive in order, so nothing else came between).
+    let rv = t.revision().await.to_string();
+    let mut w = pods
+        .watch(
+            &WatchParams::default().fields("meridian.io/region=east"),
+            &rv,
+        )
+        .await
+        .unwrap()
+        .boxed();
+    in_default
+        .patch(
+            "w1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"touched": "yes"}}})),
+        )
+        .await
+        .unwrap();
+    in_default
+        .create(&PostParams::default(), &bound("e3", Some("n-east")))
+        .await
+        .unwrap();
+    match next(&mut w).await {
+        WatchEvent::Added(p) => assert_eq!(p.metadata.name.as_deref(), Some("e3")),
+        other => panic!("expected e3 ADDED, got {other:?}"),
+    }
+    in_default
+        .delete("e1", &DeleteParams::default())
+        .await
+        .unwrap();
+    match next(&mut w).await {
+        WatchEvent::Deleted(p) => assert_eq!(p.metadata.name.as_deref(), Some("e1")),
+        other => panic!("expected e1 DELETED, got {other:?}"),
+    }
+    // Only pods have the derived field.
+    let err = nodes
+        .list(&ListParams::default().fields("meridian.io/region=east"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, kube::Error::Api(s) if s.code == 400 && s.message.contains("field label not supported")),
+        "{err:?}"
+    );
+}

@@ -359,7 +359,7 @@ async fn nodes_join_the_nearest_region_then_the_next_best_and_move_when_their_re
 
     // A pod on n3 survives the move.
     let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(f.client.clone(), "default");
-    let pod = serde_json::from_value(json!({
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
         "metadata": {"name": "on-n3"},
         "spec": {"nodeName": "n3", "containers": [{"name": "c", "image": "busybox",
             "command": ["sh", "-c", "sleep 3600"]}]},
@@ -384,6 +384,20 @@ async fn nodes_join_the_nearest_region_then_the_next_best_and_move_when_their_re
     assert!(running(&p), "the pod still runs after the move");
     let log = std::fs::read_to_string(f.log("agent-n3")).unwrap();
     assert!(log.contains("re-planned"), "n3 re-planned: {log}");
+    // The new region watches pods by their node's region label: a pod bound to
+    // n3 after the move reaches it too.
+    let mut later = pod.clone();
+    later.metadata.name = Some("after-move".into());
+    pods.create(&Default::default(), &later).await.unwrap();
+    eventually(
+        "a pod bound after the move runs",
+        Duration::from_secs(30),
+        || {
+            let pods = pods.clone();
+            async move { pods.get("after-move").await.is_ok_and(|p| running(&p)) }
+        },
+    )
+    .await;
 
     // The inventory remembers the machine, its facts and its history.
     let inv = center_get(&f, "/v1/nodes").await;
