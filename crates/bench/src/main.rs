@@ -65,6 +65,10 @@ enum Mode {
         workloads: usize,
         #[arg(long, default_value_t = 200)]
         cities: usize,
+        /// Then lose every node of one region and place a replacement for each of
+        /// its pods (near the lost node), as after a region loss.
+        #[arg(long)]
+        lose_region: bool,
     },
     /// One region process holding N hollow nodes (real gRPC streams) at a heartbeat.
     Region {
@@ -504,7 +508,8 @@ async fn main() -> Result<()> {
             replicas,
             workloads,
             cities,
-        } => place::run(nodes, replicas, workloads, cities),
+            lose_region,
+        } => place::run(nodes, replicas, workloads, cities, lose_region),
         Mode::PodStart { pods, containerd } => edge::pod_start(pods, containerd).await,
         Mode::Join { agents, regions } => join::join(agents, regions).await,
         Mode::E2e {

@@ -11,7 +11,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use meridian_scheduler::engine::{Fleet, Labels, NodeInfo, Placement, PodRequest, Resources};
 use meridian_scheduler::policy::{self, PolicyRules};
 
-pub fn run(nodes: usize, replicas: usize, workloads: usize, max_cities: usize) -> Result<()> {
+pub fn run(
+    nodes: usize,
+    replicas: usize,
+    workloads: usize,
+    max_cities: usize,
+    lose_region: bool,
+) -> Result<()> {
     let cities: Vec<&meridian_api::geo::City> = meridian_api::geo::cities()
         .iter()
         .take(max_cities)
@@ -199,5 +205,57 @@ pub fn run(nodes: usize, replicas: usize, workloads: usize, max_cities: usize) -
         covered.0,
         covered.1
     );
+    if lose_region {
+        replace_lost(&mut fleet, &reqs, &where_, &regions[0]);
+    }
     Ok(())
+}
+
+/// Every node of `region` becomes NotReady; each pod it held is replaced by a pod
+/// that names its lost node, the replacements of one workload and lost node
+/// forming one class (as in the scheduler's queue).
+fn replace_lost(fleet: &mut Fleet, reqs: &[PodRequest], where_: &[Vec<String>], region: &str) {
+    let lost: std::collections::HashSet<String> = fleet
+        .nodes
+        .iter()
+        .filter(|n| n.labels.get("meridian.io/region").map(String::as_str) == Some(region))
+        .map(|n| n.name.clone())
+        .collect();
+    for name in &lost {
+        if let Some(n) = fleet.node(name) {
+            let mut down = n.clone();
+            down.ready = false;
+            fleet.update_node(down);
+        }
+    }
+    let mut classes: BTreeMap<(usize, &str), usize> = BTreeMap::new();
+    for (w, names) in where_.iter().enumerate() {
+        for name in names.iter().filter(|n| lost.contains(*n)) {
+            fleet.unbind(name, &reqs[w]);
+            *classes.entry((w, name.as_str())).or_insert(0) += 1;
+        }
+    }
+    let pods: usize = classes.values().sum();
+    let t0 = Instant::now();
+    let (mut placed, mut failed, mut violations) = (0usize, 0usize, 0usize);
+    for ((w, node), count) in &classes {
+        let mut req = reqs[*w].clone();
+        req.replaces = Some((*node).to_owned());
+        for p in fleet.place_class(&req, *count) {
+            match p {
+                Placement::Node(name) if lost.contains(&name) => violations += 1,
+                Placement::Node(_) => placed += 1,
+                Placement::Unschedulable(_) => failed += 1,
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!(
+        "region {region} lost ({} of {} nodes): {pods} replacements in {} classes, {:.2}s, {:.0} placements/s, {placed} placed, {failed} unschedulable, {violations} on lost nodes",
+        lost.len(),
+        fleet.nodes.len(),
+        classes.len(),
+        secs,
+        pods as f64 / secs.max(1e-9)
+    );
 }

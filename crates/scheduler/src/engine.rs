@@ -551,6 +551,11 @@ impl Fleet {
         {
             return Err(Reason::Policy);
         }
+        Self::fits(n, req)
+    }
+
+    /// The filters that depend on what is bound: free resources, anti-affinity.
+    fn fits(n: &NodeInfo, req: &PodRequest) -> Result<(), Reason> {
         let free = |alloc: i64, used: i64| alloc - used;
         let r = &req.requests;
         let (a, u) = (&n.allocatable, &n.used);
@@ -839,10 +844,34 @@ impl Fleet {
     /// more than its own load and its spread domain.
     fn incremental(req: &PodRequest) -> bool {
         req.spread.len() <= 1
-            && req.replaces.is_none()
             && req.policy.as_ref().is_none_or(|p| {
                 p.distribution.is_none() && p.spread.is_none() && !p.cheap_bandwidth
             })
+    }
+
+    /// For a replacement pod: per locality key (zone, city, region, best first),
+    /// each node's domain id and the lost node's, when the lost node is known and
+    /// has that label.
+    fn near(&mut self, req: &PodRequest) -> Vec<(i64, Arc<DomainIndex>, u32)> {
+        let Some(&lost) = req.replaces.as_deref().and_then(|n| self.index.get(n)) else {
+            return Vec::new();
+        };
+        [ZONE_KEY, CITY_KEY, REGION_KEY]
+            .iter()
+            .enumerate()
+            .filter_map(|(k, key)| {
+                let ids = self.domain_ids(key);
+                let at = ids.0[lost];
+                (at != u32::MAX).then_some((3 - k as i64, ids, at))
+            })
+            .collect()
+    }
+
+    /// How near node `i` is to the lost node (3: same zone, 2: city, 1: region).
+    fn locality(near: &[(i64, Arc<DomainIndex>, u32)], i: usize) -> i64 {
+        near.iter()
+            .find(|(_, ids, at)| ids.0[i] == *at)
+            .map_or(0, |(l, _, _)| *l)
     }
 
     fn load_score(n: &NodeInfo, req: &PodRequest, most: bool) -> i64 {
@@ -883,11 +912,15 @@ impl Fleet {
             }
             in_range = Some(self.coverage(rules));
         }
+        // A replacement's nearness to its lost node outranks latency range, which
+        // outranks load (as in the general path's order).
+        let near = self.near(req);
         let rank = |i: usize, load: i64| -> i64 {
-            match &in_range {
+            let ranged = match &in_range {
                 Some(cov) if cov[i] != 0 => load + 1_000_000,
                 _ => load,
-            }
+            };
+            ranged + Self::locality(&near, i) * 10_000_000
         };
         let feasible = self.static_feasible(req);
         let most = req.policy.as_ref().is_some_and(|p| p.most_allocated);
@@ -976,6 +1009,70 @@ impl Fleet {
 
     /// Places one pod and records it on the chosen node.
     pub fn place(&mut self, req: &PodRequest) -> Placement {
+        let latency = req.policy.as_ref().is_some_and(|p| p.latency.is_some());
+        if Self::incremental(req)
+            && !latency
+            && let Some(name) = self.place_fast(req)
+        {
+            return Placement::Node(name);
+        }
+        self.place_general(req)
+    }
+
+    /// One pass over the nodes that pass the static filters, with domain ids
+    /// instead of label lookups: the choice [`Fleet::place_general`] makes, for
+    /// requests [`Fleet::incremental`] accepts without a latency objective. `None`
+    /// when the general path must decide: nothing fits (it explains why), or a
+    /// fitting node lacks the spread key.
+    fn place_fast(&mut self, req: &PodRequest) -> Option<String> {
+        use std::cmp::Reverse;
+        let feasible = self.static_feasible(req);
+        let spread = req.spread.first();
+        let doms = spread.map(|c| self.domain_ids(&c.topology_key));
+        let counts: Vec<i64> = match (spread, &doms) {
+            (Some(c), Some(d)) => {
+                let all = self.domain_counts(c);
+                d.1.iter()
+                    .map(|name| all.get(name).copied().unwrap_or(0))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        let near = self.near(req);
+        let most = req.policy.as_ref().is_some_and(|p| p.most_allocated);
+        let mut best: Option<(i64, i64, i64, Reverse<u32>)> = None;
+        for &i in feasible.iter() {
+            let n = &self.nodes[i as usize];
+            if Self::fits(n, req).is_err() {
+                continue;
+            }
+            let count = match &doms {
+                Some(d) => match d.0[i as usize] {
+                    u32::MAX => return None,
+                    id => counts[id as usize],
+                },
+                None => 0,
+            };
+            let key = (
+                -count,
+                Self::locality(&near, i as usize),
+                Self::load_score(n, req, most),
+                Reverse(i),
+            );
+            if best.is_none_or(|b| key > b) {
+                best = Some(key);
+            }
+        }
+        let (.., Reverse(i)) = best?;
+        let name = self.nodes[i as usize].name.clone();
+        self.bind(&name, req);
+        Some(name)
+    }
+
+    /// The general path: every filter and score on every node. The reference the
+    /// faster paths ([`Fleet::place_class`], the fast path of [`Fleet::place`])
+    /// must agree with, and the one that explains an unschedulable pod.
+    pub fn place_general(&mut self, req: &PodRequest) -> Placement {
         let mut rejected: BTreeMap<Reason, usize> = BTreeMap::new();
         let mut feasible = Vec::new();
         for (i, n) in self.nodes.iter().enumerate() {

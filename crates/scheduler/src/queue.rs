@@ -2,8 +2,9 @@
 //! be placed, so that a tick costs what it places, not what waits.
 //!
 //! Pods of one controlling owner are one class (the same template: one request,
-//! placed together by the engine's incremental path); a pod without an owner, or
-//! one replacing a lost node's pod, is a class of its own. A class holds the newest
+//! placed together by the engine's incremental path), and so are an owner's pods
+//! replacing the pods of one lost node (placed near that node); a pod without an
+//! owner is a class of its own. A class holds the newest
 //! typed pod seen of it (what its request is computed from) and, per pod, only its
 //! name and what the loop must remember: a typed `Pod` is ~8 KB of memory, and a
 //! million of them wait at once when creation outruns binding.
@@ -59,10 +60,11 @@ fn class_of(p: &Pod, uid: &str) -> Arc<str> {
         .metadata
         .annotations
         .as_ref()
-        .is_some_and(|a| a.contains_key(mapi::REPLACES_NODE_ANNOTATION));
-    match controller_of(&p.metadata) {
-        Some(o) if !replaces => Arc::from(format!("owner/{}", o.uid)),
-        _ => Arc::from(format!("pod/{uid}")),
+        .and_then(|a| a.get(mapi::REPLACES_NODE_ANNOTATION));
+    match (controller_of(&p.metadata), replaces) {
+        (Some(o), None) => Arc::from(format!("owner/{}", o.uid)),
+        (Some(o), Some(node)) => Arc::from(format!("owner/{}/replaces/{node}", o.uid)),
+        (None, _) => Arc::from(format!("pod/{uid}")),
     }
 }
 
@@ -299,12 +301,18 @@ mod tests {
     }
 
     #[test]
-    fn a_replacement_pod_is_a_class_of_its_own_and_remembers_its_condition() {
+    fn replacements_of_one_lost_node_are_a_class_apart_and_remember_their_condition() {
         let mut q = Queue::default();
         q.push(pod("r0", Some("rs"), 0));
-        let mut repl = (*pod("r1", Some("rs"), 1)).clone();
-        repl.metadata.annotations =
-            Some([(mapi::REPLACES_NODE_ANNOTATION.to_string(), "n1".to_string())].into());
+        let replacing = |name: &str, node: &str, order: i64| {
+            let mut p = (*pod(name, Some("rs"), order)).clone();
+            p.metadata.annotations =
+                Some([(mapi::REPLACES_NODE_ANNOTATION.to_string(), node.to_string())].into());
+            p
+        };
+        q.push(Arc::new(replacing("r2", "n1", 2)));
+        q.push(Arc::new(replacing("r3", "n2", 3)));
+        let mut repl = replacing("r1", "n1", 1);
         repl.status = Some(k8s_openapi::api::core::v1::PodStatus {
             conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
                 type_: "PodScheduled".into(),
@@ -315,8 +323,11 @@ mod tests {
             ..Default::default()
         });
         q.push(Arc::new(repl));
-        assert_eq!(q.classes().len(), 2);
-        let (_, pods) = q.take(&Arc::from("pod/u-r1")).unwrap();
+        // The owner's pods, its replacements of n1, its replacement of n2.
+        assert_eq!(q.classes().len(), 3);
+        let (_, pods) = q.take(&Arc::from("owner/rs/replaces/n1")).unwrap();
+        let names: Vec<&str> = pods.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["r1", "r2"]);
         assert_eq!(
             pods[0].unschedulable.as_deref(),
             Some("0/3 nodes: 3 insufficient cpu")

@@ -9,6 +9,8 @@ use meridian_scheduler::engine::{Fleet, Labels, NodeInfo, Placement, PodRequest,
 use proptest::prelude::*;
 
 const CITIES: &[&str] = &["Paris", "Tokyo", "Lagos", "Lima", "Oslo"];
+/// The region of each city.
+const REGIONS: &[&str] = &["eu", "ap", "af", "sa", "eu"];
 
 fn arb_node(i: usize) -> impl Strategy<Value = NodeInfo> {
     (
@@ -23,9 +25,18 @@ fn arb_node(i: usize) -> impl Strategy<Value = NodeInfo> {
             name: format!("n{i:03}"),
             labels: Labels::from([
                 ("topology.meridian.io/city".into(), CITIES[city].into()),
+                ("topology.kubernetes.io/region".into(), REGIONS[city].into()),
+                // Two zones per city, on a third of the nodes.
+                (
+                    "topology.kubernetes.io/zone".into(),
+                    format!("{}-{}", CITIES[city], i % 2),
+                ),
                 ("kubernetes.io/hostname".into(), format!("n{i:03}")),
                 ("gpu".into(), gpu.to_string()),
-            ]),
+            ])
+            .into_iter()
+            .filter(|(k, _)| k != "topology.kubernetes.io/zone" || i.is_multiple_of(3))
+            .collect(),
             taints: if tainted {
                 vec![Taint {
                     key: "dedicated".into(),
@@ -155,8 +166,9 @@ proptest! {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
-    /// The incremental path for a class of identical pods makes exactly the choices
-    /// one-by-one placement makes.
+    /// The incremental path for a class of identical pods, and the fast path of
+    /// one-by-one placement, make exactly the choices the general path makes, for
+    /// replacements of a lost node's pods too.
     #[test]
     fn placing_a_class_equals_placing_its_pods_one_by_one(
         nodes in arb_fleet(),
@@ -164,8 +176,11 @@ proptest! {
         count in 1usize..80,
         spread in prop::option::of((1i32..3, any::<bool>())),
         anti in prop::bool::weighted(0.2),
+        replaces in prop::option::of(0usize..40),
     ) {
         let mut req = base;
+        // A lost node: one of the fleet (NotReady) or one that is gone.
+        req.replaces = replaces.map(|i| format!("n{i:03}"));
         let sel = LabelSelector {
             match_labels: Some(BTreeMap::from([("app".into(), "w".into())])),
             ..Default::default()
@@ -182,14 +197,23 @@ proptest! {
         if anti {
             req.anti_affinity = vec![sel];
         }
+        let mut nodes = nodes;
+        for n in &mut nodes {
+            if req.replaces.as_deref() == Some(n.name.as_str()) {
+                n.ready = false;
+            }
+        }
+        let mut general = Fleet::new(nodes.clone());
         let mut one = Fleet::new(nodes.clone());
         let mut class = Fleet::new(nodes);
-        let expected: Vec<Option<String>> = (0..count)
-            .map(|_| match one.place(&req) {
-                Placement::Node(n) => Some(n),
-                Placement::Unschedulable(_) => None,
-            })
-            .collect();
+        let node_of = |p: Placement| match p {
+            Placement::Node(n) => Some(n),
+            Placement::Unschedulable(_) => None,
+        };
+        let expected: Vec<Option<String>> =
+            (0..count).map(|_| node_of(general.place_general(&req))).collect();
+        let singly: Vec<Option<String>> = (0..count).map(|_| node_of(one.place(&req))).collect();
+        prop_assert_eq!(&singly, &expected);
         let got: Vec<Option<String>> = class
             .place_class(&req, count)
             .into_iter()
