@@ -362,9 +362,14 @@ pub struct Fleet {
     coverage: HashMap<String, Arc<Vec<u64>>>,
     /// Nodes passing the static filters, per static signature of a pod.
     static_feasible: HashMap<String, Arc<Vec<u32>>>,
+    /// Why no node passes them, per static signature (when none does).
+    static_unplaceable: HashMap<String, String>,
     /// Per topology key: each node's domain id (`u32::MAX`: no such label), and
     /// the domain names by id.
     domains: HashMap<String, Arc<DomainIndex>>,
+    /// Counts changes that may let a pod fit where it did not: a node's
+    /// readiness, cordon, capacity or location data changed, or a place was freed.
+    changes: u64,
 }
 
 /// Result of placing one pod.
@@ -394,8 +399,16 @@ impl Fleet {
             groups: HashMap::new(),
             coverage: HashMap::new(),
             static_feasible: HashMap::new(),
+            static_unplaceable: HashMap::new(),
             domains: HashMap::new(),
+            changes: 0,
         }
+    }
+
+    /// See the `changes` field: compare two readings to know whether something
+    /// that may let more pods fit happened in between.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Applies a node's new capacity, readiness, cordon, coordinates and prices,
@@ -408,6 +421,16 @@ impl Fleet {
         let n = &mut self.nodes[i];
         if n.ready != info.ready || n.cordoned != info.cordoned {
             self.static_feasible.clear();
+            self.static_unplaceable.clear();
+        }
+        if n.ready != info.ready
+            || n.cordoned != info.cordoned
+            || n.allocatable != info.allocatable
+            || n.coordinates != info.coordinates
+            || n.measured_rtt != info.measured_rtt
+            || n.bandwidth_price != info.bandwidth_price
+        {
+            self.changes += 1;
         }
         if n.coordinates != info.coordinates || n.measured_rtt != info.measured_rtt {
             self.coverage.clear();
@@ -463,6 +486,7 @@ impl Fleet {
     /// Forgets a bound pod (the inverse of [`Fleet::bind`]).
     pub fn unbind(&mut self, node: &str, req: &PodRequest) {
         if let Some(&i) = self.index.get(node) {
+            self.changes += 1;
             let n = &mut self.nodes[i];
             n.used.sub(&req.requests);
             if let Some(g) = &req.group
@@ -796,13 +820,7 @@ impl Fleet {
 
     /// Nodes passing [`Fleet::static_ok`] for pods like `req` (cached per signature).
     fn static_feasible(&mut self, req: &PodRequest) -> Arc<Vec<u32>> {
-        let sig = format!(
-            "{:?}|{:?}|{:?}|{}",
-            req.node_selector,
-            req.required_terms,
-            req.tolerations,
-            req.policy.as_ref().map_or("", |p| p.key.as_str())
-        );
+        let sig = Self::static_signature(req);
         let nodes = &self.nodes;
         self.static_feasible
             .entry(sig)
@@ -814,6 +832,17 @@ impl Fleet {
                 )
             })
             .clone()
+    }
+
+    /// What the static filters look at in a pod.
+    fn static_signature(req: &PodRequest) -> String {
+        format!(
+            "{:?}|{:?}|{:?}|{}",
+            req.node_selector,
+            req.required_terms,
+            req.tolerations,
+            req.policy.as_ref().map_or("", |p| p.key.as_str())
+        )
     }
 
     /// Each node's domain id for a topology key, and the domain names by id.
@@ -1010,11 +1039,23 @@ impl Fleet {
     /// Places one pod and records it on the chosen node.
     pub fn place(&mut self, req: &PodRequest) -> Placement {
         let latency = req.policy.as_ref().is_some_and(|p| p.latency.is_some());
-        if Self::incremental(req)
-            && !latency
-            && let Some(name) = self.place_fast(req)
-        {
-            return Placement::Node(name);
+        if Self::incremental(req) && !latency {
+            if self.static_feasible(req).is_empty() {
+                // Only static causes (labels, taints, readiness, cordons): the
+                // same explanation until one of them changes.
+                let sig = Self::static_signature(req);
+                if let Some(m) = self.static_unplaceable.get(&sig) {
+                    return Placement::Unschedulable(m.clone());
+                }
+                let placed = self.place_general(req);
+                if let Placement::Unschedulable(m) = &placed {
+                    self.static_unplaceable.insert(sig, m.clone());
+                }
+                return placed;
+            }
+            if let Some(name) = self.place_fast(req) {
+                return Placement::Node(name);
+            }
         }
         self.place_general(req)
     }
@@ -1298,6 +1339,30 @@ mod tests {
         assert_eq!(c.top(), Some((7, Reverse(2))));
         c.heap.pop();
         assert_eq!(c.top(), Some((4, Reverse(0))));
+    }
+
+    #[test]
+    fn an_explanation_of_static_causes_follows_readiness_changes() {
+        let mut f = Fleet::new(vec![node("a", "Paris", 1000), node("b", "Tokyo", 1000)]);
+        let mut paris = pod(100, "x");
+        paris.node_selector = Labels::from([(CITY_KEY.into(), "Paris".into())]);
+        let mut down = f.node("a").unwrap().clone();
+        down.ready = false;
+        f.update_node(down.clone());
+        for _ in 0..2 {
+            match f.place(&paris) {
+                Placement::Unschedulable(m) => assert_eq!(
+                    m,
+                    "0/2 nodes are available: 1 node(s) not ready, 1 node(s) didn't match Pod's node selector."
+                ),
+                p => panic!("{p:?}"),
+            }
+        }
+        let changes = f.changes();
+        down.ready = true;
+        f.update_node(down);
+        assert!(f.changes() > changes);
+        assert!(matches!(f.place(&paris), Placement::Node(n) if n == "a"));
     }
 
     #[test]

@@ -208,6 +208,8 @@ struct Policies {
     /// Per namespace: (policy, compiled), sorted by name.
     by_ns: HashMap<String, Vec<Governing>>,
     groups: HashMap<String, Group>,
+    /// Changes whenever a policy is created, changed or deleted.
+    version: u64,
 }
 
 impl Policies {
@@ -219,6 +221,7 @@ impl Policies {
     ) -> Policies {
         let mut by_ns: HashMap<String, Vec<Governing>> = HashMap::new();
         let mut live = std::collections::HashSet::new();
+        let mut version = 0u64;
         for o in policies.state() {
             let Ok(p) =
                 serde_json::to_value(&*o).and_then(serde_json::from_value::<PlacementPolicy>)
@@ -227,6 +230,10 @@ impl Policies {
             };
             // Compiled once per policy version (resolving areas is not free).
             let key = PolicyRules::key_of(&p);
+            version ^= {
+                use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+                BuildHasherDefault::<DefaultHasher>::default().hash_one(&key)
+            };
             live.insert(key.clone());
             let rules = compiled
                 .entry(key)
@@ -272,7 +279,11 @@ impl Policies {
                 );
             }
         }
-        Policies { by_ns, groups }
+        Policies {
+            by_ns,
+            groups,
+            version,
+        }
     }
 
     /// The policy governing a pod (by workload name first, then by selector), and
@@ -336,6 +347,8 @@ struct FleetView {
     rebuilt: Option<Instant>,
     /// Nodes came, went or changed labels or taints since: rebuild.
     rebuild_due: bool,
+    /// How many times the fleet was rebuilt.
+    rebuilds: u64,
 }
 
 /// Least time between two rebuilds of the fleet from every node.
@@ -390,6 +403,7 @@ impl FleetView {
             let nodes = nodes.state();
             self.rebuild_due = false;
             self.rebuilt = Some(Instant::now());
+            self.rebuilds += 1;
             self.fleet = Fleet::new(nodes.iter().map(|n| NodeInfo::from_node(n)).collect());
             for (node, req) in self.bound.values() {
                 self.fleet.bind(node, req);
@@ -613,13 +627,17 @@ pub async fn run(client: kube::Client) {
         // cost O(nodes) each, and 20,000 replacements at once would otherwise hold
         // every binding back for minutes. The rest wait for the next tick, oldest first.
         let placing = Instant::now();
-        for key in queue.classes() {
+        // Classes found unschedulable wait until something changed that may let
+        // them fit (each try of a pod that fits nowhere costs a pass over the fleet).
+        let generation = (view.rebuilds, view.fleet.changes(), pol.version);
+        for key in queue.classes(generation) {
             if placing.elapsed() > PLACE_BUDGET {
                 break;
             }
             let Some((template, pods)) = queue.take(&key) else {
                 continue;
             };
+            let mut unschedulable = false;
             let req = request(&template);
             let grace = req.policy.as_ref().and_then(|r| r.reschedule_grace.clone());
             let placed = view.fleet.place_class(&req, pods.len());
@@ -652,8 +670,14 @@ pub async fn run(client: kube::Client) {
                             w.unschedulable = Some(msg);
                         }
                         queue.put_back(template.clone(), w);
+                        unschedulable = true;
                     }
                 }
+            }
+            if unschedulable {
+                queue.park(&key, generation);
+            } else {
+                queue.unpark(&key);
             }
         }
         view.commit_placed();

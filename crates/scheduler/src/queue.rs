@@ -52,6 +52,37 @@ pub(crate) struct Queue {
     /// Pods taken out and not put back (placed, in flight): their places, so a
     /// pod put back keeps its place.
     known: HashMap<String, (Arc<str>, Order)>,
+    /// Classes found unschedulable, left out of [`Queue::classes`] until the
+    /// fleet changes (and a backoff has passed) or for at most [`PARK_MAX`].
+    parked: HashMap<Arc<str>, Parked>,
+}
+
+/// What has changed since a class was found unschedulable: the fleet was rebuilt,
+/// a node changed in a way that may fit more (readiness, cordon, capacity), a
+/// place was freed, or placement policies changed.
+pub(crate) type Generation = (u64, u64, u64);
+
+struct Parked {
+    generation: Generation,
+    since: std::time::Instant,
+    attempts: u32,
+}
+
+/// An unschedulable class is tried again at most this long after the last try,
+/// whatever changed.
+pub(crate) const PARK_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Parked {
+    /// After the fleet changed: 1 s after the first failure, doubling to 10 s.
+    fn backoff(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(1 << self.attempts.saturating_sub(1).min(4))
+            .min(std::time::Duration::from_secs(10))
+    }
+
+    fn due(&self, now: Generation) -> bool {
+        let waited = self.since.elapsed();
+        waited >= PARK_MAX || (self.generation != now && waited >= self.backoff())
+    }
 }
 
 /// The class of a pending pod: its controlling owner, unless it stands alone.
@@ -105,7 +136,11 @@ impl Queue {
                     .creation_timestamp
                     .as_ref()
                     .map_or(0, |t| t.0.as_second());
-                (class_of(&pod, &uid), (created, self.arrivals))
+                let class = class_of(&pod, &uid);
+                // A new pod of a parked class (its workload grew: shares of a
+                // distribution may have changed): try the class again.
+                self.parked.remove(&class);
+                (class, (created, self.arrivals))
             }
         };
         let waiting = Waiting {
@@ -162,15 +197,40 @@ impl Queue {
                 }
                 None => {
                     self.classes.remove(&key);
+                    self.parked.remove(&key);
                 }
             }
         }
         w
     }
 
-    /// The classes, oldest first (to [`Queue::take`] one after another).
-    pub fn classes(&self) -> Vec<Arc<str>> {
-        self.order.iter().map(|(_, k)| k.clone()).collect()
+    /// The classes to place now, oldest first (to [`Queue::take`] one after
+    /// another): all but the parked ones not yet due at generation `now`.
+    pub fn classes(&self, now: Generation) -> Vec<Arc<str>> {
+        self.order
+            .iter()
+            .map(|(_, k)| k)
+            .filter(|k| self.parked.get(*k).is_none_or(|p| p.due(now)))
+            .cloned()
+            .collect()
+    }
+
+    /// The class was found unschedulable at generation `now`: leave it out until
+    /// that changes and its backoff has passed.
+    pub fn park(&mut self, key: &Arc<str>, now: Generation) {
+        let p = self.parked.entry(key.clone()).or_insert(Parked {
+            generation: now,
+            since: std::time::Instant::now(),
+            attempts: 0,
+        });
+        p.generation = now;
+        p.since = std::time::Instant::now();
+        p.attempts += 1;
+    }
+
+    /// The class was placed: nothing to hold back any more.
+    pub fn unpark(&mut self, key: &Arc<str>) {
+        self.parked.remove(key);
     }
 
     /// Takes a whole class out for placement: its template and its pods in order.
@@ -206,6 +266,8 @@ impl Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const NOW: Generation = (0, 0, 0);
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 
     fn pod(name: &str, owner: Option<&str>, created: i64) -> Arc<Pod> {
@@ -231,7 +293,7 @@ mod tests {
 
     fn names(q: &mut Queue) -> Vec<Vec<String>> {
         let mut out = Vec::new();
-        for k in q.classes() {
+        for k in q.classes(NOW) {
             let (t, pods) = q.take(&k).unwrap();
             out.push(pods.iter().map(|w| w.name.clone()).collect());
             for w in pods {
@@ -271,7 +333,7 @@ mod tests {
         let (t, mut pods) = q.take(&Arc::from("owner/rs")).unwrap();
         assert_eq!(q.len(), 1);
         assert!(!q.is_empty());
-        assert_eq!(q.classes().len(), 1);
+        assert_eq!(q.classes(NOW).len(), 1);
         // The watch shows p0 again while it is out (not yet bound): it returns
         // to its old place, ahead of the other class.
         q.push(pod("p0", Some("rs"), 0));
@@ -294,10 +356,10 @@ mod tests {
         assert_eq!(names(&mut q), vec![vec!["b1"], vec!["a2"]]);
         assert!(q.remove("u-b1").is_some());
         assert!(q.remove("u-b1").is_none());
-        assert_eq!(q.classes().len(), 1);
+        assert_eq!(q.classes(NOW).len(), 1);
         q.retain(|uid| uid != "u-a2");
         assert!(q.is_empty());
-        assert!(q.classes().is_empty());
+        assert!(q.classes(NOW).is_empty());
     }
 
     #[test]
@@ -324,7 +386,7 @@ mod tests {
         });
         q.push(Arc::new(repl));
         // The owner's pods, its replacements of n1, its replacement of n2.
-        assert_eq!(q.classes().len(), 3);
+        assert_eq!(q.classes(NOW).len(), 3);
         let (_, pods) = q.take(&Arc::from("owner/rs/replaces/n1")).unwrap();
         let names: Vec<&str> = pods.iter().map(|w| w.name.as_str()).collect();
         assert_eq!(names, ["r1", "r2"]);
@@ -332,5 +394,48 @@ mod tests {
             pods[0].unschedulable.as_deref(),
             Some("0/3 nodes: 3 insufficient cpu")
         );
+    }
+
+    #[test]
+    fn an_unschedulable_class_waits_for_a_change_and_its_backoff() {
+        let mut q = Queue::default();
+        q.push(pod("a0", Some("a"), 0));
+        q.push(pod("b1", Some("b"), 1));
+        let a: Arc<str> = Arc::from("owner/a");
+        let (t, mut pods) = q.take(&a).unwrap();
+        q.put_back(t, pods.pop().unwrap());
+        q.park(&a, NOW);
+        let later: Generation = (0, 1, 0);
+        // Nothing changed: a waits; a change within its backoff (1 s): still waits.
+        assert_eq!(q.classes(NOW), [Arc::from("owner/b")]);
+        assert_eq!(q.classes(later), [Arc::from("owner/b")]);
+        let ago = |secs| std::time::Instant::now() - std::time::Duration::from_secs(secs);
+        q.parked.get_mut(&a).unwrap().since = ago(2);
+        assert_eq!(q.classes(NOW).len(), 1, "unchanged fleet: a still waits");
+        assert_eq!(q.classes(later).len(), 2, "changed and past its backoff");
+        // Each failure doubles the backoff, up to 10 s.
+        q.park(&a, later);
+        q.park(&a, later);
+        q.park(&a, later);
+        q.parked.get_mut(&a).unwrap().since = ago(5);
+        assert_eq!(q.classes(NOW).len(), 1, "fourth failure: 8 s backoff");
+        q.parked.get_mut(&a).unwrap().since = ago(9);
+        assert_eq!(q.classes(NOW).len(), 2);
+        // Whatever happened, at most PARK_MAX later it is tried again.
+        q.park(&a, NOW);
+        q.parked.get_mut(&a).unwrap().since = ago(PARK_MAX.as_secs());
+        assert_eq!(q.classes(NOW).len(), 2);
+        // A new pod of the class: tried again at once (its workload grew).
+        q.park(&a, NOW);
+        q.push(pod("a2", Some("a"), 2));
+        assert_eq!(q.classes(NOW).len(), 2);
+        // Placed: no longer held back; emptied: forgotten.
+        q.park(&a, NOW);
+        q.unpark(&a);
+        assert_eq!(q.classes(NOW).len(), 2);
+        q.park(&a, NOW);
+        assert!(q.remove("u-a0").is_some());
+        assert!(q.remove("u-a2").is_some());
+        assert!(q.parked.is_empty());
     }
 }
