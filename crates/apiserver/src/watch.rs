@@ -198,8 +198,17 @@ pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
                                 }
                         }
                         // Too slow to keep up: end the watch; the client resumes from
-                        // the last resourceVersion it saw.
-                        Err(RecvError::Lagged(_)) | Err(RecvError::Closed) => return,
+                        // the last resourceVersion it saw. A bookmark first, so that is
+                        // the last event looked at, not the last one that matched (a
+                        // selective watch's last match can be far behind, out of the
+                        // event window: a relist instead of a resume).
+                        Err(RecvError::Lagged(_)) => {
+                            if bookmarks {
+                                let _ = send(watcher.bookmark(progress)).await;
+                            }
+                            return;
+                        }
+                        Err(RecvError::Closed) => return,
                     }
                 }
             }

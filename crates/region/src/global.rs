@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Event, Node, NodeCondition, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::Api;
@@ -153,8 +153,14 @@ async fn watch_pods(shared: Arc<Shared>) {
     let own = format!("{}={}", crate::REGION_LABEL, shared.cfg.name);
     let mut stream = watcher(api.clone(), watcher::Config::default().fields(&own)).boxed();
     let mut init: Option<HashSet<String>> = None;
+    // An error met while draining a batch, handled first on the next turn.
+    let mut pending = None;
     loop {
-        let ev = match stream.try_next().await {
+        let next = match pending.take() {
+            Some(r) => r,
+            None => stream.try_next().await,
+        };
+        let first = match next {
             Ok(Some(ev)) => ev,
             Ok(None) => return,
             Err(watcher::Error::InitialListFailed(kube::Error::Api(s)))
@@ -176,48 +182,86 @@ async fn watch_pods(shared: Arc<Shared>) {
             }
         };
         shared.global_ok.store(true, Ordering::Relaxed);
+        // Every event already received goes into one batch: one write to the
+        // region's store and one push per node for all of them. (One store commit
+        // per event held a region to a few hundred events a second; its watch fell
+        // behind the server's event window and relisted.)
+        let mut batch = vec![first];
+        while batch.len() < WATCH_BATCH {
+            match stream.try_next().now_or_never() {
+                Some(Ok(Some(ev))) => batch.push(ev),
+                Some(other) => {
+                    pending = Some(other);
+                    break;
+                }
+                None => break,
+            }
+        }
         let mut touched = HashSet::new();
         let mut puts = Vec::new();
         let mut deletes = Vec::new();
-        match ev {
-            watcher::Event::Init => init = Some(HashSet::new()),
-            watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
-                if let Some(seen) = init.as_mut()
-                    && let Some(uid) = &pod.metadata.uid
-                {
-                    seen.insert(uid.clone());
-                }
-                apply_pod(&shared, &pod, &mut touched, &mut puts, &mut deletes);
-            }
-            watcher::Event::Delete(pod) => {
-                if let Some(uid) = &pod.metadata.uid
-                    && let Some(node) = lock(&shared.pods).remove(uid)
-                {
-                    touched.insert(node);
-                    deletes.push(uid.clone());
-                }
-            }
-            watcher::Event::InitDone => {
-                if let Some(seen) = init.take() {
-                    let mut pods = lock(&shared.pods);
-                    let stale: Vec<String> = pods
-                        .by_uid
-                        .keys()
-                        .filter(|u| !seen.contains(*u))
-                        .cloned()
-                        .collect();
-                    for uid in stale {
-                        if let Some(node) = pods.remove(&uid) {
-                            touched.insert(node);
-                            deletes.push(uid);
-                        }
-                    }
-                }
-            }
+        for ev in batch {
+            apply_event(
+                &shared,
+                ev,
+                &mut init,
+                &mut touched,
+                &mut puts,
+                &mut deletes,
+            );
         }
         shared.persist_pods(puts, deletes).await;
         for node in touched {
             shared.push_desired(&node);
+        }
+    }
+}
+
+/// Most pod watch events applied (and persisted) together.
+const WATCH_BATCH: usize = 2_000;
+
+fn apply_event(
+    shared: &Shared,
+    ev: watcher::Event<Pod>,
+    init: &mut Option<HashSet<String>>,
+    touched: &mut HashSet<String>,
+    puts: &mut Vec<(String, bytes::Bytes)>,
+    deletes: &mut Vec<String>,
+) {
+    match ev {
+        watcher::Event::Init => *init = Some(HashSet::new()),
+        watcher::Event::InitApply(pod) | watcher::Event::Apply(pod) => {
+            if let Some(seen) = init.as_mut()
+                && let Some(uid) = &pod.metadata.uid
+            {
+                seen.insert(uid.clone());
+            }
+            apply_pod(shared, &pod, touched, puts, deletes);
+        }
+        watcher::Event::Delete(pod) => {
+            if let Some(uid) = &pod.metadata.uid
+                && let Some(node) = lock(&shared.pods).remove(uid)
+            {
+                touched.insert(node);
+                deletes.push(uid.clone());
+            }
+        }
+        watcher::Event::InitDone => {
+            if let Some(seen) = init.take() {
+                let mut pods = lock(&shared.pods);
+                let stale: Vec<String> = pods
+                    .by_uid
+                    .keys()
+                    .filter(|u| !seen.contains(*u))
+                    .cloned()
+                    .collect();
+                for uid in stale {
+                    if let Some(node) = pods.remove(&uid) {
+                        touched.insert(node);
+                        deletes.push(uid);
+                    }
+                }
+            }
         }
     }
 }

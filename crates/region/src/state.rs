@@ -349,9 +349,18 @@ impl Shared {
         if puts.is_empty() && deletes.is_empty() {
             return;
         }
-        let mut txn = Txn::new();
+        // A batch may hold several versions of a pod: the last one counts, and a
+        // deletion beats them all (a transaction writes each key once).
+        let mut last: HashMap<String, Bytes> = HashMap::with_capacity(puts.len());
         for (uid, json) in puts {
-            txn = txn.put(format!("{POD_PREFIX}{uid}"), json);
+            last.insert(uid, json);
+        }
+        let deletes: HashSet<String> = deletes.into_iter().collect();
+        let mut txn = Txn::new();
+        for (uid, json) in last {
+            if !deletes.contains(&uid) {
+                txn = txn.put(format!("{POD_PREFIX}{uid}"), json);
+            }
         }
         for uid in deletes {
             txn = txn.delete(format!("{POD_PREFIX}{uid}"));
