@@ -144,7 +144,22 @@ async fn evict(shared: &Shared, now: Instant, tokens: &mut f64) {
                 shared.cfg.partition_threshold * 100.0
             );
         } else {
-            tracing::info!("partition over: node lifecycle resumes");
+            // As Kubernetes does on leaving full disruption: nodes still silent
+            // get their grace afresh from now. Their clocks ran during the
+            // partition; without this, a node a few seconds slower to reconnect
+            // than the others had its pods marked the moment the partition ended.
+            let mut restarted = 0;
+            for n in lock(&shared.nodes).values_mut() {
+                if n.health == Health::Unknown && n.unreachable_since.is_some() {
+                    n.unreachable_since = Some(now);
+                    restarted += 1;
+                }
+            }
+            tracing::info!(
+                still_unreachable = restarted,
+                "partition over: node lifecycle resumes; the grace of nodes still unreachable starts now"
+            );
+            return;
         }
     }
     if partitioned {

@@ -278,9 +278,9 @@ async fn short_link_cuts_mark_nothing_long_ones_mark_pods_at_the_configured_rate
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixty_percent_of_a_region_dropping_together_marks_nothing() {
+async fn sixty_percent_of_a_region_dropping_together_marks_nothing_and_then_grants_a_fresh_grace() {
     let mut w = World::start(RegionOpts {
-        grace: "3s",
+        grace: "5s",
         ..Default::default()
     })
     .await;
@@ -299,7 +299,7 @@ async fn sixty_percent_of_a_region_dropping_together_marks_nothing() {
     for n in ["m1", "m2", "m3"] {
         w.wait_node(n, "Unknown").await;
     }
-    // well past lease + grace (2s + 3s), at a rate that would have marked all three
+    // well past lease + grace (2s + 5s), at a rate that would have marked all three
     tokio::time::sleep(Duration::from_secs(9)).await;
     for n in nodes {
         assert!(
@@ -311,6 +311,32 @@ async fn sixty_percent_of_a_region_dropping_together_marks_nothing() {
         w.region_metric("meridian_region_pods_marked_total").await,
         Some(0.0)
     );
+    // The partition heals but for m3: its grace starts when the partition ends
+    // (its clock ran all through the partition), as in Kubernetes.
+    for n in ["m1", "m2"] {
+        let i = w.agent(n);
+        w.agents[i].2.heal();
+    }
+    for n in ["m1", "m2"] {
+        w.wait_node(n, "True").await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        !is_marked(&w.pod("p-m3").await),
+        "p-m3 marked the moment the partition ended"
+    );
+    eventually(
+        "p-m3 marked a grace after the partition ended",
+        Duration::from_secs(20),
+        || {
+            let w = &w;
+            async move { is_marked(&w.pod("p-m3").await) }
+        },
+    )
+    .await;
+    for n in ["m1", "m2", "m4", "m5"] {
+        assert!(!is_marked(&w.pod(&format!("p-{n}")).await), "p-{n} marked");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
