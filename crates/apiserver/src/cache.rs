@@ -16,6 +16,7 @@ use meridian_api::meridian::REGION_LABEL;
 use meridian_api::resources::{RESOURCES, field_value};
 use meridian_store::{DynStore, EventType, KeyValue, Revision, StoreError};
 use serde_json::Value;
+use serde_json::value::RawValue;
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -177,6 +178,133 @@ fn node_region(objects: &OrdMap<Arc<str>, Arc<CachedObject>>, node: &str) -> Opt
 }
 
 fn render(
+    kv: &KeyValue,
+    revision: Revision,
+    objects: &OrdMap<Arc<str>, Arc<CachedObject>>,
+) -> Option<CachedObject> {
+    render_fast(kv, revision, objects).or_else(|| render_slow(kv, revision, objects))
+}
+
+/// A JSON object's members, borrowed from the input (values unparsed).
+type RawMembers<'a> = BTreeMap<&'a str, &'a RawValue>;
+
+#[derive(serde::Deserialize)]
+struct MetaHead<'a> {
+    #[serde(borrow, default)]
+    name: Option<&'a str>,
+    #[serde(borrow, default)]
+    namespace: Option<&'a str>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(borrow, default, rename = "resourceVersion")]
+    resource_version: Option<&'a RawValue>,
+}
+
+/// Where `inner` (a slice of `outer`) starts in `outer`.
+fn offset_in(outer: &[u8], inner: &str) -> Option<usize> {
+    let at = (inner.as_ptr() as usize).checked_sub(outer.as_ptr() as usize)?;
+    (at + inner.len() <= outer.len()).then_some(at)
+}
+
+/// [`render_slow`]'s result without building the object's tree: the members on
+/// the way to metadata and the selectable fields are looked at unparsed, and the
+/// resourceVersion is written into the stored bytes in place. `None` for anything
+/// unusual (escaped keys, a metadata that is not an object, duplicate members...):
+/// the slow path decides.
+fn render_fast(
+    kv: &KeyValue,
+    revision: Revision,
+    objects: &OrdMap<Arc<str>, Arc<CachedObject>>,
+) -> Option<CachedObject> {
+    let input: &[u8] = &kv.value;
+    let top: RawMembers = serde_json::from_slice(input).ok()?;
+    let meta_raw = top.get("metadata")?;
+    let meta: MetaHead = serde_json::from_str(meta_raw.get()).ok()?;
+    let mut nested: BTreeMap<&str, RawMembers> = BTreeMap::new();
+    let mut fields: Vec<(&'static str, Box<str>)> = Vec::new();
+    for path in resource_fields(&kv.key) {
+        let (first, rest) = match path.split_once('.') {
+            Some((a, b)) => (a, Some(b)),
+            None => (*path, None),
+        };
+        let raw = match rest {
+            None => top.get(first).copied(),
+            Some(rest) if !rest.contains('.') => {
+                let Some(parent) = top.get(first) else {
+                    continue;
+                };
+                if !nested.contains_key(first) {
+                    if !parent.get().starts_with('{') {
+                        continue;
+                    }
+                    nested.insert(first, serde_json::from_str(parent.get()).ok()?);
+                }
+                nested.get(first).and_then(|m| m.get(rest)).copied()
+            }
+            // Deeper paths are not used by any resource: the slow path copes.
+            Some(_) => return None,
+        };
+        let Some(raw) = raw else { continue };
+        let v: Value = serde_json::from_str(raw.get()).ok()?;
+        let value = match &v {
+            Value::String(s) => s.clone(),
+            Value::Bool(b) => b.to_string(),
+            Value::Number(n) => n.to_string(),
+            Value::Object(o) if *path == "source" => {
+                match o.get("component").and_then(Value::as_str) {
+                    Some(c) => c.to_owned(),
+                    None => continue,
+                }
+            }
+            _ => continue,
+        };
+        fields.push((path, value.into_boxed_str()));
+    }
+    if kv.key.starts_with(POD_PREFIX.as_str())
+        && let Some(node) = fields
+            .iter()
+            .find(|(p, _)| *p == "spec.nodeName")
+            .map(|(_, v)| v.clone())
+            .filter(|n| !n.is_empty())
+        && let Some(region) = node_region(objects, &node)
+    {
+        fields.push((REGION_LABEL, region));
+    }
+    // The resourceVersion, written in place (or first in metadata).
+    let rv = format!("\"{revision}\"");
+    let mut json = Vec::with_capacity(input.len() + rv.len() + 20);
+    match meta.resource_version {
+        Some(old) => {
+            let at = offset_in(input, old.get())?;
+            json.extend_from_slice(&input[..at]);
+            json.extend_from_slice(rv.as_bytes());
+            json.extend_from_slice(&input[at + old.get().len()..]);
+        }
+        None => {
+            let at = offset_in(input, meta_raw.get())?;
+            let body = meta_raw.get().strip_prefix('{')?;
+            json.extend_from_slice(&input[..=at]);
+            json.extend_from_slice(b"\"resourceVersion\":");
+            json.extend_from_slice(rv.as_bytes());
+            if !body.trim_start().starts_with('}') {
+                json.push(b',');
+            }
+            json.extend_from_slice(&input[at + 1..]);
+        }
+    }
+    Some(CachedObject {
+        key: Arc::from(kv.key.as_str()),
+        mod_revision: revision,
+        namespace: meta.namespace.map(Into::into),
+        name: meta.name.unwrap_or_default().into(),
+        labels: meta.labels.unwrap_or_default(),
+        fields,
+        json: Bytes::from(json),
+    })
+}
+
+/// Renders by parsing the whole object: the reference for [`render_fast`].
+fn render_slow(
     kv: &KeyValue,
     revision: Revision,
     objects: &OrdMap<Arc<str>, Arc<CachedObject>>,
@@ -491,5 +619,111 @@ impl Cache {
             history,
             live,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn kv(key: &str, v: &Value) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: serde_json::to_vec(v).unwrap().into(),
+            create_revision: 1,
+            mod_revision: 7,
+        }
+    }
+
+    fn same(a: &CachedObject, b: &CachedObject) {
+        assert_eq!(a.name, b.name);
+        assert_eq!(a.namespace, b.namespace);
+        assert_eq!(a.labels, b.labels);
+        let mut fa = a.fields.clone();
+        let mut fb = b.fields.clone();
+        fa.sort();
+        fb.sort();
+        assert_eq!(fa, fb);
+        let va: Value = serde_json::from_slice(&a.json).unwrap();
+        let vb: Value = serde_json::from_slice(&b.json).unwrap();
+        assert_eq!(va, vb);
+    }
+
+    #[test]
+    fn rendering_in_place_gives_what_parsing_the_whole_object_gives() {
+        let mut objects = OrdMap::new();
+        let node = kv(
+            "/registry/core/nodes/n1",
+            &json!({"kind": "Node", "metadata": {"name": "n1", "labels": {"meridian.io/region": "eu"}}}),
+        );
+        let n = render_slow(&node, 3, &objects).unwrap();
+        objects.insert(n.key.clone(), Arc::new(n));
+        let cases = [
+            (
+                "/registry/core/pods/default/a",
+                json!({"apiVersion": "v1", "kind": "Pod",
+                    "metadata": {"name": "a", "namespace": "default", "labels": {"app": "w"}},
+                    "spec": {"nodeName": "n1", "restartPolicy": "Always", "containers": []},
+                    "status": {"phase": "Running", "podIP": "10.0.0.1"}}),
+            ),
+            (
+                "/registry/core/pods/default/b",
+                json!({"metadata": {"name": "b", "namespace": "default", "resourceVersion": "3"},
+                    "spec": {"nodeName": "gone"}, "status": null}),
+            ),
+            ("/registry/core/pods/default/c", json!({"metadata": {}})),
+            (
+                "/registry/core/events/default/e",
+                json!({"metadata": {"name": "e", "namespace": "default"},
+                    "involvedObject": {"kind": "Pod", "name": "a", "resourceVersion": "5"},
+                    "reason": "Started", "source": {"component": "kubelet"}, "count": 2}),
+            ),
+            (
+                "/registry/core/nodes/n2",
+                json!({"metadata": {"name": "n2"}, "spec": {"unschedulable": true}}),
+            ),
+            // Escaped keys and non-string labels: the slow path's answer.
+            (
+                "/registry/core/pods/default/d",
+                json!({"metadata": {"name": "d", "labels": {"x": 1}}, "sp\"ec": {}}),
+            ),
+        ];
+        for (key, v) in cases {
+            let kv = kv(key, &v);
+            let fast = render(&kv, 7, &objects).unwrap();
+            let slow = render_slow(&kv, 7, &objects).unwrap();
+            same(&fast, &slow);
+            let out: Value = serde_json::from_slice(&fast.json).unwrap();
+            assert_eq!(out["metadata"]["resourceVersion"], "7", "{key}");
+        }
+        // A bound pod carries its node's region; the event keeps its own
+        // involvedObject.resourceVersion.
+        let a = render_fast(
+            &kv(
+                cases_key(),
+                &json!({"metadata": {"name": "a"}, "spec": {"nodeName": "n1"}}),
+            ),
+            7,
+            &objects,
+        )
+        .unwrap();
+        assert_eq!(a.field(REGION_LABEL), Some("eu"));
+        let e = kv(
+            "/registry/core/events/default/e",
+            &json!({"metadata": {"name": "e"}, "involvedObject": {"resourceVersion": "5"}}),
+        );
+        let e = render_fast(&e, 7, &objects).unwrap();
+        assert_eq!(e.field("involvedObject.resourceVersion"), Some("5"));
+        // Whatever the fast path cannot read, it leaves to the slow one.
+        let odd = kv(
+            "/registry/core/pods/default/d",
+            &json!({"metadata": {"name": "d", "labels": {"x": 1}}}),
+        );
+        assert!(render_fast(&odd, 7, &objects).is_none());
+    }
+
+    fn cases_key() -> &'static str {
+        "/registry/core/pods/default/a"
     }
 }
