@@ -184,6 +184,40 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
         ],
     );
     assert_eq!(out.lines().count(), 1, "one web pod per city: {out}");
+    // The derived field: pods of one region's nodes.
+    let nodes = get_json(&demo, &["nodes"]);
+    let region_of = |node: &str| -> String {
+        nodes["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["metadata"]["name"] == node)
+            .and_then(|n| n["metadata"]["labels"]["meridian.io/region"].as_str())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let region = region_of(&node);
+    assert!(!region.is_empty(), "{node} has a region label");
+    let mut expected: Vec<String> = running_web(&demo)
+        .into_iter()
+        .filter(|(_, n)| region_of(n) == region)
+        .map(|(p, _)| format!("pod/{p}"))
+        .collect();
+    expected.sort();
+    let out = ok(
+        &demo,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=web",
+            "--field-selector",
+            &format!("meridian.io/region={region}"),
+            "-o",
+            "name",
+        ],
+    );
+    assert_eq!(names(&out), expected, "web pods in region {region}");
     let out = ok(&demo, &["get", "pods", "-l", "app=nothing"]);
     assert!(
         out.contains("No resources found in default namespace."),
