@@ -170,19 +170,11 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
         "{out}"
     );
     let node = running_web(&demo)[0].1.clone();
-    let out = ok(
-        &demo,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=web",
-            "--field-selector",
-            &format!("spec.nodeName={node}"),
-            "-o",
-            "name",
-        ],
-    );
+    let web_where = |field: String| {
+        let args = ["get", "pods", "-l", "app=web", "--field-selector", &field];
+        ok(&demo, &[&args[..], &["-o", "name"]].concat())
+    };
+    let out = web_where(format!("spec.nodeName={node}"));
     assert_eq!(out.lines().count(), 1, "one web pod per city: {out}");
     // The derived field: pods of one region's nodes.
     let nodes = get_json(&demo, &["nodes"]);
@@ -204,19 +196,7 @@ async fn kubectl_works_for_two_tenants_and_the_admin() {
         .map(|(p, _)| format!("pod/{p}"))
         .collect();
     expected.sort();
-    let out = ok(
-        &demo,
-        &[
-            "get",
-            "pods",
-            "-l",
-            "app=web",
-            "--field-selector",
-            &format!("meridian.io/region={region}"),
-            "-o",
-            "name",
-        ],
-    );
+    let out = web_where(format!("meridian.io/region={region}"));
     assert_eq!(names(&out), expected, "web pods in region {region}");
     let out = ok(&demo, &["get", "pods", "-l", "app=nothing"]);
     assert!(
