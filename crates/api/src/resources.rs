@@ -946,7 +946,13 @@ pub fn field_value<'a>(obj: &'a Value, path: &str) -> Option<std::borrow::Cow<'a
     for part in path.split('.') {
         cur = cur.get(part)?;
     }
-    match cur {
+    field_text(path, cur)
+}
+
+/// The text a field selector compares for the value `v` found at `path`: strings
+/// as they are, booleans and numbers printed, an Event's `source` by component.
+pub fn field_text<'a>(path: &str, v: &'a Value) -> Option<std::borrow::Cow<'a, str>> {
+    match v {
         Value::String(s) => Some(std::borrow::Cow::Borrowed(s.as_str())),
         Value::Bool(b) => Some(std::borrow::Cow::Owned(b.to_string())),
         Value::Number(n) => Some(std::borrow::Cow::Owned(n.to_string())),

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use imbl::OrdMap;
 use meridian_api::meridian::REGION_LABEL;
-use meridian_api::resources::{RESOURCES, field_value};
+use meridian_api::resources::{RESOURCES, field_text, field_value};
 use meridian_store::{DynStore, EventType, KeyValue, Revision, StoreError};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -169,12 +169,30 @@ fn prefix_of(plural: &str) -> String {
         .unwrap_or_default()
 }
 
-/// The region label of the pod's node, looked up in `objects` (the cache as of
-/// the pod's write): what the `meridian.io/region` pod field selector matches.
-fn node_region(objects: &OrdMap<Arc<str>, Arc<CachedObject>>, node: &str) -> Option<Box<str>> {
-    let key = format!("{}{node}", *NODE_PREFIX);
-    let n = objects.get(key.as_str())?;
-    Some(n.labels.get(REGION_LABEL)?.as_str().into())
+/// For a pod with a node: adds the region label of that node, looked up in
+/// `objects` (the cache as of the pod's write), as the derived field the
+/// `meridian.io/region` pod field selector matches.
+fn add_node_region(
+    key: &str,
+    fields: &mut Vec<(&'static str, Box<str>)>,
+    objects: &OrdMap<Arc<str>, Arc<CachedObject>>,
+) {
+    if !key.starts_with(POD_PREFIX.as_str()) {
+        return;
+    }
+    let Some((_, node)) = fields
+        .iter()
+        .find(|(p, v)| *p == "spec.nodeName" && !v.is_empty())
+    else {
+        return;
+    };
+    let node_key = format!("{}{node}", *NODE_PREFIX);
+    if let Some(region) = objects
+        .get(node_key.as_str())
+        .and_then(|n| n.labels.get(REGION_LABEL))
+    {
+        fields.push((REGION_LABEL, region.as_str().into()));
+    }
 }
 
 fn render(
@@ -246,30 +264,11 @@ fn render_fast(
         };
         let Some(raw) = raw else { continue };
         let v: Value = serde_json::from_str(raw.get()).ok()?;
-        let value = match &v {
-            Value::String(s) => s.clone(),
-            Value::Bool(b) => b.to_string(),
-            Value::Number(n) => n.to_string(),
-            Value::Object(o) if *path == "source" => {
-                match o.get("component").and_then(Value::as_str) {
-                    Some(c) => c.to_owned(),
-                    None => continue,
-                }
-            }
-            _ => continue,
-        };
-        fields.push((path, value.into_boxed_str()));
+        if let Some(text) = field_text(path, &v) {
+            fields.push((path, text.into_owned().into_boxed_str()));
+        }
     }
-    if kv.key.starts_with(POD_PREFIX.as_str())
-        && let Some(node) = fields
-            .iter()
-            .find(|(p, _)| *p == "spec.nodeName")
-            .map(|(_, v)| v.clone())
-            .filter(|n| !n.is_empty())
-        && let Some(region) = node_region(objects, &node)
-    {
-        fields.push((REGION_LABEL, region));
-    }
+    add_node_region(&kv.key, &mut fields, objects);
     // The resourceVersion, written in place (or first in metadata).
     let rv = format!("\"{revision}\"");
     let mut json = Vec::with_capacity(input.len() + rv.len() + 20);
@@ -337,12 +336,7 @@ fn render_slow(
         .iter()
         .filter_map(|p| field_value(&v, p).map(|val| (*p, val.into_owned().into_boxed_str())))
         .collect();
-    if kv.key.starts_with(POD_PREFIX.as_str())
-        && let Some(node) = v["spec"]["nodeName"].as_str().filter(|n| !n.is_empty())
-        && let Some(region) = node_region(objects, node)
-    {
-        fields.push((REGION_LABEL, region));
-    }
+    add_node_region(&kv.key, &mut fields, objects);
     let mut json = serde_json::to_vec(&v).ok()?;
     json.shrink_to_fit();
     let json = Bytes::from(json);
@@ -701,7 +695,7 @@ mod tests {
         // involvedObject.resourceVersion.
         let a = render_fast(
             &kv(
-                cases_key(),
+                "/registry/core/pods/default/a",
                 &json!({"metadata": {"name": "a"}, "spec": {"nodeName": "n1"}}),
             ),
             7,
@@ -721,9 +715,5 @@ mod tests {
             &json!({"metadata": {"name": "d", "labels": {"x": 1}}}),
         );
         assert!(render_fast(&odd, 7, &objects).is_none());
-    }
-
-    fn cases_key() -> &'static str {
-        "/registry/core/pods/default/a"
     }
 }

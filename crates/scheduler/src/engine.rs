@@ -820,7 +820,11 @@ impl Fleet {
 
     /// Nodes passing [`Fleet::static_ok`] for pods like `req` (cached per signature).
     fn static_feasible(&mut self, req: &PodRequest) -> Arc<Vec<u32>> {
-        let sig = Self::static_signature(req);
+        self.static_feasible_by(Self::static_signature(req), req)
+    }
+
+    /// [`Fleet::static_feasible`] for a signature already computed.
+    fn static_feasible_by(&mut self, sig: String, req: &PodRequest) -> Arc<Vec<u32>> {
         let nodes = &self.nodes;
         self.static_feasible
             .entry(sig)
@@ -1040,10 +1044,11 @@ impl Fleet {
     pub fn place(&mut self, req: &PodRequest) -> Placement {
         let latency = req.policy.as_ref().is_some_and(|p| p.latency.is_some());
         if Self::incremental(req) && !latency {
-            if self.static_feasible(req).is_empty() {
+            let sig = Self::static_signature(req);
+            let feasible = self.static_feasible_by(sig.clone(), req);
+            if feasible.is_empty() {
                 // Only static causes (labels, taints, readiness, cordons): the
                 // same explanation until one of them changes.
-                let sig = Self::static_signature(req);
                 if let Some(m) = self.static_unplaceable.get(&sig) {
                     return Placement::Unschedulable(m.clone());
                 }
@@ -1053,21 +1058,20 @@ impl Fleet {
                 }
                 return placed;
             }
-            if let Some(name) = self.place_fast(req) {
+            if let Some(name) = self.place_fast(req, &feasible) {
                 return Placement::Node(name);
             }
         }
         self.place_general(req)
     }
 
-    /// One pass over the nodes that pass the static filters, with domain ids
+    /// One pass over `feasible`, the nodes that pass the static filters, with domain ids
     /// instead of label lookups: the choice [`Fleet::place_general`] makes, for
     /// requests [`Fleet::incremental`] accepts without a latency objective. `None`
     /// when the general path must decide: nothing fits (it explains why), or a
     /// fitting node lacks the spread key.
-    fn place_fast(&mut self, req: &PodRequest) -> Option<String> {
+    fn place_fast(&mut self, req: &PodRequest, feasible: &[u32]) -> Option<String> {
         use std::cmp::Reverse;
-        let feasible = self.static_feasible(req);
         let spread = req.spread.first();
         let doms = spread.map(|c| self.domain_ids(&c.topology_key));
         let counts: Vec<i64> = match (spread, &doms) {
