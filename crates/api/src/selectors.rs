@@ -25,11 +25,12 @@ pub struct Requirement {
 }
 
 impl Requirement {
-    fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        let v = labels.get(&self.key);
+    fn matches<'a>(&self, get: impl Fn(&str) -> Option<&'a str>) -> bool {
+        let v = get(&self.key);
+        let has = |v: &str| self.values.iter().any(|x| x == v);
         match self.op {
-            Op::Eq | Op::In => v.is_some_and(|v| self.values.contains(v)),
-            Op::NotEq | Op::NotIn => v.is_none_or(|v| !self.values.contains(v)),
+            Op::Eq | Op::In => v.is_some_and(has),
+            Op::NotEq | Op::NotIn => v.is_none_or(|v| !has(v)),
             Op::Exists => v.is_some(),
             Op::DoesNotExist => v.is_none(),
         }
@@ -48,7 +49,12 @@ impl LabelSelector {
     }
 
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.requirements.iter().all(|r| r.matches(labels))
+        self.matches_with(|k| labels.get(k).map(String::as_str))
+    }
+
+    /// Matches labels looked up by `get` (for label stores other than a map).
+    pub fn matches_with<'a>(&self, get: impl Fn(&str) -> Option<&'a str>) -> bool {
+        self.requirements.iter().all(|r| r.matches(&get))
     }
 
     /// Parses the string form used in `?labelSelector=`.

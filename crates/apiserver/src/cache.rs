@@ -24,30 +24,137 @@ use tokio_util::sync::CancellationToken;
 pub const ROOT: &str = "/registry/";
 
 /// One cached object, rendered once.
+///
+/// What lists and watches filter on (name, namespace, labels, selectable fields) is
+/// kept in one allocation beside the JSON: with a million pods, a map of labels and
+/// a box per string were a third of the cache's memory.
 #[derive(Debug)]
 pub struct CachedObject {
     pub key: Arc<str>,
     pub mod_revision: Revision,
-    /// The stored (physical) namespace, for namespaced objects.
-    pub namespace: Option<Box<str>>,
-    pub name: Box<str>,
-    pub labels: BTreeMap<String, String>,
-    /// Values of the field paths this resource supports in field selectors.
-    pub fields: Vec<(&'static str, Box<str>)>,
+    meta: Packed,
     /// The object as JSON with `metadata.resourceVersion` set.
     pub json: Bytes,
 }
 
+/// Strings in one allocation: a header (label count, field count, whether there
+/// is a namespace), then the name, the namespace, the labels' keys and values in
+/// key order and the fields' paths and values, each preceded by its length.
+#[derive(Debug)]
+struct Packed(Box<[u8]>);
+
+const PACKED_HEADER: usize = 5;
+
+impl Packed {
+    fn new<'a>(
+        name: &str,
+        namespace: Option<&str>,
+        labels: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+        fields: &[(&str, &str)],
+    ) -> Packed {
+        let nl = u16::try_from(labels.len()).unwrap_or(u16::MAX);
+        let nf = u16::try_from(fields.len()).unwrap_or(u16::MAX);
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(&nl.to_le_bytes());
+        out.extend_from_slice(&nf.to_le_bytes());
+        out.push(u8::from(namespace.is_some()));
+        let mut put = |s: &str| {
+            let len = u32::try_from(s.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&len.to_le_bytes());
+            out.extend_from_slice(&s.as_bytes()[..len as usize]);
+        };
+        put(name);
+        if let Some(ns) = namespace {
+            put(ns);
+        }
+        for (k, v) in labels.take(usize::from(nl)) {
+            put(k);
+            put(v);
+        }
+        for (p, v) in fields.iter().take(usize::from(nf)) {
+            put(p);
+            put(v);
+        }
+        Packed(out.into_boxed_slice())
+    }
+
+    fn counts(&self) -> (usize, usize, bool) {
+        let b = &self.0;
+        (
+            usize::from(u16::from_le_bytes([b[0], b[1]])),
+            usize::from(u16::from_le_bytes([b[2], b[3]])),
+            b[4] == 1,
+        )
+    }
+
+    /// Every string, in order.
+    fn strs(&self) -> impl Iterator<Item = &str> {
+        let mut rest = &self.0[PACKED_HEADER..];
+        std::iter::from_fn(move || {
+            let (len, tail) = rest.split_first_chunk::<4>()?;
+            let len = u32::from_le_bytes(*len) as usize;
+            let (s, tail) = tail.split_at_checked(len)?;
+            rest = tail;
+            // Written from `&str`s cut at their own length: always valid.
+            Some(std::str::from_utf8(s).unwrap_or_default())
+        })
+    }
+
+    fn pairs(&self, skip: usize, n: usize) -> impl Iterator<Item = (&str, &str)> {
+        let mut it = self.strs().skip(skip);
+        std::iter::from_fn(move || Some((it.next()?, it.next()?))).take(n)
+    }
+}
+
 impl CachedObject {
+    pub fn new<'a>(
+        key: Arc<str>,
+        mod_revision: Revision,
+        name: &str,
+        namespace: Option<&str>,
+        labels: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
+        fields: &[(&str, &str)],
+        json: Bytes,
+    ) -> CachedObject {
+        CachedObject {
+            key,
+            mod_revision,
+            meta: Packed::new(name, namespace, labels, fields),
+            json,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.meta.strs().next().unwrap_or_default()
+    }
+
+    /// The stored (physical) namespace, for namespaced objects.
+    pub fn namespace(&self) -> Option<&str> {
+        let (_, _, has) = self.meta.counts();
+        has.then(|| self.meta.strs().nth(1).unwrap_or_default())
+    }
+
+    /// The labels, in key order.
+    pub fn labels(&self) -> impl Iterator<Item = (&str, &str)> {
+        let (nl, _, has) = self.meta.counts();
+        self.meta.pairs(1 + usize::from(has), nl)
+    }
+
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    /// Values of the field paths this resource supports in field selectors.
+    pub fn fields(&self) -> impl Iterator<Item = (&str, &str)> {
+        let (nl, nf, has) = self.meta.counts();
+        self.meta.pairs(1 + usize::from(has) + 2 * nl, nf)
+    }
+
     pub fn field(&self, path: &str) -> Option<&str> {
         match path {
-            "metadata.name" => Some(&self.name),
-            "metadata.namespace" => self.namespace.as_deref(),
-            _ => self
-                .fields
-                .iter()
-                .find(|(p, _)| *p == path)
-                .map(|(_, v)| &**v),
+            "metadata.name" => Some(self.name()),
+            "metadata.namespace" => self.namespace(),
+            _ => self.fields().find(|(p, _)| *p == path).map(|(_, v)| v),
         }
     }
 
@@ -174,7 +281,7 @@ fn prefix_of(plural: &str) -> String {
 /// `meridian.io/region` pod field selector matches.
 fn add_node_region(
     key: &str,
-    fields: &mut Vec<(&'static str, Box<str>)>,
+    fields: &mut Vec<(&'static str, String)>,
     objects: &OrdMap<Arc<str>, Arc<CachedObject>>,
 ) {
     if !key.starts_with(POD_PREFIX.as_str()) {
@@ -189,10 +296,32 @@ fn add_node_region(
     let node_key = format!("{}{node}", *NODE_PREFIX);
     if let Some(region) = objects
         .get(node_key.as_str())
-        .and_then(|n| n.labels.get(REGION_LABEL))
+        .and_then(|n| n.label(REGION_LABEL))
     {
-        fields.push((REGION_LABEL, region.as_str().into()));
+        fields.push((REGION_LABEL, region.to_owned()));
     }
+}
+
+/// Builds the cached object from what a render found.
+fn finish(
+    key: &str,
+    revision: Revision,
+    name: &str,
+    namespace: Option<&str>,
+    labels: &BTreeMap<String, String>,
+    fields: &[(&'static str, String)],
+    json: Vec<u8>,
+) -> CachedObject {
+    let fields: Vec<(&str, &str)> = fields.iter().map(|(p, v)| (*p, v.as_str())).collect();
+    CachedObject::new(
+        Arc::from(key),
+        revision,
+        name,
+        namespace,
+        labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        &fields,
+        Bytes::from(json),
+    )
 }
 
 fn render(
@@ -239,7 +368,7 @@ fn render_fast(
     let meta_raw = top.get("metadata")?;
     let meta: MetaHead = serde_json::from_str(meta_raw.get()).ok()?;
     let mut nested: BTreeMap<&str, RawMembers> = BTreeMap::new();
-    let mut fields: Vec<(&'static str, Box<str>)> = Vec::new();
+    let mut fields: Vec<(&'static str, String)> = Vec::new();
     for path in resource_fields(&kv.key) {
         let (first, rest) = match path.split_once('.') {
             Some((a, b)) => (a, Some(b)),
@@ -265,7 +394,7 @@ fn render_fast(
         let Some(raw) = raw else { continue };
         let v: Value = serde_json::from_str(raw.get()).ok()?;
         if let Some(text) = field_text(path, &v) {
-            fields.push((path, text.into_owned().into_boxed_str()));
+            fields.push((path, text.into_owned()));
         }
     }
     add_node_region(&kv.key, &mut fields, objects);
@@ -291,15 +420,15 @@ fn render_fast(
             json.extend_from_slice(&input[at + 1..]);
         }
     }
-    Some(CachedObject {
-        key: Arc::from(kv.key.as_str()),
-        mod_revision: revision,
-        namespace: meta.namespace.map(Into::into),
-        name: meta.name.unwrap_or_default().into(),
-        labels: meta.labels.unwrap_or_default(),
-        fields,
-        json: Bytes::from(json),
-    })
+    Some(finish(
+        &kv.key,
+        revision,
+        meta.name.unwrap_or_default(),
+        meta.namespace,
+        &meta.labels.unwrap_or_default(),
+        &fields,
+        json,
+    ))
 }
 
 /// Renders by parsing the whole object: the reference for [`render_fast`].
@@ -322,9 +451,9 @@ fn render_slow(
             Value::String(revision.to_string()),
         );
     }
-    let name = v["metadata"]["name"].as_str().unwrap_or_default().into();
-    let namespace = v["metadata"]["namespace"].as_str().map(Into::into);
-    let labels = v["metadata"]["labels"]
+    let name = v["metadata"]["name"].as_str().unwrap_or_default();
+    let namespace = v["metadata"]["namespace"].as_str();
+    let labels: BTreeMap<String, String> = v["metadata"]["labels"]
         .as_object()
         .map(|m| {
             m.iter()
@@ -332,23 +461,16 @@ fn render_slow(
                 .collect()
         })
         .unwrap_or_default();
-    let mut fields: Vec<(&'static str, Box<str>)> = resource_fields(&kv.key)
+    let mut fields: Vec<(&'static str, String)> = resource_fields(&kv.key)
         .iter()
-        .filter_map(|p| field_value(&v, p).map(|val| (*p, val.into_owned().into_boxed_str())))
+        .filter_map(|p| field_value(&v, p).map(|val| (*p, val.into_owned())))
         .collect();
     add_node_region(&kv.key, &mut fields, objects);
     let mut json = serde_json::to_vec(&v).ok()?;
     json.shrink_to_fit();
-    let json = Bytes::from(json);
-    Some(CachedObject {
-        key: Arc::from(kv.key.as_str()),
-        mod_revision: revision,
-        namespace,
-        name,
-        labels,
-        fields,
-        json,
-    })
+    Some(finish(
+        &kv.key, revision, name, namespace, &labels, &fields, json,
+    ))
 }
 
 fn resource_fields(key: &str) -> &'static [&'static str] {
@@ -631,17 +753,50 @@ mod tests {
     }
 
     fn same(a: &CachedObject, b: &CachedObject) {
-        assert_eq!(a.name, b.name);
-        assert_eq!(a.namespace, b.namespace);
-        assert_eq!(a.labels, b.labels);
-        let mut fa = a.fields.clone();
-        let mut fb = b.fields.clone();
+        assert_eq!(a.name(), b.name());
+        assert_eq!(a.namespace(), b.namespace());
+        assert!(a.labels().eq(b.labels()));
+        let mut fa: Vec<_> = a.fields().collect();
+        let mut fb: Vec<_> = b.fields().collect();
         fa.sort();
         fb.sort();
         assert_eq!(fa, fb);
         let va: Value = serde_json::from_slice(&a.json).unwrap();
         let vb: Value = serde_json::from_slice(&b.json).unwrap();
         assert_eq!(va, vb);
+    }
+
+    #[test]
+    fn an_objects_strings_read_back_from_one_allocation() {
+        let o = CachedObject::new(
+            Arc::from("/registry/core/pods/ns/p"),
+            3,
+            "p",
+            Some("ns"),
+            [("app", "web"), ("tier", "")].into_iter(),
+            &[("spec.nodeName", "n1"), ("status.phase", "Running")],
+            Bytes::from_static(b"{}"),
+        );
+        assert_eq!((o.name(), o.namespace()), ("p", Some("ns")));
+        assert_eq!(
+            o.labels().collect::<Vec<_>>(),
+            [("app", "web"), ("tier", "")]
+        );
+        assert_eq!((o.label("tier"), o.label("x")), (Some(""), None));
+        assert_eq!(o.field("status.phase"), Some("Running"));
+        assert_eq!(o.field("metadata.namespace"), Some("ns"));
+        assert_eq!(o.field("spec.schedulerName"), None);
+        let bare = CachedObject::new(
+            Arc::from("/registry/core/nodes/n"),
+            3,
+            "n",
+            None,
+            std::iter::empty(),
+            &[],
+            Bytes::new(),
+        );
+        assert_eq!((bare.name(), bare.namespace()), ("n", None));
+        assert_eq!((bare.labels().count(), bare.fields().count()), (0, 0));
     }
 
     #[test]

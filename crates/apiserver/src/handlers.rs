@@ -855,7 +855,7 @@ impl Filter {
     }
 
     pub fn matches(&self, o: &CachedObject) -> bool {
-        self.labels.matches(&o.labels) && self.fields.matches(|p| o.field(p))
+        self.labels.matches_with(|k| o.label(k)) && self.fields.matches(|p| o.field(p))
     }
 }
 
@@ -1786,7 +1786,7 @@ async fn removal_permit(cx: &Ctx<'_>, r: &Resource, obj: &Value) -> Result<Permi
         snap.range(&prefix, None)
             .map(|o| {
                 subjects.push((RiskGate::subject(&snap, nss, &o.value()), None));
-                o.name.to_string()
+                o.name().to_string()
             })
             .collect()
     } else {

@@ -110,9 +110,8 @@ pub(crate) async fn locate(
         )
     })?;
     let region = node_obj
-        .labels
-        .get("meridian.io/region")
-        .cloned()
+        .label("meridian.io/region")
+        .map(str::to_owned)
         .ok_or_else(|| unavailable(format!("node {node} is not managed by a region")))?;
     let clusters =
         Resource::by_kind("EdgeCluster").ok_or_else(|| internal("no EdgeCluster kind"))?;

@@ -66,7 +66,7 @@ async fn reconcile(state: &AppState) -> Result<(), ServerError> {
     for ns in snap.range(&nss.storage_prefix(), None) {
         let obj: Value = ns.value();
         let terminating = obj["metadata"]["deletionTimestamp"].is_string();
-        let orphaned = split_physical(&ns.name)
+        let orphaned = split_physical(ns.name())
             .0
             .is_some_and(|t| !tenant_exists(t));
         if !(terminating || orphaned) {
@@ -74,7 +74,7 @@ async fn reconcile(state: &AppState) -> Result<(), ServerError> {
         }
         // Delete everything inside, then the namespace itself.
         for r in RESOURCES.iter().filter(|r| r.namespaced()) {
-            let prefix = format!("{}{}/", r.storage_prefix(), ns.name);
+            let prefix = format!("{}{}/", r.storage_prefix(), ns.name());
             for o in snap.range(&prefix, None) {
                 if let Some(kv) = state.store.get(&o.key).await? {
                     state.store.delete(&kv.key, kv.mod_revision).await?;
@@ -83,7 +83,7 @@ async fn reconcile(state: &AppState) -> Result<(), ServerError> {
         }
         if let Some(kv) = state.store.get(&ns.key).await? {
             state.store.delete(&kv.key, kv.mod_revision).await?;
-            tracing::info!(namespace = %ns.name, "namespace deleted");
+            tracing::info!(namespace = %ns.name(), "namespace deleted");
         }
     }
     for t in snap.range(TOKEN_PREFIX, None) {

@@ -51,7 +51,7 @@ fn node_label(snap: &Snapshot, node: &str, key: &str) -> Value {
         return json!("<none>");
     };
     snap.get(&r.storage_key(None, node))
-        .and_then(|n| n.labels.get(key).cloned())
+        .and_then(|n| n.label(key).map(str::to_owned))
         .map_or(json!("<none>"), Value::String)
 }
 

@@ -27,7 +27,7 @@ use crate::controller_of;
 /// string), this about a tenth: at a million pods, gigabytes.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 pub struct PodView {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "slim_meta")]
     pub metadata: ObjectMeta,
     pub spec: Option<PodViewSpec>,
     pub status: Option<PodViewStatus>,
@@ -43,7 +43,48 @@ pub struct PodViewSpec {
 pub struct PodViewStatus {
     pub phase: Option<String>,
     pub reason: Option<String>,
+    #[serde(default, deserialize_with = "ready_only")]
     pub conditions: Option<Vec<PodCondition>>,
+}
+
+/// Pod labels and annotations the controllers read; the rest are dropped as the
+/// watch decodes them.
+const KEPT_LABELS: [&str; 1] = [crate::daemonset::REVISION_LABEL];
+const KEPT_ANNOTATIONS: [&str; 1] = [meridian_api::meridian::REPLACES_NODE_ANNOTATION];
+
+/// A pod's metadata without what no controller reads (other labels and
+/// annotations, managed fields, finalizers): half of what a view held.
+fn slim_meta<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let mut m = ObjectMeta::deserialize(d)?;
+    let keep = |map: Option<std::collections::BTreeMap<String, String>>, keys: &[&str]| {
+        map.map(|mut map| {
+            map.retain(|k, _| keys.contains(&k.as_str()));
+            map
+        })
+        .filter(|map| !map.is_empty())
+    };
+    m.labels = keep(m.labels.take(), &KEPT_LABELS);
+    m.annotations = keep(m.annotations.take(), &KEPT_ANNOTATIONS);
+    m.managed_fields = None;
+    m.finalizers = None;
+    Ok(m)
+}
+
+/// Of a pod's conditions, the Ready one's type and status ([`crate::is_ready`]).
+fn ready_only<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<PodCondition>>, D::Error> {
+    let all = Option::<Vec<PodCondition>>::deserialize(d)?;
+    Ok(all.map(|all| {
+        all.into_iter()
+            .filter(|c| c.type_ == "Ready")
+            .map(|c| PodCondition {
+                type_: c.type_,
+                status: c.status,
+                ..Default::default()
+            })
+            .collect()
+    }))
 }
 
 impl kube::Resource for PodView {
@@ -268,6 +309,49 @@ mod tests {
             "metadata": {"name": uid, "namespace": "n", "uid": uid, "ownerReferences": refs}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_view_keeps_what_controllers_read_and_drops_the_rest() {
+        let v: PodView = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "n", "uid": "u",
+                "creationTimestamp": "2026-11-28T10:00:00Z",
+                "labels": {"app": "web", "controller-revision-hash": "h1"},
+                "annotations": {"meridian.io/replaces-node": "n1", "note": "x"},
+                "finalizers": ["f"],
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                    "name": "rs", "uid": "rs1", "controller": true}]},
+            "spec": {"nodeName": "n2", "containers": []},
+            "status": {"phase": "Running", "reason": "R", "conditions": [
+                {"type": "PodScheduled", "status": "True"},
+                {"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-28T10:00:01Z",
+                 "message": "long text"}]}
+        }))
+        .unwrap();
+        let m = &v.metadata;
+        assert_eq!(m.name.as_deref(), Some("p"));
+        assert_eq!(m.uid.as_deref(), Some("u"));
+        assert!(m.creation_timestamp.is_some());
+        assert_eq!(
+            m.labels,
+            Some([("controller-revision-hash".to_string(), "h1".to_string())].into())
+        );
+        assert_eq!(
+            m.annotations,
+            Some([("meridian.io/replaces-node".to_string(), "n1".to_string())].into())
+        );
+        assert_eq!(m.finalizers, None);
+        assert_eq!(controller_of(m).map(|o| o.uid.as_str()), Some("rs1"));
+        assert_eq!(v.spec.unwrap().node_name.as_deref(), Some("n2"));
+        let st = v.status.unwrap();
+        assert_eq!(st.phase.as_deref(), Some("Running"));
+        let c = st.conditions.unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(
+            (c[0].type_.as_str(), c[0].status.as_str()),
+            ("Ready", "True")
+        );
+        assert_eq!(c[0].message, None);
     }
 
     /// A complete list (initial or relist) of these pods, all of `rs1` but "c".

@@ -188,7 +188,8 @@ pub struct PodRequest {
 
 impl PodRequest {
     pub fn from_pod(pod: &Pod) -> PodRequest {
-        let spec = pod.spec.clone().unwrap_or_default();
+        let none = k8s_openapi::api::core::v1::PodSpec::default();
+        let spec = pod.spec.as_ref().unwrap_or(&none);
         let mut requests = Resources {
             pods: 1,
             ..Default::default()

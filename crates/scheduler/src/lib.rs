@@ -29,7 +29,7 @@ use serde_json::json;
 
 use engine::{Fleet, NodeInfo, Placement, PodRequest};
 use policy::PolicyRules;
-use queue::{Queue, Waiting};
+use queue::{Queue, Seen, Templates, Waiting};
 
 /// Bindings per bulk request, and bulk requests in flight.
 const BULK: usize = 500;
@@ -42,13 +42,6 @@ const PLACE_BUDGET: Duration = Duration::from_millis(500);
 
 /// Scheduler names this scheduler serves.
 pub const SCHEDULER_NAMES: &[&str] = &["default-scheduler", "meridian"];
-
-fn is_terminal(p: &Pod) -> bool {
-    matches!(
-        p.status.as_ref().and_then(|s| s.phase.as_deref()),
-        Some("Succeeded" | "Failed")
-    )
-}
 
 /// A store kept up to date by a watch of every `K` (used by the controllers too).
 pub fn reflect<K>(client: &kube::Client) -> Store<K>
@@ -122,7 +115,7 @@ pub async fn bulk_post<T: serde::Serialize>(
 
 /// A change of one pod as the scheduler's watch delivered it.
 enum PodEvent {
-    Apply(Arc<Pod>),
+    Apply(Seen),
     /// The uid of a pod that is gone.
     Delete(String),
     /// A relist begins: pods not shown again before `InitDone` are gone.
@@ -135,18 +128,22 @@ enum PodEvent {
 fn watch_pods(client: &kube::Client) -> tokio::sync::mpsc::UnboundedReceiver<PodEvent> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let api: Api<Pod> = Api::all(client.clone());
+    let mut templates = Templates::default();
     tokio::spawn(
         watcher(api, watcher::Config::default())
             .default_backoff()
             .for_each(move |ev| {
                 let ev = match ev {
                     Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                        Some(PodEvent::Apply(Arc::new(p)))
+                        Some(PodEvent::Apply(templates.seen(p)))
                     }
                     Ok(watcher::Event::Delete(p)) => {
                         Some(PodEvent::Delete(p.metadata.uid.unwrap_or_default()))
                     }
-                    Ok(watcher::Event::Init) => Some(PodEvent::Init),
+                    Ok(watcher::Event::Init) => {
+                        templates.clear();
+                        Some(PodEvent::Init)
+                    }
                     Ok(watcher::Event::InitDone) => Some(PodEvent::InitDone),
                     Err(_) => None,
                 };
@@ -159,28 +156,11 @@ fn watch_pods(client: &kube::Client) -> tokio::sync::mpsc::UnboundedReceiver<Pod
     rx
 }
 
-/// What the policy report reads of a live pod (a typed `Pod` is ~8 KB of memory;
-/// this a few hundred bytes).
+/// What the policy report reads of a live pod: its node, and its class's
+/// template for namespace, labels and owner (shared by the class).
 struct PodFacts {
-    namespace: String,
-    labels: std::collections::BTreeMap<String, String>,
-    owner: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>,
+    template: Arc<Pod>,
     node: Option<String>,
-}
-
-impl PodFacts {
-    fn of(p: &Pod) -> PodFacts {
-        PodFacts {
-            namespace: p.metadata.namespace.clone().unwrap_or_default(),
-            labels: p.metadata.labels.clone().unwrap_or_default(),
-            owner: controller_of(&p.metadata).cloned(),
-            node: p
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone())
-                .filter(|n| !n.is_empty()),
-        }
-    }
 }
 
 fn policy_resource() -> ApiResource {
@@ -552,27 +532,33 @@ pub async fn run(client: kube::Client) {
                     view.unbind(&uid);
                 }
                 PodEvent::Apply(p) => {
-                    let uid = p.metadata.uid.clone().unwrap_or_default();
+                    let uid = p.uid.clone();
                     if let Some(seen) = relist.as_mut() {
                         seen.insert(uid.clone());
                     }
-                    if is_terminal(&p) || p.metadata.deletion_timestamp.is_some() {
+                    if p.finished {
                         facts.remove(&uid);
                         queue.remove(&uid);
                         inflight.remove(&uid);
                         view.unbind(&uid);
                         continue;
                     }
-                    facts.insert(uid.clone(), PodFacts::of(&p));
-                    let node = p.spec.as_ref().and_then(|s| s.node_name.as_deref());
-                    match node.filter(|n| !n.is_empty()) {
+                    facts.insert(
+                        uid.clone(),
+                        PodFacts {
+                            template: p.template.clone(),
+                            node: p.node.clone(),
+                        },
+                    );
+                    match p.node.as_deref() {
                         Some(n) => {
                             queue.remove(&uid);
                             inflight.remove(&uid);
-                            view.bound(&uid, n, || request(&p));
+                            view.bound(&uid, n, || request(&p.template));
                         }
                         None => {
                             let name = p
+                                .template
                                 .spec
                                 .as_ref()
                                 .and_then(|s| s.scheduler_name.as_deref())
@@ -583,8 +569,8 @@ pub async fn run(client: kube::Client) {
                             match inflight.get_mut(&uid) {
                                 // Bound by us, the watch not there yet: the pod
                                 // waits for the binding, not in the queue.
-                                Some(f) => f.template = p,
-                                None => queue.push(p),
+                                Some(f) => f.template = p.template,
+                                None => queue.push_seen(p),
                             }
                         }
                     }
@@ -861,9 +847,15 @@ async fn report_policies(
         loose: i64,
     }
     let mut acc: HashMap<(String, String), Acc<'_>> = HashMap::new();
+    let no_labels = std::collections::BTreeMap::new();
     for p in pods.values() {
-        let Some((pp, _, size)) = pol.resolve_parts(&p.namespace, &p.labels, p.owner.as_ref())
-        else {
+        let meta = &p.template.metadata;
+        let owner = controller_of(meta);
+        let Some((pp, _, size)) = pol.resolve_parts(
+            meta.namespace.as_deref().unwrap_or_default(),
+            meta.labels.as_ref().unwrap_or(&no_labels),
+            owner,
+        ) else {
             continue;
         };
         let key = (
@@ -880,7 +872,7 @@ async fn report_policies(
             Some(n) => a.bound.push(n),
             None => a.pending += 1,
         }
-        match &p.owner {
+        match owner {
             Some(o) if size > 0 => {
                 a.groups.insert(o.uid.clone(), size);
             }
