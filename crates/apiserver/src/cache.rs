@@ -251,11 +251,28 @@ pub struct Cache {
     ring_capacity: usize,
     /// Snapshots of paginated lists still being read, newest last: every page of
     /// a list comes from the revision of its first page, as in Kubernetes.
-    pinned: std::sync::Mutex<VecDeque<(Snapshot, std::time::Instant)>>,
+    pinned: std::sync::Mutex<VecDeque<Pin>>,
 }
 
-/// A paginated list's snapshot is kept this long after its last page was read.
+/// A paginated list's snapshot is kept this long after a page was read.
 const PIN_TTL: Duration = Duration::from_secs(300);
+/// ... and this long after its last page was read (another list may have begun at
+/// the same revision). A snapshot holds every object replaced since it was taken:
+/// kept 5 minutes after each relist of a busy cluster, that was a second copy of
+/// most pods.
+const PIN_LINGER: Duration = Duration::from_secs(30);
+
+struct Pin {
+    snapshot: Snapshot,
+    used: std::time::Instant,
+    ttl: Duration,
+}
+
+impl Pin {
+    fn live(&self) -> bool {
+        self.used.elapsed() < self.ttl
+    }
+}
 /// At most this many paginated lists in progress are kept (the oldest go first).
 const PIN_MAX: usize = 64;
 
@@ -662,21 +679,42 @@ impl Cache {
     /// Keeps `snap` for the next pages of a paginated list.
     pub fn pin(&self, snap: &Snapshot) {
         let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
-        pinned.retain(|(s, t)| s.revision != snap.revision && t.elapsed() < PIN_TTL);
-        pinned.push_back((snap.clone(), std::time::Instant::now()));
+        pinned.retain(|p| p.snapshot.revision != snap.revision && p.live());
+        pinned.push_back(Pin {
+            snapshot: snap.clone(),
+            used: std::time::Instant::now(),
+            ttl: PIN_TTL,
+        });
         while pinned.len() > PIN_MAX {
             pinned.pop_front();
         }
+    }
+
+    /// A paginated list read its last page: its snapshot is kept only a little
+    /// longer, for another list begun at the same revision.
+    pub fn release(&self, revision: Revision) {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        pinned.retain(Pin::live);
+        if let Some(p) = pinned.iter_mut().find(|p| p.snapshot.revision == revision) {
+            p.ttl = PIN_LINGER;
+        }
+    }
+
+    /// How many paginated lists are being read (their last page not read yet).
+    pub fn open_lists(&self) -> usize {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        pinned.retain(Pin::live);
+        pinned.iter().filter(|p| p.ttl == PIN_TTL).count()
     }
 
     /// The snapshot a paginated list began at `revision`, if it is still kept (or
     /// is the current one).
     pub fn pinned(&self, revision: Revision) -> Option<Snapshot> {
         let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
-        pinned.retain(|(_, t)| t.elapsed() < PIN_TTL);
-        if let Some((s, t)) = pinned.iter_mut().find(|(s, _)| s.revision == revision) {
-            *t = std::time::Instant::now();
-            return Some(s.clone());
+        pinned.retain(Pin::live);
+        if let Some(p) = pinned.iter_mut().find(|p| p.snapshot.revision == revision) {
+            p.used = std::time::Instant::now();
+            return Some(p.snapshot.clone());
         }
         drop(pinned);
         Some(self.snapshot()).filter(|s| s.revision == revision)

@@ -929,6 +929,10 @@ async fn list(cx: &Ctx<'_>) -> Result<Response, ApiError> {
     body.extend_from_slice(b"],\"metadata\":{\"resourceVersion\":\"");
     body.extend_from_slice(snap.revision.to_string().as_bytes());
     body.push(b'"');
+    if !more && after.is_some() {
+        // The last page of a paginated list.
+        cx.state.cache.release(snap.revision);
+    }
     if more && let Some(k) = last_key {
         cx.state.cache.pin(&snap);
         let token = serde_json::to_vec(&Continue {

@@ -270,8 +270,11 @@ async fn lists_page_with_limit_and_continue_and_filter_by_fields() {
             Some(c) if !c.is_empty() => lp = lp.continue_token(&c),
             _ => break,
         }
+        assert_eq!(t.server.state.cache.open_lists(), 1, "page {pages}");
     }
     assert_eq!(pages, 3);
+    // The last page read, its snapshot is no longer held for the list.
+    assert_eq!(t.server.state.cache.open_lists(), 0);
     assert_eq!(
         names,
         (0..25).map(|i| format!("p{i:02}")).collect::<Vec<_>>()
