@@ -46,11 +46,11 @@ struct Packed(Box<[u8]>);
 const PACKED_HEADER: usize = 5;
 
 impl Packed {
-    fn new<'a>(
+    fn new<'a, 'b>(
         name: &str,
         namespace: Option<&str>,
         labels: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
-        fields: &[(&str, &str)],
+        fields: impl ExactSizeIterator<Item = (&'b str, &'b str)>,
     ) -> Packed {
         let nl = u16::try_from(labels.len()).unwrap_or(u16::MAX);
         let nf = u16::try_from(fields.len()).unwrap_or(u16::MAX);
@@ -71,7 +71,7 @@ impl Packed {
             put(k);
             put(v);
         }
-        for (p, v) in fields.iter().take(usize::from(nf)) {
+        for (p, v) in fields.take(usize::from(nf)) {
             put(p);
             put(v);
         }
@@ -107,13 +107,13 @@ impl Packed {
 }
 
 impl CachedObject {
-    pub fn new<'a>(
+    pub fn new<'a, 'b>(
         key: Arc<str>,
         mod_revision: Revision,
         name: &str,
         namespace: Option<&str>,
         labels: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
-        fields: &[(&str, &str)],
+        fields: impl ExactSizeIterator<Item = (&'b str, &'b str)>,
         json: Bytes,
     ) -> CachedObject {
         CachedObject {
@@ -320,23 +320,22 @@ fn add_node_region(
 }
 
 /// Builds the cached object from what a render found.
-fn finish(
+fn finish<'a>(
     key: &str,
     revision: Revision,
     name: &str,
     namespace: Option<&str>,
-    labels: &BTreeMap<String, String>,
+    labels: impl ExactSizeIterator<Item = (&'a str, &'a str)>,
     fields: &[(&'static str, String)],
     json: Vec<u8>,
 ) -> CachedObject {
-    let fields: Vec<(&str, &str)> = fields.iter().map(|(p, v)| (*p, v.as_str())).collect();
     CachedObject::new(
         Arc::from(key),
         revision,
         name,
         namespace,
-        labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        &fields,
+        labels,
+        fields.iter().map(|(p, v)| (*p, v.as_str())),
         Bytes::from(json),
     )
 }
@@ -358,8 +357,9 @@ struct MetaHead<'a> {
     name: Option<&'a str>,
     #[serde(borrow, default)]
     namespace: Option<&'a str>,
-    #[serde(default)]
-    labels: Option<BTreeMap<String, String>>,
+    /// Borrowed: a label with an escape in it sends the object to the slow path.
+    #[serde(borrow, default)]
+    labels: Option<BTreeMap<&'a str, &'a str>>,
     #[serde(borrow, default, rename = "resourceVersion")]
     resource_version: Option<&'a RawValue>,
 }
@@ -442,7 +442,7 @@ fn render_fast(
         revision,
         meta.name.unwrap_or_default(),
         meta.namespace,
-        &meta.labels.unwrap_or_default(),
+        meta.labels.unwrap_or_default().into_iter(),
         &fields,
         json,
     ))
@@ -486,7 +486,13 @@ fn render_slow(
     let mut json = serde_json::to_vec(&v).ok()?;
     json.shrink_to_fit();
     Some(finish(
-        &kv.key, revision, name, namespace, &labels, &fields, json,
+        &kv.key,
+        revision,
+        name,
+        namespace,
+        labels.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        &fields,
+        json,
     ))
 }
 
@@ -812,7 +818,7 @@ mod tests {
             "p",
             Some("ns"),
             [("app", "web"), ("tier", "")].into_iter(),
-            &[("spec.nodeName", "n1"), ("status.phase", "Running")],
+            [("spec.nodeName", "n1"), ("status.phase", "Running")].into_iter(),
             Bytes::from_static(b"{}"),
         );
         assert_eq!((o.name(), o.namespace()), ("p", Some("ns")));
@@ -830,7 +836,7 @@ mod tests {
             "n",
             None,
             std::iter::empty(),
-            &[],
+            std::iter::empty(),
             Bytes::new(),
         );
         assert_eq!((bare.name(), bare.namespace()), ("n", None));
