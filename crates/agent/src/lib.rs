@@ -309,6 +309,7 @@ impl Agent {
             running_pods: self.manager.running().await,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             taints: self.cfg.taints.clone(),
+            accepts_changes: true,
         };
         let _ = tx.send(msg(agent_message::Msg::Register(register))).await;
         let mut inbound = client
@@ -353,6 +354,9 @@ impl Agent {
         let mut hb = tokio::time::interval(heartbeat);
         hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seq = 0u64;
+        // The region's desired set as this stream has told it: a full set first,
+        // then changes to it.
+        let mut desired: BTreeMap<String, (Vec<u8>, refs::Refs)> = BTreeMap::new();
         let mut sampler = facts::UsageSampler::default();
         let mut last_cpu: HashMap<String, (u64, Instant)> = HashMap::new();
         let mut logs: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
@@ -364,23 +368,15 @@ impl Agent {
                     let Some(m) = m else { return Ok(()) };
                     match m.msg {
                         Some(region_message::Msg::Desired(d)) => {
-                            let pods = d
-                                .pods
-                                .into_iter()
-                                .map(|p| {
-                                    let refs = p
-                                        .refs
-                                        .into_iter()
-                                        .filter(|r| !r.json.is_empty())
-                                        .filter_map(|r| {
-                                            let obj = serde_json::from_slice(&r.json).ok()?;
-                                            Some(((r.kind, r.name), obj))
-                                        })
-                                        .collect();
-                                    (p.uid, p.pod_json, refs)
-                                })
-                                .collect();
-                            self.manager.set_desired(pods).await;
+                            desired = d.pods.into_iter().map(desired_pod).collect();
+                            self.manager.set_desired(desired_list(&desired)).await;
+                        }
+                        Some(region_message::Msg::Changes(c)) => {
+                            for uid in &c.removed {
+                                desired.remove(uid);
+                            }
+                            desired.extend(c.upserts.into_iter().map(desired_pod));
+                            self.manager.set_desired(desired_list(&desired)).await;
                         }
                         Some(region_message::Msg::LogRequest(r)) => {
                             logs.retain(|_, h| !h.is_finished());
@@ -650,6 +646,29 @@ async fn serve_exec(
         Ok(code) => tx.send(end(code, String::new())).await,
         Err(e) => tx.send(end(126, e.to_string())).await,
     };
+}
+
+/// A desired pod as the manager takes it: uid, pod JSON and the references the
+/// region resolved (those it could not are left out, keeping their last value).
+fn desired_pod(p: meridian_proto::DesiredPod) -> (String, (Vec<u8>, refs::Refs)) {
+    let refs = p
+        .refs
+        .into_iter()
+        .filter(|r| !r.json.is_empty())
+        .filter_map(|r| {
+            let obj = serde_json::from_slice(&r.json).ok()?;
+            Some(((r.kind, r.name), obj))
+        })
+        .collect();
+    (p.uid, (p.pod_json, refs))
+}
+
+fn desired_list(
+    set: &BTreeMap<String, (Vec<u8>, refs::Refs)>,
+) -> Vec<(String, Vec<u8>, refs::Refs)> {
+    set.iter()
+        .map(|(uid, (json, refs))| (uid.clone(), json.clone(), refs.clone()))
+        .collect()
 }
 
 /// `kubectl port-forward`: a TCP connection to the pod's port, as an exec session

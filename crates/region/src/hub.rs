@@ -99,9 +99,15 @@ impl AgentHub for Hub {
         let (tx, rx) = mpsc::channel(64);
         let tx = crate::state::SessionTx(tx);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let known = self
-            .register(&node, reg, Session { id, tx: tx.clone() })
-            .await;
+        let session = Session {
+            id,
+            tx: tx.clone(),
+            told: reg
+                .accepts_changes
+                .then(|| Arc::new(std::sync::Mutex::new(crate::state::Told::NotYet))),
+        };
+        let told = session.told.clone();
+        let known = self.register(&node, reg, session).await;
         let welcome = RegionMessage {
             msg: Some(region_message::Msg::Registered(Registered {
                 region: self.shared.cfg.name.clone(),
@@ -112,12 +118,7 @@ impl AgentHub for Hub {
         if !known && let Ok(_permit) = self.shared.register_calls.acquire().await {
             crate::global::fetch_node_pods(&self.shared, &node).await;
         }
-        let desired = self.shared.desired_for(&node);
-        let _ = tx
-            .send(RegionMessage {
-                msg: Some(region_message::Msg::Desired(desired)),
-            })
-            .await;
+        self.shared.send_first_desired(&node, &tx, told.as_ref());
         crate::prepull::node_joined(&self.shared, &node, &tx).await;
         let shared = self.shared.clone();
         tokio::spawn(async move {

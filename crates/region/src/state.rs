@@ -82,6 +82,64 @@ pub enum Health {
 pub struct Session {
     pub id: u64,
     pub tx: SessionTx,
+    /// For an agent that applies `DesiredChanges`: what this stream has been told
+    /// to run. `None`: an agent that gets the full set on every change.
+    pub told: Option<std::sync::Arc<Mutex<Told>>>,
+}
+
+/// What a stream's agent has been told to run.
+pub enum Told {
+    /// Nothing yet: the full set goes first, right after registration.
+    NotYet,
+    /// A message could not be queued (the agent is not reading): the next push
+    /// sends the full set again.
+    Lost,
+    /// Each pod's desired hash and references, as last sent.
+    Sent(Sent),
+}
+
+/// The `Arc` is held, so comparing its address is exact (the allocation cannot be
+/// reused while it is here).
+pub type Sent = HashMap<String, (u64, std::sync::Arc<Vec<meridian_proto::PodRef>>)>;
+
+/// One desired pod as read from the cache, for a full set or a change.
+struct Want {
+    uid: String,
+    desired: u64,
+    json: Bytes,
+    refs: std::sync::Arc<Vec<meridian_proto::PodRef>>,
+}
+
+impl Want {
+    fn pod(&self) -> DesiredPod {
+        DesiredPod {
+            uid: self.uid.clone(),
+            pod_json: self.json.to_vec(),
+            refs: self.refs.to_vec(),
+        }
+    }
+}
+
+/// What changed between what an agent was told and what it should run now, and
+/// what it will have been told once the changes have gone.
+fn changes(told: &Sent, want: &[Want]) -> (meridian_proto::DesiredChanges, Sent) {
+    let mut upserts = Vec::new();
+    let mut now = Sent::with_capacity(want.len());
+    for w in want {
+        let same = told
+            .get(&w.uid)
+            .is_some_and(|(d, r)| *d == w.desired && std::sync::Arc::ptr_eq(r, &w.refs));
+        if !same {
+            upserts.push(w.pod());
+        }
+        now.insert(w.uid.clone(), (w.desired, w.refs.clone()));
+    }
+    let removed = told
+        .keys()
+        .filter(|u| !now.contains_key(*u))
+        .cloned()
+        .collect();
+    (meridian_proto::DesiredChanges { upserts, removed }, now)
 }
 
 pub struct NodeEntry {
@@ -370,33 +428,67 @@ impl Shared {
         }
     }
 
-    pub fn desired_for(&self, node: &str) -> DesiredPods {
+    /// The pods `node` should run, from the cache.
+    fn wanted(&self, node: &str) -> Vec<Want> {
         let pods = lock(&self.pods);
-        let list = pods
-            .by_node
-            .get(node)
-            .map(|uids| {
-                uids.iter()
-                    .filter_map(|u| {
-                        let p = pods.by_uid.get(u)?;
-                        (!p.gone).then(|| DesiredPod {
-                            uid: u.clone(),
-                            pod_json: p.json.to_vec(),
-                            refs: p.refs.to_vec(),
-                        })
-                    })
-                    .collect()
+        let Some(uids) = pods.by_node.get(node) else {
+            return Vec::new();
+        };
+        uids.iter()
+            .filter_map(|u| {
+                let p = pods.by_uid.get(u)?;
+                (!p.gone).then(|| Want {
+                    uid: u.clone(),
+                    desired: p.desired,
+                    json: p.json.clone(),
+                    refs: p.refs.clone(),
+                })
             })
-            .unwrap_or_default();
-        DesiredPods { pods: list }
+            .collect()
     }
 
-    /// Pushes the desired set to a node's agent, if it is connected.
+    pub fn desired_for(&self, node: &str) -> DesiredPods {
+        DesiredPods {
+            pods: self.wanted(node).iter().map(Want::pod).collect(),
+        }
+    }
+
+    /// Sends the full desired set to a stream that has just registered: what a
+    /// stream that takes changes is told first, and what they are relative to.
+    pub fn send_first_desired(
+        &self,
+        node: &str,
+        tx: &SessionTx,
+        told: Option<&std::sync::Arc<Mutex<Told>>>,
+    ) {
+        let mut told = told.map(|t| lock(t));
+        let want = self.wanted(node);
+        let msg = RegionMessage {
+            msg: Some(region_message::Msg::Desired(DesiredPods {
+                pods: want.iter().map(Want::pod).collect(),
+            })),
+        };
+        // The channel holds at most the welcome so far.
+        let sent = tx.try_send(msg).is_ok();
+        if let Some(told) = told.as_mut() {
+            **told = if sent {
+                Told::Sent(changes(&Sent::new(), &want).1)
+            } else {
+                Told::Lost
+            };
+        }
+    }
+
+    /// Pushes what changed in the desired set to a node's agent, if it is
+    /// connected: only the changes to an agent that takes them, else the full set.
     pub fn push_desired(&self, node: &str) {
-        let tx = lock(&self.nodes)
+        let Some((tx, told)) = lock(&self.nodes)
             .get(node)
-            .and_then(|n| n.session.as_ref().map(|s| s.tx.clone()));
-        if let Some(tx) = tx {
+            .and_then(|n| n.session.as_ref().map(|s| (s.tx.clone(), s.told.clone())))
+        else {
+            return;
+        };
+        let Some(told) = told else {
             let msg = RegionMessage {
                 msg: Some(region_message::Msg::Desired(self.desired_for(node))),
             };
@@ -404,6 +496,38 @@ impl Shared {
                 // The agent is slow or gone; it gets the full set again on reconnect.
                 tracing::debug!(node, "desired set not delivered (stream full or closed)");
             }
+            return;
+        };
+        // Held until the message is queued: two pushes for one node cannot
+        // reorder, and what is recorded as told is what went.
+        let mut told = lock(&told);
+        let want = self.wanted(node);
+        let (msg, now) = match &*told {
+            // Registration sends the full set; it will carry this change.
+            Told::NotYet => return,
+            Told::Lost => {
+                let now = changes(&Sent::new(), &want).1;
+                let pods = want.iter().map(Want::pod).collect();
+                (region_message::Msg::Desired(DesiredPods { pods }), now)
+            }
+            Told::Sent(prev) => {
+                let (delta, now) = changes(prev, &want);
+                if delta.upserts.is_empty() && delta.removed.is_empty() {
+                    return;
+                }
+                (region_message::Msg::Changes(delta), now)
+            }
+        };
+        if tx.try_send(RegionMessage { msg: Some(msg) }).is_ok() {
+            *told = Told::Sent(now);
+        } else {
+            // Slow or gone: a lost change would leave the agent wrong, so the next
+            // push sends the full set (and a new stream starts with one).
+            *told = Told::Lost;
+            tracing::debug!(
+                node,
+                "desired changes not delivered (stream full or closed)"
+            );
         }
     }
 

@@ -446,9 +446,13 @@ impl Run {
     }
 
     /// An unpaged cluster-wide LIST: (seconds, MiB received).
+    /// Times an unpaged LIST as a client reads it, counting the body's bytes as they
+    /// arrive instead of holding them (at 1M pods the body is over a gigabyte, and
+    /// keeping it would count against the simulator's own memory).
     async fn timed_list(&self, path: &str) -> Result<(f64, f64)> {
         let t = Instant::now();
-        let body = self
+        let what = || format!("listing {path}");
+        let mut resp = self
             .http
             .get(format!("{}{path}", self.plane.url))
             .bearer_auth(&self.plane.admin_token)
@@ -456,18 +460,19 @@ impl Run {
             .await
             .and_then(|r| r.error_for_status())
             .map_err(|source| SimError::Http {
-                what: format!("listing {path}"),
-                source,
-            })?
-            .bytes()
-            .await
-            .map_err(|source| SimError::Http {
-                what: format!("listing {path}"),
+                what: what(),
                 source,
             })?;
+        let mut len = 0usize;
+        while let Some(chunk) = resp.chunk().await.map_err(|source| SimError::Http {
+            what: what(),
+            source,
+        })? {
+            len += chunk.len();
+        }
         Ok((
             (t.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
-            (body.len() as f64 / 1048576.0 * 10.0).round() / 10.0,
+            (len as f64 / 1048576.0 * 10.0).round() / 10.0,
         ))
     }
 

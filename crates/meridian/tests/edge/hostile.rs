@@ -28,6 +28,8 @@ fn register(name: &str, labels: HashMap<String, String>) -> AgentMessage {
             running_pods: vec![],
             agent_version: "test".into(),
             taints: vec![],
+            // The old protocol: a full desired set on every change.
+            accepts_changes: false,
         })),
     }
 }

@@ -5,6 +5,7 @@ mod containers;
 mod harness;
 mod hostile;
 mod onboarding;
+mod protocol;
 mod workloads;
 
 use std::time::{Duration, Instant};
