@@ -2239,7 +2239,8 @@ fn bulk_failure(e: &ApiError) -> Value {
 /// (the ReplicaSet controller's): `{"items": [pod, ...]}`, each pod with its
 /// namespace, each checked, admitted and stored exactly as one `POST` to its
 /// namespace's pods would, all in flight together so the store commits them in
-/// one transaction. The answer lists each item's outcome in order (`name`, `uid`;
+/// one transaction. The answer lists each item's outcome in order (`name`, `uid`,
+/// `resourceVersion`;
 /// a failure's `reason`, `code` and `message`); a bad item changes nothing.
 async fn bulk_create_pods(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {
     let items = bulk_items(cx, &body, "pods")?;
@@ -2270,6 +2271,7 @@ async fn bulk_create_pods(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiErro
                 "status": "Success",
                 "name": obj["metadata"]["name"],
                 "uid": obj["metadata"]["uid"],
+                "resourceVersion": obj["metadata"]["resourceVersion"],
             }),
             Err(e) => bulk_failure(&e),
         })

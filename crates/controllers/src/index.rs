@@ -172,6 +172,9 @@ impl Inner {
 pub struct PodIndex {
     inner: Mutex<Inner>,
     ready: tokio::sync::Notify,
+    /// The newest resourceVersion among the pods the watch has shown: every
+    /// write up to it has been seen.
+    seen_rv: std::sync::atomic::AtomicU64,
 }
 
 impl PodIndex {
@@ -197,8 +200,24 @@ impl PodIndex {
         index
     }
 
+    /// The newest resourceVersion the watch has shown (0: none yet).
+    pub fn seen_rv(&self) -> u64 {
+        self.seen_rv.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Applies one watch event.
     pub fn apply(&self, ev: watcher::Event<PodView>) {
+        if let watcher::Event::Apply(p) | watcher::Event::Delete(p) | watcher::Event::InitApply(p) =
+            &ev
+            && let Some(rv) = p
+                .metadata
+                .resource_version
+                .as_deref()
+                .and_then(|v| v.parse().ok())
+        {
+            self.seen_rv
+                .fetch_max(rv, std::sync::atomic::Ordering::Relaxed);
+        }
         let mut s = self.lock();
         match ev {
             watcher::Event::Apply(p) => s.insert(Arc::new(p)),
@@ -309,6 +328,28 @@ mod tests {
             "metadata": {"name": uid, "namespace": "n", "uid": uid, "ownerReferences": refs}
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn the_index_knows_the_newest_version_its_watch_has_shown() {
+        let at = |uid: &str, rv: &str| -> PodView {
+            serde_json::from_value(json!({
+                "metadata": {"name": uid, "namespace": "n", "uid": uid, "resourceVersion": rv}
+            }))
+            .unwrap()
+        };
+        let i = PodIndex::default();
+        assert_eq!(i.seen_rv(), 0);
+        i.apply(watcher::Event::Apply(at("a", "17")));
+        i.apply(watcher::Event::Apply(at("b", "40")));
+        assert_eq!(i.seen_rv(), 40);
+        i.apply(watcher::Event::Delete(at("a", "41")));
+        assert_eq!(i.seen_rv(), 41);
+        // A relist's items carry their own (older) versions: never backwards.
+        i.apply(watcher::Event::Init);
+        i.apply(watcher::Event::InitApply(at("b", "40")));
+        i.apply(watcher::Event::InitDone);
+        assert_eq!(i.seen_rv(), 41);
     }
 
     #[test]

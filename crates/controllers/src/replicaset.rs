@@ -70,9 +70,12 @@ async fn create_pods(
     base: &str,
     mut pods: Vec<Pod>,
     requests: &tokio::sync::Semaphore,
-) -> Vec<String> {
+) -> (Vec<String>, u64) {
     use std::sync::atomic::Ordering;
     let mut names = Vec::new();
+    // The newest resourceVersion a creation was written at (0: not known).
+    let mut rv = 0u64;
+    let rv_of = |v: Option<&str>| v.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
     for _ in 0..=NAME_TRIES {
         if pods.is_empty() || NO_BULK.load(Ordering::Relaxed) {
             break;
@@ -92,13 +95,16 @@ async fn create_pods(
             }
             Err(e) => {
                 tracing::warn!(replicaset = %base, "cannot create pods: {e}");
-                return names;
+                return (names, rv);
             }
         };
         let mut again = Vec::new();
         for (mut pod, it) in pods.into_iter().zip(items) {
             match (it["status"].as_str(), it["reason"].as_str()) {
-                (Some("Success"), _) => names.extend(it["name"].as_str().map(str::to_owned)),
+                (Some("Success"), _) => {
+                    rv = rv.max(rv_of(it["resourceVersion"].as_str()));
+                    names.extend(it["name"].as_str().map(str::to_owned));
+                }
                 (_, Some("AlreadyExists")) => {
                     pod.metadata.name = Some(format!("{base}-{}", suffix()));
                     again.push(pod);
@@ -109,7 +115,7 @@ async fn create_pods(
         pods = again;
     }
     if !NO_BULK.load(Ordering::Relaxed) {
-        return names;
+        return (names, rv);
     }
     // Many creations in flight: the store commits them together.
     let one_by_one = futures::stream::iter(pods)
@@ -132,17 +138,42 @@ async fn create_pods(
         .buffer_unordered(CONCURRENCY)
         .filter_map(|r| async {
             match r {
-                Ok(p) => p.metadata.name,
+                Ok(p) => Some((
+                    p.metadata.name?,
+                    rv_of(p.metadata.resource_version.as_deref()),
+                )),
                 Err(e) => {
                     tracing::warn!(replicaset = %base, "cannot create pod: {e}");
                     None
                 }
             }
         })
-        .collect::<Vec<String>>()
+        .collect::<Vec<(String, u64)>>()
         .await;
-    names.extend(one_by_one);
-    names
+    for (name, v) in one_by_one {
+        names.push(name);
+        rv = rv.max(v);
+    }
+    (names, rv)
+}
+
+/// Whether pods a ReplicaSet created (`names`, written at resourceVersion `rv`,
+/// `elapsed` ago) may still show up in a watch that has reached `seen_rv` and shows
+/// `have`: some are missing and the watch has not reached their version yet (or,
+/// the version unknown, for a while). Once it has, a missing one was deleted.
+fn still_coming(
+    names: &[String],
+    have: &std::collections::HashSet<&str>,
+    elapsed: std::time::Duration,
+    rv: u64,
+    seen_rv: u64,
+) -> bool {
+    let coming = if rv > 0 {
+        seen_rv < rv && elapsed < crate::CREATED_MAX_WAIT
+    } else {
+        elapsed < crate::CREATED_TTL
+    };
+    coming && names.iter().any(|n| !have.contains(n.as_str()))
 }
 
 /// Permits (of `CONCURRENCY`) one bulk request holds: at most 8 in flight.
@@ -219,12 +250,13 @@ async fn reconcile(
     // duplicates).
     let unseen = {
         let mut created = s.created.lock().unwrap_or_else(|e| e.into_inner());
-        let unseen = created.get(uid).is_some_and(|(names, t)| {
+        let seen_rv = s.pods.seen_rv();
+        let unseen = created.get(uid).is_some_and(|(names, t, rv)| {
             let have: std::collections::HashSet<&str> = pods
                 .iter()
                 .filter_map(|p| p.metadata.name.as_deref())
                 .collect();
-            t.elapsed() < crate::CREATED_TTL && names.iter().any(|n| !have.contains(n.as_str()))
+            still_coming(names, &have, t.elapsed(), *rv, seen_rv)
         });
         if !unseen {
             created.remove(uid);
@@ -283,13 +315,13 @@ async fn reconcile(
                 }
             })
             .collect();
-        let names = create_pods(client, &pod_api, &name, new_pods, requests).await;
+        let (names, rv) = create_pods(client, &pod_api, &name, new_pods, requests).await;
         let created = names.len();
         if created > 0 {
             s.created
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .insert(uid.to_owned(), (names, std::time::Instant::now()));
+                .insert(uid.to_owned(), (names, std::time::Instant::now(), rv));
         }
         if created < n {
             expect(active.len() + created, true);
@@ -379,5 +411,38 @@ async fn reconcile(
         {
             tracing::debug!(replicaset = %name, "status: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    #[test]
+    fn created_pods_are_awaited_until_the_watch_passes_their_version_however_long_it_lags() {
+        let names = vec!["web-a".to_string(), "web-b".to_string()];
+        let only_a: HashSet<&str> = ["web-a"].into();
+        let both: HashSet<&str> = ["web-a", "web-b"].into();
+        let ten_minutes = Duration::from_secs(600);
+        // The watch is ten minutes behind and has not reached version 500: wait
+        // (a 5-minute timeout alone created the missing pod again).
+        assert!(still_coming(&names, &only_a, ten_minutes, 500, 499));
+        // Past version 500 and still missing: it was deleted meanwhile.
+        assert!(!still_coming(&names, &only_a, Duration::ZERO, 500, 500));
+        // All there: nothing to wait for.
+        assert!(!still_coming(&names, &both, Duration::ZERO, 500, 10));
+        // Behind for longer than the longest wait: give up.
+        assert!(!still_coming(
+            &names,
+            &only_a,
+            Duration::from_secs(3600),
+            500,
+            1
+        ));
+        // Version unknown: the 5-minute wait.
+        assert!(still_coming(&names, &only_a, Duration::from_secs(60), 0, 0));
+        assert!(!still_coming(&names, &only_a, ten_minutes, 0, 0));
     }
 }

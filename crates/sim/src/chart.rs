@@ -131,8 +131,13 @@ fn trim(v: f64) -> String {
 }
 
 /// The chart (SVG) of latency and memory against fleet size.
+/// Only runs with ten pods per node are plotted (a bring-up-only run is not
+/// comparable); the tables list every run.
 pub fn render_chart(reports: &[Report]) -> String {
-    let mut rs: Vec<&Report> = reports.iter().collect();
+    let mut rs: Vec<&Report> = reports
+        .iter()
+        .filter(|r| phase(r, "density").is_some())
+        .collect();
     rs.sort_by(|a, b| nodes(a).total_cmp(&nodes(b)));
     let pts = |f: &dyn Fn(&Report) -> Option<f64>| -> Vec<(f64, f64)> {
         rs.iter()
@@ -198,6 +203,16 @@ pub fn render_chart(reports: &[Report]) -> String {
     svg
 }
 
+/// The pods a run created: its configured count if density ran, else none (a
+/// bring-up-only run).
+fn pods_run(r: &Report) -> String {
+    if phase(r, "density").is_some() {
+        r.config["pods"].to_string()
+    } else {
+        "0 (bring-up only)".into()
+    }
+}
+
 /// `docs/scale.md`: a table per fleet size and the chart (`scale.svg` beside it).
 pub fn render_scale_doc(reports: &[Report]) -> (String, String) {
     let mut rs: Vec<&Report> = reports.iter().collect();
@@ -213,7 +228,8 @@ pub fn render_scale_doc(reports: &[Report]) -> (String, String) {
          Latencies follow the Kubernetes SIG-Scalability definitions: pod startup is a \
          pod's first appearance in a watch until the watch shows it Running; API call \
          latency is the server's own histogram by verb and scope (watches excluded); \
-         watch lag is a change to a probe object until a watcher sees it.\n"
+         watch lag is a change to a probe object until a watcher sees it. The chart \
+         plots the runs that created pods; bring-up-only runs are in the tables.\n"
     );
     let _ = writeln!(md, "![latency and memory against fleet size](scale.svg)\n");
     let _ = writeln!(
@@ -246,7 +262,7 @@ pub fn render_scale_doc(reports: &[Report]) -> (String, String) {
             md,
             "| {} | {} | {} cpus, {:.0} GiB | {bring} | {run} | {rate} | {startup} | {:.0} ms | {lag} | {list} | {:.1} GiB | {:.0} MiB | {ok}/{} |",
             r.config["nodes"],
-            r.config["pods"],
+            pods_run(r),
             r.machine.cpus,
             r.machine.memory_gib,
             mutating_p99(r),
@@ -259,7 +275,9 @@ pub fn render_scale_doc(reports: &[Report]) -> (String, String) {
         let _ = writeln!(
             md,
             "\n## {} nodes, {} pods ({})\n",
-            r.config["nodes"], r.config["pods"], r.date
+            r.config["nodes"],
+            pods_run(r),
+            r.date
         );
         let _ = writeln!(md, "| goal | target | measured | |\n|---|---|---|---|");
         for g in &r.goals {
