@@ -121,6 +121,8 @@ struct Inner {
     changed: HashSet<Arc<str>>,
     /// A relist in progress: the pods shown so far.
     relist: Option<HashMap<Arc<str>, Arc<PodView>>>,
+    /// The newest resourceVersion among them (it counts once the relist is done).
+    relist_rv: u64,
     ready: bool,
 }
 
@@ -207,29 +209,40 @@ impl PodIndex {
 
     /// Applies one watch event.
     pub fn apply(&self, ev: watcher::Event<PodView>) {
-        if let watcher::Event::Apply(p) | watcher::Event::Delete(p) | watcher::Event::InitApply(p) =
-            &ev
-            && let Some(rv) = p
-                .metadata
+        let rv_of = |p: &PodView| -> u64 {
+            p.metadata
                 .resource_version
                 .as_deref()
                 .and_then(|v| v.parse().ok())
-        {
-            self.seen_rv
-                .fetch_max(rv, std::sync::atomic::Ordering::Relaxed);
-        }
+                .unwrap_or(0)
+        };
+        // A version counts once what it shows is in the index (after the change,
+        // or, in a relist, once the relist is done), so a reader that takes the
+        // version first and the pods second never has a version its pods lack.
+        let mut seen = 0;
         let mut s = self.lock();
         match ev {
-            watcher::Event::Apply(p) => s.insert(Arc::new(p)),
-            watcher::Event::Delete(p) => s.remove(&uid_of(&p)),
-            watcher::Event::Init => s.relist = Some(HashMap::new()),
+            watcher::Event::Apply(p) => {
+                seen = rv_of(&p);
+                s.insert(Arc::new(p));
+            }
+            watcher::Event::Delete(p) => {
+                seen = rv_of(&p);
+                s.remove(&uid_of(&p));
+            }
+            watcher::Event::Init => {
+                s.relist = Some(HashMap::new());
+                s.relist_rv = 0;
+            }
             watcher::Event::InitApply(p) => {
+                s.relist_rv = s.relist_rv.max(rv_of(&p));
                 let p = Arc::new(p);
                 s.relist
                     .get_or_insert_with(HashMap::new)
                     .insert(uid_of(&p), p);
             }
             watcher::Event::InitDone => {
+                seen = std::mem::take(&mut s.relist_rv);
                 let fresh = s.relist.take().unwrap_or_default();
                 let gone: Vec<Arc<str>> = s
                     .pods
@@ -249,6 +262,9 @@ impl PodIndex {
                 }
             }
         }
+        drop(s);
+        self.seen_rv
+            .fetch_max(seen, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Waits for the first complete list.
@@ -345,11 +361,18 @@ mod tests {
         assert_eq!(i.seen_rv(), 40);
         i.apply(watcher::Event::Delete(at("a", "41")));
         assert_eq!(i.seen_rv(), 41);
-        // A relist's items carry their own (older) versions: never backwards.
+        // A relist counts once it is done (until then the index shows the old
+        // pods), and never takes the version backwards.
         i.apply(watcher::Event::Init);
         i.apply(watcher::Event::InitApply(at("b", "40")));
-        i.apply(watcher::Event::InitDone);
+        i.apply(watcher::Event::InitApply(at("c", "90")));
         assert_eq!(i.seen_rv(), 41);
+        i.apply(watcher::Event::InitDone);
+        assert_eq!(i.seen_rv(), 90);
+        i.apply(watcher::Event::Init);
+        i.apply(watcher::Event::InitApply(at("c", "90")));
+        i.apply(watcher::Event::InitDone);
+        assert_eq!(i.seen_rv(), 90);
     }
 
     #[test]

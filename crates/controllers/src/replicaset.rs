@@ -188,6 +188,8 @@ pub(crate) fn suffix() -> String {
 }
 
 pub async fn reconcile_all(client: &kube::Client, s: &Stores, tick: &Tick) {
+    // Before the pods are read: every pod written up to this version is in them.
+    let seen_rv = s.pods.seen_rv();
     let sets = s.replicasets.state();
     let work: Vec<(Arc<ReplicaSet>, String, Vec<Arc<PodView>>)> = {
         let mut reconciled = s.reconciled.lock().unwrap_or_else(|e| e.into_inner());
@@ -221,7 +223,7 @@ pub async fn reconcile_all(client: &kube::Client, s: &Stores, tick: &Tick) {
     futures::stream::iter(work)
         .for_each_concurrent(CONCURRENCY, |(rs, uid, pods)| {
             let requests = &requests;
-            async move { reconcile(client, s, &rs, &uid, pods, requests).await }
+            async move { reconcile(client, s, &rs, &uid, pods, seen_rv, requests).await }
         })
         .await;
 }
@@ -232,6 +234,7 @@ async fn reconcile(
     rs: &ReplicaSet,
     uid: &str,
     pods: Vec<Arc<PodView>>,
+    seen_rv: u64,
     requests: &tokio::sync::Semaphore,
 ) {
     let ns = rs.metadata.namespace.clone().unwrap_or_default();
@@ -250,7 +253,6 @@ async fn reconcile(
     // duplicates).
     let unseen = {
         let mut created = s.created.lock().unwrap_or_else(|e| e.into_inner());
-        let seen_rv = s.pods.seen_rv();
         let unseen = created.get(uid).is_some_and(|(names, t, rv)| {
             let have: std::collections::HashSet<&str> = pods
                 .iter()
