@@ -120,25 +120,30 @@ impl Want {
     }
 }
 
+/// What an agent is told once it has been sent `want`.
+fn sent_of(want: &[Want]) -> Sent {
+    want.iter()
+        .map(|w| (w.uid.clone(), (w.desired, w.refs.clone())))
+        .collect()
+}
+
 /// What changed between what an agent was told and what it should run now, and
-/// what it will have been told once the changes have gone.
-fn changes(told: &Sent, want: &[Want]) -> (meridian_proto::DesiredChanges, Sent) {
+/// what it will have been told once the changes have gone (reusing `told`'s keys).
+fn changes(mut told: Sent, want: &[Want]) -> (meridian_proto::DesiredChanges, Sent) {
     let mut upserts = Vec::new();
     let mut now = Sent::with_capacity(want.len());
     for w in want {
-        let same = told
-            .get(&w.uid)
-            .is_some_and(|(d, r)| *d == w.desired && std::sync::Arc::ptr_eq(r, &w.refs));
+        let (uid, same) = match told.remove_entry(&w.uid) {
+            Some((uid, (d, r))) => (uid, d == w.desired && std::sync::Arc::ptr_eq(&r, &w.refs)),
+            None => (w.uid.clone(), false),
+        };
         if !same {
             upserts.push(w.pod());
         }
-        now.insert(w.uid.clone(), (w.desired, w.refs.clone()));
+        now.insert(uid, (w.desired, w.refs.clone()));
     }
-    let removed = told
-        .keys()
-        .filter(|u| !now.contains_key(*u))
-        .cloned()
-        .collect();
+    // What is left of `told` is no longer wanted.
+    let removed = told.into_keys().collect();
     (meridian_proto::DesiredChanges { upserts, removed }, now)
 }
 
@@ -472,7 +477,7 @@ impl Shared {
         let sent = tx.try_send(msg).is_ok();
         if let Some(told) = told.as_mut() {
             **told = if sent {
-                Told::Sent(changes(&Sent::new(), &want).1)
+                Told::Sent(sent_of(&want))
             } else {
                 Told::Lost
             };
@@ -502,17 +507,24 @@ impl Shared {
         // reorder, and what is recorded as told is what went.
         let mut told = lock(&told);
         let want = self.wanted(node);
-        let (msg, now) = match &*told {
+        // Lost until the message below is queued.
+        let (msg, now) = match std::mem::replace(&mut *told, Told::Lost) {
             // Registration sends the full set; it will carry this change.
-            Told::NotYet => return,
+            Told::NotYet => {
+                *told = Told::NotYet;
+                return;
+            }
             Told::Lost => {
-                let now = changes(&Sent::new(), &want).1;
                 let pods = want.iter().map(Want::pod).collect();
-                (region_message::Msg::Desired(DesiredPods { pods }), now)
+                (
+                    region_message::Msg::Desired(DesiredPods { pods }),
+                    sent_of(&want),
+                )
             }
             Told::Sent(prev) => {
                 let (delta, now) = changes(prev, &want);
                 if delta.upserts.is_empty() && delta.removed.is_empty() {
+                    *told = Told::Sent(now);
                     return;
                 }
                 (region_message::Msg::Changes(delta), now)
