@@ -2267,11 +2267,12 @@ async fn bulk_create_pods(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiErro
     let out: Vec<Value> = results
         .into_iter()
         .map(|r| match r {
-            Ok((obj, _)) => json!({
+            // The revision comes from the store: the stored form has none in it.
+            Ok((obj, rev)) => json!({
                 "status": "Success",
                 "name": obj["metadata"]["name"],
                 "uid": obj["metadata"]["uid"],
-                "resourceVersion": obj["metadata"]["resourceVersion"],
+                "resourceVersion": rev.to_string(),
             }),
             Err(e) => bulk_failure(&e),
         })

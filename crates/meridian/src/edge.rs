@@ -91,7 +91,9 @@ pub struct RegionArgs {
     eviction_rate: f64,
     #[arg(long, default_value_t = 0.55)]
     partition_threshold: f64,
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    /// How often each node's status is written to the global API when nothing
+    /// changed (Kubernetes' node status report frequency is also 5 minutes).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
     summary_interval: Duration,
     /// Labels of the EdgeCluster object, k=v,...
     #[arg(long, default_value = "", value_parser = parse_labels)]

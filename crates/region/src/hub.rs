@@ -308,6 +308,7 @@ impl Hub {
                 usage: None,
                 next_summary: now + self.shared.cfg.summary_interval,
                 created: false,
+                written_annotations: None,
             });
             entry.last_seen = now;
             entry.node = crate::state::NodeRecord::from_node(&node);

@@ -124,7 +124,7 @@ impl RegionConfig {
             eviction_grace: Duration::from_secs(300),
             eviction_rate: 0.1,
             partition_threshold: 0.55,
-            summary_interval: Duration::from_secs(60),
+            summary_interval: Duration::from_secs(300),
             labels: Default::default(),
             insecure_registries: Vec::new(),
             image_cache_max_bytes: Some(50 << 30),

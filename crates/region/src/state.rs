@@ -1,7 +1,7 @@
 //! The region's shared state: nodes and their sessions, the pod cache, and what is
 //! waiting to go up to the global API.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -161,6 +161,9 @@ pub struct NodeEntry {
     pub next_summary: Instant,
     /// The Node object exists in the global API.
     pub created: bool,
+    /// The annotations last written to it (`None`: not known to be written): a
+    /// summary whose annotations have not changed writes only the status.
+    pub written_annotations: Option<BTreeMap<String, String>>,
 }
 
 #[derive(Clone)]
@@ -366,6 +369,7 @@ impl Shared {
                         usage: None,
                         next_summary: now + self.cfg.summary_interval,
                         created: true,
+                        written_annotations: None,
                     },
                 );
             }

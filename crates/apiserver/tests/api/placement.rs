@@ -337,9 +337,15 @@ async fn bulk_pods_are_created_each_as_one_post_would_and_reported_in_order() {
         ],
         "{r}"
     );
-    // Stored as a POST stores them: uid, defaults, Pending.
+    // Stored as a POST stores them: uid, version, defaults, Pending.
     let a = pods.get("a").await.unwrap();
     assert_eq!(a.metadata.uid.as_deref(), r["items"][0]["uid"].as_str());
+    // The version is what the ReplicaSet controller waits for its watch to pass.
+    assert_eq!(
+        a.metadata.resource_version.as_deref(),
+        r["items"][0]["resourceVersion"].as_str(),
+        "{r}"
+    );
     assert_eq!(a.status.unwrap().phase.as_deref(), Some("Pending"));
     assert_eq!(
         a.spec.unwrap().scheduler_name.as_deref(),

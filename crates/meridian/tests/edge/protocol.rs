@@ -1,13 +1,15 @@
 //! What the region sends an agent's stream: the full desired set first, then only
 //! what changed (to agents that register with `accepts_changes`), or the full set
-//! on every change (to agents that do not).
+//! on every change (to agents that do not); and what it writes of a node upstream.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use kube::api::{DeleteParams, Patch, PatchParams};
 use meridian_proto::agent_hub_client::AgentHubClient;
-use meridian_proto::{AgentMessage, NodeFacts, Register, agent_message, region_message};
+use meridian_proto::{
+    AgentMessage, Heartbeat, NodeFacts, NodeUsage, Register, agent_message, region_message,
+};
 use serde_json::json;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -183,4 +185,114 @@ async fn an_agent_that_takes_changes_is_sent_only_what_changed_and_an_old_one_th
         region_message::Msg::Desired(set) => assert_eq!(uids(&set.pods), vec![a]),
         other => panic!("the first desired message is the full set, not {other:?}"),
     }
+}
+
+/// Heartbeats every 300 ms reporting `cpu` millicores, until the stream closes.
+fn beat(tx: tokio::sync::mpsc::Sender<AgentMessage>, cpu: i64) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for seq in 1.. {
+            let usage = NodeUsage {
+                cpu_millis: cpu,
+                memory_bytes: 1 << 30,
+                disk_bytes: 1 << 30,
+            };
+            let hb = Heartbeat {
+                seq,
+                usage: Some(usage),
+                pods: vec![],
+            };
+            let msg = AgentMessage {
+                msg: Some(agent_message::Msg::Heartbeat(hb)),
+            };
+            if tx.send(msg).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+}
+
+/// A server counter (`meridian_apiserver_requests_total`) for `verb` and `resource`,
+/// all codes together.
+async fn requests(w: &World, verb: &str, resource: &str) -> f64 {
+    let text = w
+        .client
+        .request_text(http::Request::get("/metrics").body(Vec::new()).unwrap())
+        .await
+        .unwrap();
+    let want =
+        format!("meridian_apiserver_requests_total{{verb=\"{verb}\",resource=\"{resource}\",");
+    text.lines()
+        .filter(|l| l.starts_with(&want))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn heartbeat_time(nodes: &kube::Api<k8s_openapi::api::core::v1::Node>, name: &str) -> String {
+    let n = nodes.get(name).await.unwrap();
+    let c = n.status.and_then(|s| s.conditions).unwrap_or_default();
+    let ready = c.into_iter().find(|c| c.type_ == "Ready");
+    ready
+        .and_then(|c| c.last_heartbeat_time)
+        .map(|t| t.0.to_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_node_summary_writes_its_annotations_only_when_they_changed() {
+    let w = World::start(RegionOpts::default()).await;
+    let (tx, _rx) = raw_agent(w.region_port, "steady-1", true).await;
+    let beating = beat(tx.clone(), 100);
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(w.client.clone());
+    let usage = |cpu: i64| format!("cpu={cpu}m,memory=1073741824,disk=1073741824");
+    let annotation = |n: &k8s_openapi::api::core::v1::Node| {
+        n.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("meridian.io/usage").cloned())
+    };
+    let want = usage(100);
+    eventually("the Node with its usage", Duration::from_secs(30), || {
+        let nodes = nodes.clone();
+        let want = want.clone();
+        async move {
+            let n = nodes.get_opt("steady-1").await.ok().flatten();
+            n.is_some_and(|n| annotation(&n) == Some(want))
+        }
+    })
+    .await;
+    // Two summaries (every 5 s here) with the same usage: status writes only.
+    let patches = requests(&w, "patch", "nodes").await;
+    let statuses = requests(&w, "patch", "nodes/status").await;
+    let mut seen = heartbeat_time(&nodes, "steady-1").await;
+    for _ in 0..2 {
+        let before = seen.clone();
+        eventually("a summary", Duration::from_secs(20), || {
+            let nodes = nodes.clone();
+            let before = before.clone();
+            async move { heartbeat_time(&nodes, "steady-1").await != before }
+        })
+        .await;
+        seen = heartbeat_time(&nodes, "steady-1").await;
+    }
+    assert!(requests(&w, "patch", "nodes/status").await >= statuses + 2.0);
+    assert_eq!(
+        requests(&w, "patch", "nodes").await,
+        patches,
+        "unchanged annotations are not written again"
+    );
+    // A change of usage is written with the next summary.
+    beating.abort();
+    let _beating = beat(tx, 250);
+    let want = usage(250);
+    eventually("the new usage on the Node", Duration::from_secs(20), || {
+        let nodes = nodes.clone();
+        let want = want.clone();
+        async move {
+            let n = nodes.get_opt("steady-1").await.ok().flatten();
+            n.is_some_and(|n| annotation(&n) == Some(want))
+        }
+    })
+    .await;
+    assert!(requests(&w, "patch", "nodes").await > patches);
 }
