@@ -238,29 +238,28 @@ async fn heartbeat_time(nodes: &kube::Api<k8s_openapi::api::core::v1::Node>, nam
         .unwrap_or_default()
 }
 
+/// Waits until Node `name` carries the usage annotation of `cpu` millicores.
+async fn wait_usage(nodes: &kube::Api<k8s_openapi::api::core::v1::Node>, name: &str, cpu: i64) {
+    let want = format!("cpu={cpu}m,memory=1073741824,disk=1073741824");
+    eventually("the Node with its usage", Duration::from_secs(30), || {
+        let nodes = nodes.clone();
+        let want = want.clone();
+        async move {
+            let n = nodes.get_opt(name).await.ok().flatten();
+            let got = n.and_then(|n| n.metadata.annotations?.get("meridian.io/usage").cloned());
+            got == Some(want)
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_node_summary_writes_its_annotations_only_when_they_changed() {
     let w = World::start(RegionOpts::default()).await;
     let (tx, _rx) = raw_agent(w.region_port, "steady-1", true).await;
     let beating = beat(tx.clone(), 100);
     let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(w.client.clone());
-    let usage = |cpu: i64| format!("cpu={cpu}m,memory=1073741824,disk=1073741824");
-    let annotation = |n: &k8s_openapi::api::core::v1::Node| {
-        n.metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get("meridian.io/usage").cloned())
-    };
-    let want = usage(100);
-    eventually("the Node with its usage", Duration::from_secs(30), || {
-        let nodes = nodes.clone();
-        let want = want.clone();
-        async move {
-            let n = nodes.get_opt("steady-1").await.ok().flatten();
-            n.is_some_and(|n| annotation(&n) == Some(want))
-        }
-    })
-    .await;
+    wait_usage(&nodes, "steady-1", 100).await;
     // Two summaries (every 5 s here) with the same usage: status writes only.
     let patches = requests(&w, "patch", "nodes").await;
     let statuses = requests(&w, "patch", "nodes/status").await;
@@ -284,15 +283,6 @@ async fn a_node_summary_writes_its_annotations_only_when_they_changed() {
     // A change of usage is written with the next summary.
     beating.abort();
     let _beating = beat(tx, 250);
-    let want = usage(250);
-    eventually("the new usage on the Node", Duration::from_secs(20), || {
-        let nodes = nodes.clone();
-        let want = want.clone();
-        async move {
-            let n = nodes.get_opt("steady-1").await.ok().flatten();
-            n.is_some_and(|n| annotation(&n) == Some(want))
-        }
-    })
-    .await;
+    wait_usage(&nodes, "steady-1", 250).await;
     assert!(requests(&w, "patch", "nodes").await > patches);
 }
