@@ -14,7 +14,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::{Stores, controller_of, owner_ref};
+use crate::{Stores, Tick, controller_of, owner_ref};
 
 pub const HASH_LABEL: &str = "pod-template-hash";
 pub const REVISION: &str = "deployment.kubernetes.io/revision";
@@ -74,28 +74,48 @@ fn available(rs: &ReplicaSet) -> i32 {
         .min(replicas(rs))
 }
 
-pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
+/// Reconciles the Deployments that changed, or one of whose ReplicaSets did, since
+/// they were last reconciled (every one on a full pass: time-based conditions,
+/// failed writes). Why: every Deployment every 300 ms, each cloning its
+/// ReplicaSets and hashing its template, was a fifth of the server's CPU with
+/// 2,000 Deployments (100,000 hollow nodes, 500,000 pods).
+pub async fn reconcile_all(client: &kube::Client, s: &Stores, tick: &Tick) {
+    let sets = s.replicasets.state();
     // ReplicaSets by their controlling owner, once per tick (not a scan per Deployment).
-    let mut by_owner: std::collections::HashMap<String, Vec<ReplicaSet>> = Default::default();
-    for r in s.replicasets.state() {
+    let mut by_owner: std::collections::HashMap<&str, Vec<&ReplicaSet>> = Default::default();
+    for r in &sets {
         if let Some(o) = controller_of(&r.metadata) {
-            by_owner
-                .entry(o.uid.clone())
-                .or_default()
-                .push((*r).clone());
+            by_owner.entry(o.uid.as_str()).or_default().push(r);
         }
     }
-    let work: Vec<_> = s
-        .deployments
-        .state()
-        .into_iter()
-        .filter(|d| d.metadata.deletion_timestamp.is_none())
-        .map(|d| {
-            let uid = d.metadata.uid.clone().unwrap_or_default();
-            let owned = by_owner.remove(&uid).unwrap_or_default();
-            (d, uid, owned)
-        })
-        .collect();
+    let work: Vec<_> = {
+        let mut seen = s
+            .deployments_reconciled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let deployments = s.deployments.state();
+        if tick.full {
+            let live: std::collections::HashSet<&str> = deployments
+                .iter()
+                .filter_map(|d| d.metadata.uid.as_deref())
+                .collect();
+            seen.retain(|uid, _| live.contains(uid.as_str()));
+        }
+        deployments
+            .into_iter()
+            .filter(|d| d.metadata.deletion_timestamp.is_none())
+            .filter_map(|d| {
+                let uid = d.metadata.uid.clone().unwrap_or_default();
+                let owned = by_owner.remove(uid.as_str()).unwrap_or_default();
+                let print = fingerprint(&d, &owned);
+                if seen.insert(uid.clone(), print) == Some(print) && !tick.full {
+                    return None;
+                }
+                let owned: Vec<ReplicaSet> = owned.into_iter().cloned().collect();
+                Some((d, uid, owned))
+            })
+            .collect()
+    };
     // Many Deployments at once: thousands of small workloads must not queue behind
     // each other's round trips.
     futures::stream::iter(work)
@@ -119,6 +139,26 @@ pub async fn reconcile_all(client: &kube::Client, s: &Stores) {
             }
         })
         .await;
+}
+
+/// What a Deployment's reconcile reads, in one number: its resourceVersion and
+/// those of the ReplicaSets it controls.
+fn fingerprint(d: &Deployment, owned: &[&ReplicaSet]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    d.metadata.resource_version.hash(&mut h);
+    let mut rvs: Vec<(&str, &str)> = owned
+        .iter()
+        .map(|r| {
+            (
+                r.metadata.uid.as_deref().unwrap_or_default(),
+                r.metadata.resource_version.as_deref().unwrap_or_default(),
+            )
+        })
+        .collect();
+    rvs.sort_unstable();
+    rvs.hash(&mut h);
+    h.finish()
 }
 
 /// Sets a ReplicaSet's replicas and records a `ScalingReplicaSet` Event on the
@@ -498,5 +538,41 @@ mod tests {
         assert_eq!(resolve(Some(&p("25%")), 10, 25, false), 2);
         assert_eq!(resolve(Some(&IntOrString::Int(1)), 10, 25, false), 1);
         assert_eq!(resolve(None, 4, 25, true), 1);
+    }
+
+    #[test]
+    fn a_deployment_is_reconciled_again_when_it_or_one_of_its_replicasets_changed() {
+        let meta = |uid: &str, rv: &str| ObjectMeta {
+            uid: Some(uid.into()),
+            resource_version: Some(rv.into()),
+            ..Default::default()
+        };
+        let d = |rv: &str| Deployment {
+            metadata: meta("d", rv),
+            ..Default::default()
+        };
+        let rs = |uid: &str, rv: &str| ReplicaSet {
+            metadata: meta(uid, rv),
+            ..Default::default()
+        };
+        let (a, b) = (rs("a", "5"), rs("b", "6"));
+        let base = fingerprint(&d("1"), &[&a, &b]);
+        assert_eq!(
+            base,
+            fingerprint(&d("1"), &[&b, &a]),
+            "order does not matter"
+        );
+        assert_ne!(
+            base,
+            fingerprint(&d("2"), &[&a, &b]),
+            "the Deployment changed"
+        );
+        let a2 = rs("a", "7");
+        assert_ne!(
+            base,
+            fingerprint(&d("1"), &[&a2, &b]),
+            "a ReplicaSet changed"
+        );
+        assert_ne!(base, fingerprint(&d("1"), &[&a]), "a ReplicaSet went away");
     }
 }

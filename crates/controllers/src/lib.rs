@@ -54,6 +54,9 @@ pub struct Stores {
     /// that has not changed since, none of whose pods changed, is skipped until
     /// the next full pass.
     pub reconciled: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Deployments as last reconciled, by uid: a fingerprint of their
+    /// resourceVersion and their ReplicaSets' (see [`deployment::reconcile_all`]).
+    pub deployments_reconciled: std::sync::Mutex<std::collections::HashMap<String, u64>>,
 }
 
 /// Pods one ReplicaSet created: their names, when, and the newest resourceVersion
@@ -103,6 +106,7 @@ pub async fn run(client: kube::Client) {
         created: Default::default(),
         denials: Default::default(),
         reconciled: Default::default(),
+        deployments_reconciled: Default::default(),
     };
     stores.pods.wait_until_ready().await;
     if stores.replicasets.wait_until_ready().await.is_err()
@@ -120,11 +124,15 @@ pub async fn run(client: kube::Client) {
             changed: stores.pods.take_changed(),
             full: n % FULL_PASS_EVERY == 0,
         };
-        deployment::reconcile_all(&client, &stores).await;
+        deployment::reconcile_all(&client, &stores, &t).await;
         replicaset::reconcile_all(&client, &stores, &t).await;
         daemonset::reconcile_all(&client, &stores).await;
         job::reconcile_all(&client, &stores).await;
-        collect_garbage(&client, &stores).await;
+        // Orphans wait for a full pass (they wait 10 s anyway): every tick it was
+        // a walk over every owner of every pod.
+        if t.full {
+            collect_garbage(&client, &stores).await;
+        }
         cascade::run(&client, &stores).await;
     }
 }
