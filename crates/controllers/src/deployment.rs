@@ -108,7 +108,15 @@ pub async fn reconcile_all(client: &kube::Client, s: &Stores, tick: &Tick) {
                 let uid = d.metadata.uid.clone().unwrap_or_default();
                 let owned = by_owner.remove(uid.as_str()).unwrap_or_default();
                 let print = fingerprint(&d, &owned);
-                if seen.insert(uid.clone(), print) == Some(print) && !tick.full {
+                let on_clock = || {
+                    tick.timers
+                        && s.denials.pending(&format!(
+                            "Deployment/{}/{}",
+                            d.metadata.namespace.as_deref().unwrap_or_default(),
+                            d.metadata.name.as_deref().unwrap_or_default()
+                        ))
+                };
+                if seen.insert(uid.clone(), print) == Some(print) && !tick.full && !on_clock() {
                     return None;
                 }
                 let owned: Vec<ReplicaSet> = owned.into_iter().cloned().collect();
@@ -129,6 +137,11 @@ pub async fn reconcile_all(client: &kube::Client, s: &Stores, tick: &Tick) {
             match reconcile(client, &d, owned).await {
                 Ok(()) => s.denials.clear(&key),
                 Err(e) => {
+                    // Not reconciled: looked at again next tick.
+                    s.deployments_reconciled
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&uid);
                     if let Some(msg) = s.denials.note(&key, &e) {
                         crate::risk::report(client, "Deployment", &ns, &name, Some(&uid), &msg)
                             .await;

@@ -68,13 +68,19 @@ pub type Created = (Vec<String>, std::time::Instant, u64);
 pub struct Tick {
     /// Owners (by uid) one of whose pods changed since the last tick.
     pub changed: std::collections::HashSet<std::sync::Arc<str>>,
-    /// Look at every object, changed or not (expectations time out, backoffs
-    /// end, a change may have been missed).
+    /// Look at every object, changed or not (a change may have been missed).
     pub full: bool,
+    /// Look also at the objects waiting on a clock (expectations or created pods
+    /// not yet seen, a risk-control backoff), changed or not.
+    pub timers: bool,
 }
 
-/// Every this many ticks the controllers look at every object.
-const FULL_PASS_EVERY: u64 = 10;
+/// Every this many ticks (30 s) the controllers look at every object.
+const FULL_PASS_EVERY: u64 = 100;
+/// Every this many ticks (3 s) they look at every object waiting on a clock. Every
+/// object every 3 s, as before, walked all 500,000 pods' owners each time at 100,000
+/// hollow nodes (`controlled_by`, `controller_of`, `is_ready`: ~6 % of the server).
+const TIMERS_EVERY: u64 = 10;
 
 /// How long a ReplicaSet waits for pods it created to appear in its watch when it
 /// does not know the resourceVersion they were written at (Kubernetes'
@@ -123,6 +129,7 @@ pub async fn run(client: kube::Client) {
         let t = Tick {
             changed: stores.pods.take_changed(),
             full: n % FULL_PASS_EVERY == 0,
+            timers: n % TIMERS_EVERY == 0,
         };
         deployment::reconcile_all(&client, &stores, &t).await;
         replicaset::reconcile_all(&client, &stores, &t).await;
@@ -130,7 +137,7 @@ pub async fn run(client: kube::Client) {
         job::reconcile_all(&client, &stores).await;
         // Orphans wait for a full pass (they wait 10 s anyway): every tick it was
         // a walk over every owner of every pod.
-        if t.full {
+        if t.timers {
             collect_garbage(&client, &stores).await;
         }
         cascade::run(&client, &stores).await;

@@ -191,6 +191,14 @@ pub async fn reconcile_all(client: &kube::Client, s: &Stores, tick: &Tick) {
     // Before the pods are read: every pod written up to this version is in them.
     let seen_rv = s.pods.seen_rv();
     let sets = s.replicasets.state();
+    // ReplicaSets waiting on a clock: looked at every `timers` tick.
+    let waiting: std::collections::HashSet<String> = if tick.timers {
+        let ex = s.expectations.lock().unwrap_or_else(|e| e.into_inner());
+        let created = s.created.lock().unwrap_or_else(|e| e.into_inner());
+        ex.keys().chain(created.keys()).cloned().collect()
+    } else {
+        Default::default()
+    };
     let work: Vec<(Arc<ReplicaSet>, String, Vec<Arc<PodView>>)> = {
         let mut reconciled = s.reconciled.lock().unwrap_or_else(|e| e.into_inner());
         if tick.full {
@@ -208,7 +216,16 @@ pub async fn reconcile_all(client: &kube::Client, s: &Stores, tick: &Tick) {
                 let rv = rs.metadata.resource_version.clone().unwrap_or_default();
                 let unchanged = !tick.changed.contains(uid.as_str())
                     && reconciled.get(&uid).is_some_and(|seen| *seen == rv);
-                if unchanged && !tick.full {
+                let on_clock = || {
+                    tick.timers
+                        && (waiting.contains(&uid)
+                            || s.denials.pending(&format!(
+                                "ReplicaSet/{}/{}",
+                                rs.metadata.namespace.as_deref().unwrap_or_default(),
+                                rs.metadata.name.as_deref().unwrap_or_default()
+                            )))
+                };
+                if unchanged && !tick.full && !on_clock() {
                     return None;
                 }
                 reconciled.insert(uid.clone(), rv);

@@ -50,6 +50,14 @@ impl Denials {
             .is_some_and(|e| Instant::now() < e.until)
     }
 
+    /// Whether a refusal for `key` is on record (backing off or due for a retry).
+    pub fn pending(&self, key: &str) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(key)
+    }
+
     /// The current refusal for `key`, if any (for status conditions).
     pub fn message(&self, key: &str) -> Option<String> {
         self.0
