@@ -17,7 +17,7 @@ fn mutating_p99(r: &Report) -> f64 {
     r.phases
         .iter()
         .flat_map(|p| p.api.iter())
-        .filter(|l| crate::metrics::is_mutating(&l.verb))
+        .filter(|l| crate::metrics::is_single_object_mutation(l))
         .map(|l| l.p99_ms)
         .fold(0.0, f64::max)
 }

@@ -46,7 +46,13 @@ pub fn parse(text: &str) -> Snapshot {
         if *verb == "watch" || *verb == "unknown" {
             continue;
         }
-        let scope = l.get("scope").copied().unwrap_or("cluster");
+        // Bulk calls (up to 1,000 objects each) are not the single-object calls the
+        // SLO measures: counted apart.
+        let scope = if l.get("resource").is_some_and(|r| r.starts_with("bulk")) {
+            BULK_SCOPE
+        } else {
+            l.get("scope").copied().unwrap_or("cluster")
+        };
         let Ok(count) = value.trim().parse::<f64>() else {
             continue;
         };
@@ -143,6 +149,15 @@ pub fn is_mutating(verb: &str) -> bool {
     )
 }
 
+/// The scope the bulk endpoints' calls (`bulkpods`, `bulkbindings`,
+/// `bulkpodstatuses`) are counted under.
+pub const BULK_SCOPE: &str = "bulk";
+
+/// A mutating call on one object: what the SLO's mutating latency covers.
+pub fn is_single_object_mutation(l: &ApiLatency) -> bool {
+    is_mutating(&l.verb) && l.scope != BULK_SCOPE
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,6 +191,22 @@ meridian_apiserver_request_duration_seconds_bucket{le="+Inf",verb="watch",resour
         assert!((lat[0].p50_ms - 4.0).abs() < 1e-9, "{lat:?}");
         // The slowest 50% are beyond every finite bound: p99 reports the last bound.
         assert!((lat[0].p99_ms - 4.0).abs() < 1e-9, "{lat:?}");
+    }
+
+    #[test]
+    fn bulk_calls_are_counted_apart_from_single_object_ones() {
+        let text = TEXT.replace("resource=\"configmaps\"", "resource=\"bulkpods\"");
+        let lat = delta(&Snapshot::default(), &parse(&text));
+        let scopes: Vec<(&str, &str, u64)> = lat
+            .iter()
+            .map(|l| (l.verb.as_str(), l.scope.as_str(), l.count))
+            .collect();
+        assert_eq!(
+            scopes,
+            vec![("create", "bulk", 100), ("create", "namespace", 100)]
+        );
+        assert!(!is_single_object_mutation(&lat[0]));
+        assert!(is_single_object_mutation(&lat[1]));
     }
 
     #[test]

@@ -137,9 +137,14 @@ pub struct State {
     pub pod_nodes: HashMap<String, String>,
     startup: Option<Histogram<u64>>,
     lag: Option<Histogram<u64>>,
+    /// Probes in a row whose change the watch showed within [`CALM_LAG`].
+    pub calm_probes: usize,
     /// Pods seen bound to a node the watch of Nodes has never shown.
     pub bound_to_unknown: HashSet<String>,
 }
+
+/// A probe this quick counts towards a settled server.
+pub const CALM_LAG: Duration = Duration::from_millis(500);
 
 fn hist() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
@@ -431,8 +436,10 @@ async fn probe(admin: kube::Client, state: Arc<Mutex<State>>) {
             let at = sent.lock().unwrap_or_else(|p| p.into_inner()).remove(&seq);
             if let Some(at) = at {
                 let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                let lag = at.elapsed();
+                s.calm_probes = if lag < CALM_LAG { s.calm_probes + 1 } else { 0 };
                 let h = s.lag.get_or_insert_with(hist);
-                let _ = h.record(at.elapsed().as_micros().max(1) as u64);
+                let _ = h.record(lag.as_micros().max(1) as u64);
             }
         }
     };
