@@ -33,6 +33,7 @@ pub fn spawn(shared: Arc<Shared>) -> Vec<tokio::task::JoinHandle<()>> {
         tokio::spawn(edgecluster_loop(shared.clone())),
         tokio::spawn(watch_pods(shared.clone())),
         tokio::spawn(upload_loop(shared.clone())),
+        tokio::spawn(node_loop(shared.clone())),
         tokio::spawn(summary_loop(shared)),
     ]
 }
@@ -333,7 +334,21 @@ pub async fn fetch_node_pods(shared: &Arc<Shared>, node: &str) {
     shared.persist_pods(puts, deletes).await;
 }
 
-/// Sends pod status (batched, latest wins), events and Node changes up.
+/// Writes Node changes (registrations, transitions, summaries) up, in a loop of
+/// their own: at 100,000 nodes a region has ~70 summaries a second to write, and
+/// pod statuses queued behind them in one loop (steady-rate pod startup p99 8.6 s
+/// at 100,000 nodes against 4.5 s at 30,000).
+async fn node_loop(shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let nodes = std::mem::take(&mut lock(&shared.upload).nodes);
+        if !nodes.is_empty() {
+            write_nodes(&shared, nodes).await;
+        }
+    }
+}
+
+/// Sends pod status (batched, latest wins) and events up.
 async fn upload_loop(shared: Arc<Shared>) {
     loop {
         tokio::select! {
@@ -342,17 +357,13 @@ async fn upload_loop(shared: Arc<Shared>) {
         }
         // Let a burst accumulate into one batch.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let (statuses, events, nodes) = {
+        let (statuses, events) = {
             let mut up = lock(&shared.upload);
             (
                 std::mem::take(&mut up.statuses),
                 std::mem::take(&mut up.events),
-                std::mem::take(&mut up.nodes),
             )
         };
-        if !nodes.is_empty() {
-            write_nodes(&shared, nodes).await;
-        }
         if !statuses.is_empty() {
             upload_statuses(&shared, statuses).await;
         }
