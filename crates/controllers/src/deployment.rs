@@ -95,11 +95,8 @@ pub async fn reconcile_all(client: &kube::Client, s: &Stores, tick: &Tick) {
             .unwrap_or_else(|e| e.into_inner());
         let deployments = s.deployments.state();
         if tick.full {
-            let live: std::collections::HashSet<&str> = deployments
-                .iter()
-                .filter_map(|d| d.metadata.uid.as_deref())
-                .collect();
-            seen.retain(|uid, _| live.contains(uid.as_str()));
+            let live = crate::uids(&s.deployments);
+            seen.retain(|uid, _| live.contains(uid));
         }
         deployments
             .into_iter()

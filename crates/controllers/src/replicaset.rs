@@ -203,11 +203,8 @@ pub async fn reconcile_all(client: &kube::Client, s: &Stores, tick: &Tick) {
         let mut reconciled = s.reconciled.lock().unwrap_or_else(|e| e.into_inner());
         if tick.full {
             // Forget ReplicaSets that are gone.
-            let live: std::collections::HashSet<&str> = sets
-                .iter()
-                .filter_map(|rs| rs.metadata.uid.as_deref())
-                .collect();
-            reconciled.retain(|uid, _| live.contains(uid.as_str()));
+            let live = crate::uids(&s.replicasets);
+            reconciled.retain(|uid, _| live.contains(uid));
         }
         sets.into_iter()
             .filter(|rs| rs.metadata.deletion_timestamp.is_none())
