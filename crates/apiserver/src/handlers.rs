@@ -901,13 +901,11 @@ async fn list(cx: &Ctx<'_>) -> Result<Response, ApiError> {
         }
         None => (snapshot_for(cx).await?, None),
     };
+    if limit == 0 && !crate::table::wanted(&cx.headers) {
+        return Ok(stream_list(cx, r, snap, prefix, after, filter));
+    }
     let view = cx.view();
-    let mut body = Vec::with_capacity(4096);
-    body.extend_from_slice(b"{\"kind\":\"");
-    body.extend_from_slice(r.list_kind().as_bytes());
-    body.extend_from_slice(b"\",\"apiVersion\":\"");
-    body.extend_from_slice(r.api_version().as_bytes());
-    body.extend_from_slice(b"\",\"items\":[");
+    let mut body = list_head(r, 4096);
     let mut count = 0usize;
     let mut last_key: Option<Arc<str>> = None;
     let mut more = false;
@@ -957,6 +955,107 @@ async fn list(cx: &Ctx<'_>) -> Result<Response, ApiError> {
         return Ok(json_response(StatusCode::OK, Bytes::from(t.to_string())));
     }
     Ok(json_response(StatusCode::OK, Bytes::from(body)))
+}
+
+/// A list's JSON up to its first item.
+fn list_head(r: &Resource, capacity: usize) -> Vec<u8> {
+    let mut head = Vec::with_capacity(capacity);
+    head.extend_from_slice(b"{\"kind\":\"");
+    head.extend_from_slice(r.list_kind().as_bytes());
+    head.extend_from_slice(b"\",\"apiVersion\":\"");
+    head.extend_from_slice(r.api_version().as_bytes());
+    head.extend_from_slice(b"\",\"items\":[");
+    head
+}
+
+/// Bytes of rendered items per chunk of a streamed list.
+const LIST_CHUNK: usize = 256 * 1024;
+
+/// An unpaged list, written as it is rendered, a chunk at a time, from its
+/// snapshot. Built whole, the LIST of 500,000 pods was a 665 MiB buffer (twice that
+/// while it grew) on top of the cache it was copied from: the server's peak.
+fn stream_list(
+    cx: &Ctx<'_>,
+    r: &'static Resource,
+    snap: Snapshot,
+    prefix: String,
+    after: Option<String>,
+    filter: Filter,
+) -> Response {
+    let tenant = cx.view().tenant.map(str::to_owned);
+    let head = list_head(r, 128);
+    let mut tail = Vec::with_capacity(64);
+    tail.extend_from_slice(b"],\"metadata\":{\"resourceVersion\":\"");
+    tail.extend_from_slice(snap.revision.to_string().as_bytes());
+    tail.extend_from_slice(b"\"}}");
+    if after.is_some() {
+        // The last page of a paginated list (a continue token without a limit).
+        cx.state.cache.release(snap.revision);
+    }
+    struct Cursor {
+        snap: Snapshot,
+        prefix: String,
+        after: Option<String>,
+        filter: Filter,
+        tenant: Option<String>,
+        head: Option<Vec<u8>>,
+        tail: Option<Vec<u8>>,
+        first: bool,
+    }
+    let cursor = Cursor {
+        snap,
+        prefix,
+        after,
+        filter,
+        tenant,
+        head: Some(head),
+        tail: Some(tail),
+        first: true,
+    };
+    let chunks = futures::stream::unfold(cursor, move |mut c| async move {
+        let Some(mut chunk) = c.head.take() else {
+            let tail = c.tail.take()?;
+            return Some((Ok::<_, std::convert::Infallible>(Bytes::from(tail)), c));
+        };
+        chunk.reserve(LIST_CHUNK);
+        let view = View {
+            tenant: c.tenant.as_deref(),
+        };
+        let mut last: Option<Arc<str>> = None;
+        for o in c.snap.range(&c.prefix, c.after.as_deref()) {
+            last = Some(o.key.clone());
+            if !c.filter.matches(o) {
+                continue;
+            }
+            if !c.first {
+                chunk.push(b',');
+            }
+            c.first = false;
+            chunk.extend_from_slice(&view.render(r, &o.json));
+            if chunk.len() >= LIST_CHUNK {
+                break;
+            }
+        }
+        match last {
+            // More may follow: the next chunk starts after the last key looked at.
+            Some(k) if chunk.len() >= LIST_CHUNK => {
+                c.after = Some(k.to_string());
+                c.head = Some(Vec::new());
+            }
+            _ => {
+                if let Some(tail) = c.tail.take() {
+                    chunk.extend_from_slice(&tail);
+                }
+            }
+        }
+        Some((Ok(Bytes::from(chunk)), c))
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(chunks),
+    )
+        .into_response()
 }
 
 async fn create(cx: &Ctx<'_>, body: Bytes) -> Result<Response, ApiError> {

@@ -135,7 +135,9 @@ enum Command {
     Shim,
 }
 
-/// mimalloc, tuned (see `meridian-alloc`).
+/// mimalloc, tuned (see `meridian-alloc`); the `system-alloc` feature leaves the
+/// system allocator in place, for heap profilers such as `heaptrack`.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: meridian_alloc::Allocator = meridian_alloc::Allocator;
 

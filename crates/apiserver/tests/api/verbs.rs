@@ -302,6 +302,73 @@ async fn lists_page_with_limit_and_continue_and_filter_by_fields() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaged_list_bigger_than_a_chunk_is_whole_in_order_and_filtered() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let t = TestServer::start().await;
+    let cms: Api<ConfigMap> = Api::namespaced(t.admin(), "default");
+    // 400 objects of ~2 KB: the body is streamed in several chunks of 256 KiB.
+    let filler = "x".repeat(2000);
+    for i in 0..400 {
+        let cm: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": format!("cm{i:03}"),
+                "labels": {"half": if i % 2 == 0 { "a" } else { "b" }}},
+            "data": {"filler": filler, "i": i.to_string()}
+        }))
+        .unwrap();
+        cms.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    let all = cms.list(&ListParams::default()).await.unwrap();
+    let names: Vec<String> = all
+        .items
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        (0..400).map(|i| format!("cm{i:03}")).collect::<Vec<_>>()
+    );
+    assert!(
+        all.items
+            .iter()
+            .all(|c| c.data.as_ref().unwrap()["filler"] == filler),
+        "every item whole"
+    );
+    let rv: u64 = all.metadata.resource_version.unwrap().parse().unwrap();
+    let newest: u64 = all
+        .items
+        .iter()
+        .map(|c| {
+            c.metadata
+                .resource_version
+                .clone()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        rv >= newest,
+        "the list's version ({rv}) covers its items ({newest})"
+    );
+    let b = cms
+        .list(&ListParams::default().labels("half=b"))
+        .await
+        .unwrap();
+    assert_eq!(b.items.len(), 200);
+    assert!(
+        b.items
+            .iter()
+            .all(|c| c.data.as_ref().unwrap()["i"].parse::<u32>().unwrap() % 2 == 1)
+    );
+    let none = cms
+        .list(&ListParams::default().labels("half=c"))
+        .await
+        .unwrap();
+    assert!(none.items.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaces_delete_their_content_and_block_new_objects() {
     let t = TestServer::start().await;
     let client = t.admin();
