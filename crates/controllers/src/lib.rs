@@ -107,7 +107,7 @@ pub async fn run(client: kube::Client) {
         deployments: reflect(&client),
         daemonsets: reflect(&client),
         jobs: reflect(&client),
-        nodes: reflect(&client),
+        nodes: meridian_scheduler::reflect_slim(&client, meridian_scheduler::engine::slim_node),
         expectations: Default::default(),
         created: Default::default(),
         denials: Default::default(),

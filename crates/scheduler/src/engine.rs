@@ -130,6 +130,47 @@ pub struct NodeInfo {
     pub bandwidth_price: Option<f64>,
 }
 
+/// Drops from a Node what [`NodeInfo::from_node`] does not read, for the
+/// reflectors that keep every Node to build it from (the scheduler's and the
+/// DaemonSet controller's): capacity, addresses, system info, images, managed
+/// fields, annotations other than coordinates and measured RTTs, and of the
+/// conditions all but Ready's type and status. A typed Node of a hollow fleet was
+/// ~6 KB; two reflectors of 100,000 of them more than a gigabyte.
+pub fn slim_node(n: &mut Node) {
+    let m = &mut n.metadata;
+    m.managed_fields = None;
+    m.finalizers = None;
+    m.owner_references = None;
+    if let Some(a) = m.annotations.as_mut() {
+        a.retain(|k, _| k == geo::COORDINATES_ANNOTATION || k == geo::MEASURED_RTT_ANNOTATION);
+    }
+    if let Some(spec) = n.spec.as_mut() {
+        // Only taints and unschedulable are read.
+        spec.config_source = None;
+        spec.pod_cidr = None;
+        spec.pod_cidrs = None;
+        spec.provider_id = None;
+        spec.external_id = None;
+    }
+    if let Some(st) = n.status.as_mut() {
+        let conditions = st.conditions.take().map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| k8s_openapi::api::core::v1::NodeCondition {
+                    type_: c.type_,
+                    status: c.status,
+                    ..Default::default()
+                })
+                .collect()
+        });
+        *st = k8s_openapi::api::core::v1::NodeStatus {
+            allocatable: st.allocatable.take(),
+            conditions,
+            ..Default::default()
+        };
+    }
+}
+
 impl NodeInfo {
     pub fn from_node(n: &Node) -> NodeInfo {
         let status = n.status.as_ref();
@@ -1283,6 +1324,49 @@ struct PolicyScore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slimmed_node_gives_the_same_node_info_and_keeps_nothing_else() {
+        let full: Node = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "n1", "resourceVersion": "42", "uid": "u-1",
+                "labels": {"topology.meridian.io/city": "lisbon", "meridian.io/bandwidth-price": "0.02"},
+                "annotations": {
+                    (geo::COORDINATES_ANNOTATION): "38.7223,-9.1393",
+                    (geo::MEASURED_RTT_ANNOTATION): "madrid=9.5,paris=21",
+                    "meridian.io/usage": "cpu=12%"},
+                "managedFields": [{"manager": "region", "operation": "Update"}]},
+            "spec": {"unschedulable": true, "podCIDR": "10.0.0.0/24",
+                "taints": [{"key": "edge", "value": "x", "effect": "NoSchedule"}]},
+            "status": {
+                "capacity": {"cpu": "8", "memory": "16Gi", "pods": "110"},
+                "allocatable": {"cpu": "7500m", "memory": "15Gi", "pods": "110", "nvidia.com/gpu": "1"},
+                "conditions": [
+                    {"type": "MemoryPressure", "status": "False", "reason": "Fine"},
+                    {"type": "Ready", "status": "True", "reason": "AgentReady", "message": "ok",
+                     "lastHeartbeatTime": "2026-11-29T00:00:00Z"}],
+                "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+                "nodeInfo": {"architecture": "arm64", "bootID": "", "containerRuntimeVersion": "c",
+                    "kernelVersion": "6", "kubeProxyVersion": "", "kubeletVersion": "k",
+                    "machineID": "", "operatingSystem": "linux", "osImage": "d", "systemUUID": ""}}
+        }))
+        .unwrap();
+        let mut slim = full.clone();
+        slim_node(&mut slim);
+        let (a, b) = (NodeInfo::from_node(&full), NodeInfo::from_node(&slim));
+        assert_eq!(format!("{a:?}"), format!("{b:?}"));
+        assert!(b.ready && b.cordoned && b.coordinates.is_some());
+        assert_eq!(b.measured_rtt.len(), 2);
+        assert_eq!(b.allocatable.cpu_milli, 7500);
+        assert_eq!(slim.metadata.resource_version.as_deref(), Some("42"));
+        assert_eq!(slim.metadata.annotations.as_ref().unwrap().len(), 2);
+        assert!(slim.metadata.managed_fields.is_none());
+        let st = slim.status.as_ref().unwrap();
+        assert!(st.capacity.is_none() && st.addresses.is_none() && st.node_info.is_none());
+        let conditions = st.conditions.as_ref().unwrap();
+        assert_eq!(conditions.len(), 1);
+        assert!(conditions[0].message.is_none() && conditions[0].last_heartbeat_time.is_none());
+        assert!(slim.spec.as_ref().unwrap().pod_cidr.is_none());
+    }
 
     fn node(name: &str, city: &str, cpu: i64) -> NodeInfo {
         NodeInfo {

@@ -43,23 +43,45 @@ const PLACE_BUDGET: Duration = Duration::from_millis(500);
 /// Scheduler names this scheduler serves.
 pub const SCHEDULER_NAMES: &[&str] = &["default-scheduler", "meridian"];
 
-/// A store kept up to date by a watch of every `K` (used by the controllers too).
-pub fn reflect<K>(client: &kube::Client) -> Store<K>
-where
+/// What a reflector can keep.
+pub trait Reflected:
+    kube::Resource<DynamicType = ()>
+    + Clone
+    + std::fmt::Debug
+    + serde::de::DeserializeOwned
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<K> Reflected for K where
     K: kube::Resource<DynamicType = ()>
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
         + Send
         + Sync
-        + 'static,
+        + 'static
 {
+}
+
+/// A store kept up to date by a watch of every `K` (used by the controllers too).
+pub fn reflect<K: Reflected>(client: &kube::Client) -> Store<K> {
+    reflect_slim(client, |_| {})
+}
+
+/// [`reflect`], each object passed through `slim` before it is kept.
+pub fn reflect_slim<K: Reflected>(client: &kube::Client, slim: fn(&mut K)) -> Store<K> {
     let (store, writer) = reflector::store::<K>();
     let api: Api<K> = Api::all(client.clone());
     tokio::spawn(
-        reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff()
-            .for_each(|_| async {}),
+        reflector(
+            writer,
+            watcher(api, watcher::Config::default()).modify(slim),
+        )
+        .default_backoff()
+        .for_each(|_| async {}),
     );
     store
 }
@@ -76,23 +98,26 @@ fn reflect_nodes(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let api: Api<Node> = Api::all(client.clone());
     tokio::spawn(
-        reflector(writer, watcher(api, watcher::Config::default()))
-            .default_backoff()
-            .for_each(move |ev| {
-                let name = match ev {
-                    Ok(
-                        watcher::Event::Apply(n)
-                        | watcher::Event::InitApply(n)
-                        | watcher::Event::Delete(n),
-                    ) => Some(Some(n.metadata.name.unwrap_or_default())),
-                    Ok(watcher::Event::InitDone) => Some(None),
-                    Ok(watcher::Event::Init) | Err(_) => None,
-                };
-                if let Some(name) = name {
-                    let _ = tx.send(name);
-                }
-                futures::future::ready(())
-            }),
+        reflector(
+            writer,
+            watcher(api, watcher::Config::default()).modify(engine::slim_node),
+        )
+        .default_backoff()
+        .for_each(move |ev| {
+            let name = match ev {
+                Ok(
+                    watcher::Event::Apply(n)
+                    | watcher::Event::InitApply(n)
+                    | watcher::Event::Delete(n),
+                ) => Some(Some(n.metadata.name.unwrap_or_default())),
+                Ok(watcher::Event::InitDone) => Some(None),
+                Ok(watcher::Event::Init) | Err(_) => None,
+            };
+            if let Some(name) = name {
+                let _ = tx.send(name);
+            }
+            futures::future::ready(())
+        }),
     );
     (store, rx)
 }
