@@ -6,12 +6,15 @@
 
 use std::sync::Arc;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
 use crate::Stores;
+use crate::index::PodView;
 
 const FOREGROUND: &str = "foregroundDeletion";
 const ORPHAN: &str = "orphan";
@@ -28,22 +31,47 @@ fn cascade_of(meta: &ObjectMeta) -> Option<&'static str> {
     }
 }
 
-fn owned_by<'a, K: kube::Resource>(list: &'a [Arc<K>], uid: &str) -> Vec<&'a Arc<K>> {
+/// What the cascade needs of a dependent.
+struct Dep<'a> {
+    namespace: &'a str,
+    name: &'a str,
+    owners: &'a [OwnerReference],
+    deleting: bool,
+}
+
+impl<'a> Dep<'a> {
+    fn of(meta: &'a ObjectMeta) -> Self {
+        Dep {
+            namespace: meta.namespace.as_deref().unwrap_or_default(),
+            name: meta.name.as_deref().unwrap_or_default(),
+            owners: meta.owner_references.as_deref().unwrap_or_default(),
+            deleting: meta.deletion_timestamp.is_some(),
+        }
+    }
+
+    fn of_pod(p: &'a PodView) -> Self {
+        let meta = &p.metadata;
+        Dep {
+            namespace: meta.namespace.as_deref().unwrap_or_default(),
+            name: meta.name.as_deref().unwrap_or_default(),
+            owners: meta.owner_references.as_deref().unwrap_or_default(),
+            deleting: meta.deletion_timestamp.is_some(),
+        }
+    }
+}
+
+fn owned_by<'a>(list: &'a [Arc<ReplicaSet>], uid: &str) -> Vec<Dep<'a>> {
     list.iter()
-        .filter(|d| {
-            d.meta()
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| o.uid == uid)
-        })
+        .map(|r| Dep::of(&r.metadata))
+        .filter(|d| d.owners.iter().any(|o| o.uid == uid))
         .collect()
 }
 
-/// Deletes (foreground) or releases (orphan) the dependents; true when none is left.
+/// Deletes (foreground) or releases (orphan) the dependents, kind `K`; true when
+/// none is left.
 async fn work_dependents<K>(
     client: &kube::Client,
-    deps: &[&Arc<K>],
+    deps: &[Dep<'_>],
     owner_uid: &str,
     how: &str,
 ) -> bool
@@ -51,24 +79,12 @@ where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + serde::Serialize,
+        + serde::de::DeserializeOwned,
 {
     for d in deps {
-        let meta = d.meta();
-        let api: Api<K> = Api::namespaced(
-            client.clone(),
-            meta.namespace.as_deref().unwrap_or_default(),
-        );
-        let name = meta.name.clone().unwrap_or_default();
+        let api: Api<K> = Api::namespaced(client.clone(), d.namespace);
         if how == ORPHAN {
-            let rest: Vec<_> = meta
-                .owner_references
-                .iter()
-                .flatten()
-                .filter(|o| o.uid != owner_uid)
-                .cloned()
-                .collect();
+            let rest: Vec<_> = d.owners.iter().filter(|o| o.uid != owner_uid).collect();
             let refs = if rest.is_empty() {
                 json!(null)
             } else {
@@ -76,15 +92,15 @@ where
             };
             let patch = json!({"metadata": {"ownerReferences": refs}});
             if let Err(e) = api
-                .patch(&name, &PatchParams::default(), &Patch::Merge(patch))
+                .patch(d.name, &PatchParams::default(), &Patch::Merge(patch))
                 .await
             {
-                tracing::debug!(dependent = %name, "orphaning: {e}");
+                tracing::debug!(dependent = %d.name, "orphaning: {e}");
             }
-        } else if meta.deletion_timestamp.is_none()
-            && let Err(e) = api.delete(&name, &DeleteParams::foreground()).await
+        } else if !d.deleting
+            && let Err(e) = api.delete(d.name, &DeleteParams::foreground()).await
         {
-            tracing::debug!(dependent = %name, "foreground delete: {e}");
+            tracing::debug!(dependent = %d.name, "foreground delete: {e}");
         }
     }
     deps.is_empty()
@@ -120,27 +136,30 @@ where
     }
 }
 
-/// Works the cascade of every owner in `owners` being deleted with one.
-async fn owners<K, D>(client: &kube::Client, owners: &[Arc<K>], deps: impl Fn(&str) -> Vec<Arc<D>>)
+/// The owners being deleted with a cascade: each with its uid and cascade.
+fn cascading<K: kube::Resource>(owners: &[Arc<K>]) -> Vec<(&Arc<K>, String, &'static str)> {
+    owners
+        .iter()
+        .filter_map(|o| {
+            let how = cascade_of(o.meta())?;
+            Some((o, o.meta().uid.clone().unwrap_or_default(), how))
+        })
+        .collect()
+}
+
+/// Works the cascade of every owner in `owners` (of pods) being deleted with one.
+async fn pod_owners<K>(client: &kube::Client, s: &Stores, owners: &[Arc<K>])
 where
     K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned,
-    D: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + serde::Serialize,
 {
-    for o in owners {
-        if let Some(how) = cascade_of(o.meta()) {
-            let uid = o.meta().uid.clone().unwrap_or_default();
-            let deps = deps(&uid);
-            let mine: Vec<&Arc<D>> = deps.iter().collect();
-            if work_dependents(client, &mine, &uid, how).await {
-                release(client, &**o, how).await;
-            }
+    for (o, uid, how) in cascading(owners) {
+        let pods = s.pods.dependents_of(&uid);
+        let deps: Vec<Dep> = pods.iter().map(|p| Dep::of_pod(p)).collect();
+        if work_dependents::<Pod>(client, &deps, &uid, how).await {
+            release(client, &**o, how).await;
         }
     }
 }
@@ -148,12 +167,13 @@ where
 /// One pass over every owner being deleted with a cascade.
 pub async fn run(client: &kube::Client, s: &Stores) {
     let replicasets = s.replicasets.state();
-    owners(client, &s.deployments.state(), |uid| {
-        owned_by(&replicasets, uid).into_iter().cloned().collect()
-    })
-    .await;
-    let pods = |uid: &str| s.pods.dependents_of(uid);
-    owners(client, &replicasets, pods).await;
-    owners(client, &s.daemonsets.state(), pods).await;
-    owners(client, &s.jobs.state(), pods).await;
+    for (o, uid, how) in cascading(&s.deployments.state()) {
+        let deps = owned_by(&replicasets, &uid);
+        if work_dependents::<ReplicaSet>(client, &deps, &uid, how).await {
+            release(client, &**o, how).await;
+        }
+    }
+    pod_owners(client, s, &replicasets).await;
+    pod_owners(client, s, &s.daemonsets.state()).await;
+    pod_owners(client, s, &s.jobs.state()).await;
 }

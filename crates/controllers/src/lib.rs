@@ -23,7 +23,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::Api;
 
 use crate::index::PodView;
@@ -157,8 +157,8 @@ pub fn owner_ref(kind: &str, meta: &ObjectMeta) -> OwnerReference {
     }
 }
 
-fn older_than(meta: &ObjectMeta, secs: i64) -> bool {
-    meta.creation_timestamp.as_ref().is_some_and(|t| {
+fn older_than(created: Option<&Time>, secs: i64) -> bool {
+    created.is_some_and(|t| {
         t.0.duration_until(k8s_openapi::jiff::Timestamp::now())
             .as_secs()
             > secs
@@ -193,7 +193,9 @@ async fn collect_garbage(client: &kube::Client, s: &Stores) {
             continue;
         }
         for p in s.pods.controlled_by(&owner) {
-            if p.metadata.deletion_timestamp.is_some() || !older_than(&p.metadata, 10) {
+            if p.metadata.deletion_timestamp.is_some()
+                || !older_than(p.metadata.creation_timestamp.as_ref(), 10)
+            {
                 continue;
             }
             let ns = p.metadata.namespace.as_deref().unwrap_or_default();
@@ -214,7 +216,7 @@ async fn collect_garbage(client: &kube::Client, s: &Stores) {
         if let Some(o) = controller_of(&r.metadata)
             && o.kind == "Deployment"
             && !deploy_uids.contains(&o.uid)
-            && older_than(&r.metadata, 10)
+            && older_than(r.metadata.creation_timestamp.as_ref(), 10)
         {
             let api: Api<ReplicaSet> = Api::namespaced(
                 client.clone(),
@@ -245,8 +247,5 @@ pub fn is_active(p: &PodView) -> bool {
 }
 
 pub fn is_ready(p: &PodView) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    p.status.as_ref().is_some_and(|s| s.ready)
 }

@@ -271,12 +271,52 @@ pub fn pod_grace(pod: &Pod) -> Option<Option<Duration>> {
         .and_then(|g| parse_grace(g))
 }
 
+/// What the region keeps of a pod (in memory and in its store) and sends to its
+/// node: the pod without its status, but for the phase and reason, which say
+/// whether the region marked it lost. Agents act on metadata and spec; the global
+/// status (conditions, container statuses, addresses), the larger half of a running
+/// pod, was kept for nothing: 100,000 pods a region.
+#[derive(serde::Serialize)]
+struct Kept<'a> {
+    #[serde(rename = "apiVersion")]
+    api_version: &'static str,
+    kind: &'static str,
+    metadata: &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spec: Option<&'a k8s_openapi::api::core::v1::PodSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<KeptStatus<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct KeptStatus<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    phase: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
+}
+
+impl<'a> Kept<'a> {
+    fn of(pod: &'a Pod) -> Self {
+        Kept {
+            api_version: "v1",
+            kind: "Pod",
+            metadata: &pod.metadata,
+            spec: pod.spec.as_ref(),
+            status: pod.status.as_ref().map(|s| KeptStatus {
+                phase: s.phase.as_deref(),
+                reason: s.reason.as_deref(),
+            }),
+        }
+    }
+}
+
 impl CachedPod {
     pub fn from_pod(pod: &Pod) -> Option<(String, CachedPod)> {
         let uid = pod.metadata.uid.clone()?;
         let node = pod.spec.as_ref()?.node_name.clone()?;
         let marked = pod.status.as_ref().and_then(|s| s.reason.as_deref()) == Some(NODE_LOST);
-        let json = Bytes::from(serde_json::to_vec(pod).ok()?);
+        let json = Bytes::from(serde_json::to_vec(&Kept::of(pod)).ok()?);
         Some((
             uid,
             CachedPod {
@@ -567,5 +607,44 @@ impl Shared {
 
     pub fn is_global_ok(&self) -> bool {
         self.global_ok.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_pod_keeps_metadata_spec_and_whether_it_was_lost_but_not_the_status() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-1", "namespace": "acme.shop", "uid": "u1",
+                "labels": {"app": "web"}, "annotations": {(GRACE_ANNOTATION): "never"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "busybox"}]},
+            "status": {"phase": "Failed", "reason": NODE_LOST, "podIP": "10.0.0.9",
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "containerStatuses": [{"name": "c", "image": "busybox", "imageID": "",
+                    "ready": false, "restartCount": 3}]}
+        }))
+        .unwrap();
+        let (uid, cached) = CachedPod::from_pod(&pod).unwrap();
+        assert_eq!(uid, "u1");
+        assert!(cached.marked && cached.gone);
+        assert_eq!(
+            cached.grace,
+            Some(None),
+            "the never-reschedule annotation is kept"
+        );
+        let kept: Pod = serde_json::from_slice(&cached.json).unwrap();
+        assert_eq!(kept.metadata, pod.metadata);
+        assert_eq!(kept.spec, pod.spec);
+        let st = kept.status.as_ref().unwrap();
+        assert_eq!(st.phase.as_deref(), Some("Failed"));
+        assert!(st.conditions.is_none() && st.container_statuses.is_none() && st.pod_ip.is_none());
+        // Loaded back from the region's store, it is still the lost pod it was.
+        let (_, again) = CachedPod::from_pod(&kept).unwrap();
+        assert!(again.marked);
+        assert_eq!(again.desired, cached.desired);
+        assert_eq!(again.json, cached.json);
     }
 }

@@ -160,30 +160,106 @@ enum Reply {
     Compact(oneshot::Sender<Result<()>>, Result<()>),
 }
 
+/// History to remove below the compacted revision: compaction marks the log
+/// compacted at once (watches from before it fail from then on) and the writer
+/// removes the entries a few hundred revisions at a time, with the commits it makes
+/// anyway or, when idle, on its own. Removing five minutes of history (a million
+/// revisions at density load, gigabytes of pages) in the compaction's own commit
+/// held every write behind it for seconds.
+struct Purge {
+    /// Log entries below this revision are gone.
+    floor: Revision,
+    /// The compacted revision: entries below it are to go.
+    compacted: Revision,
+}
+
+/// Revisions removed with each commit of writes.
+const PURGE_WITH_WRITES: i64 = 256;
+/// Revisions removed by a commit of its own while no write waits.
+const PURGE_IDLE: i64 = 4096;
+/// How long the writer waits for a write before purging on its own.
+const PURGE_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl Purge {
+    fn load(db: &Database) -> Result<Purge> {
+        let rtxn = db.begin_read().map_err(db_err)?;
+        let compacted = meta_value(&rtxn.open_table(META).map_err(db_err)?, META_COMPACTED, 0)?;
+        let log = rtxn.open_table(LOG).map_err(db_err)?;
+        let floor = log
+            .first()
+            .map_err(db_err)?
+            .map_or(compacted, |(k, _)| k.value());
+        Ok(Purge { floor, compacted })
+    }
+
+    fn pending(&self) -> bool {
+        self.floor < self.compacted
+    }
+
+    /// Removes up to `n` revisions of history; the new floor, once committed.
+    fn some(&self, log: &mut redb::Table<i64, &[u8]>, n: i64) -> Result<Revision> {
+        if !self.pending() {
+            return Ok(self.floor);
+        }
+        let upto = self.compacted.min(self.floor.saturating_add(n));
+        log.retain_in(self.floor..upto, |_, _| false)
+            .map_err(db_err)?;
+        Ok(upto)
+    }
+}
+
 fn writer_loop(shared: &Shared, rx: &mpsc::Receiver<Request>) {
-    // Whether a lazy commit is not on disk yet.
-    let mut unflushed = false;
+    let mut purge = match Purge::load(&shared.db) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "embedded store: cannot read its history bounds");
+            Purge {
+                floor: 0,
+                compacted: 0,
+            }
+        }
+    };
+    // Since when a lazy commit is not on disk.
+    let mut unflushed: Option<std::time::Instant> = None;
     loop {
-        let first = if unflushed {
-            match rx.recv_timeout(crate::LAZY_FLUSH) {
-                Ok(r) => r,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    match flush(shared) {
-                        Ok(()) => unflushed = false,
-                        Err(e) => tracing::error!(error = %e, "embedded store flush failed"),
-                    }
-                    continue;
-                }
+        let wait = if purge.pending() {
+            Some(PURGE_WAIT)
+        } else {
+            unflushed.map(|t| crate::LAZY_FLUSH.saturating_sub(t.elapsed()))
+        };
+        let first = match wait {
+            None => match rx.recv() {
+                Ok(r) => Some(r),
+                Err(_) => return,
+            },
+            Some(d) => match rx.recv_timeout(d) {
+                Ok(r) => Some(r),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let _ = flush(shared);
                     return;
                 }
+            },
+        };
+        let Some(first) = first else {
+            if purge.pending() {
+                match purge_alone(shared, &purge) {
+                    Ok(floor) => {
+                        purge.floor = floor;
+                        unflushed.get_or_insert_with(std::time::Instant::now);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "embedded store: removing history failed")
+                    }
+                }
             }
-        } else {
-            match rx.recv() {
-                Ok(r) => r,
-                Err(_) => return,
+            if unflushed.is_some_and(|t| t.elapsed() >= crate::LAZY_FLUSH) {
+                match flush(shared) {
+                    Ok(()) => unflushed = None,
+                    Err(e) => tracing::error!(error = %e, "embedded store flush failed"),
+                }
             }
+            continue;
         };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -196,9 +272,14 @@ fn writer_loop(shared: &Shared, rx: &mpsc::Receiver<Request>) {
             .iter()
             .all(|r| matches!(r, Request::Txn(t, _) if t.lazy));
         let start = shared.revision.load(Ordering::Acquire);
-        match commit_batch(shared, batch, start, lazy) {
-            Ok((revision, replies, published)) => {
-                unflushed = lazy;
+        match commit_batch(shared, batch, start, lazy, &purge) {
+            Ok((revision, replies, published, next)) => {
+                if lazy {
+                    unflushed.get_or_insert_with(std::time::Instant::now);
+                } else {
+                    unflushed = None;
+                }
+                purge = next;
                 shared.revision.store(revision, Ordering::Release);
                 for b in published {
                     let _ = shared.live.send(b);
@@ -231,23 +312,41 @@ fn writer_loop(shared: &Shared, rx: &mpsc::Receiver<Request>) {
     }
 }
 
+/// A commit that only removes history (lazy: lost, it is removed again).
+fn purge_alone(shared: &Shared, purge: &Purge) -> Result<Revision> {
+    let mut wtxn = shared.db.begin_write().map_err(db_err)?;
+    wtxn.set_durability(redb::Durability::None)
+        .map_err(db_err)?;
+    let floor = {
+        let mut log = wtxn.open_table(LOG).map_err(db_err)?;
+        purge.some(&mut log, PURGE_IDLE)?
+    };
+    wtxn.commit().map_err(db_err)?;
+    Ok(floor)
+}
+
 /// An empty durable commit: puts earlier lazy commits on disk.
 fn flush(shared: &Shared) -> Result<()> {
     let wtxn = shared.db.begin_write().map_err(db_err)?;
     wtxn.commit().map_err(db_err)
 }
 
-type BatchOutcome = (Revision, Vec<Reply>, Vec<Batch>);
+type BatchOutcome = (Revision, Vec<Reply>, Vec<Batch>, Purge);
 
 fn commit_batch(
     shared: &Shared,
     batch: Vec<Request>,
     start: Revision,
     lazy: bool,
+    purge: &Purge,
 ) -> std::result::Result<BatchOutcome, (StoreError, Vec<Reply>)> {
     let mut replies = Vec::with_capacity(batch.len());
     let mut published = Vec::new();
     let mut revision = start;
+    let mut next = Purge {
+        floor: purge.floor,
+        compacted: purge.compacted,
+    };
     let outcome = (|| -> Result<()> {
         let mut wtxn = shared.db.begin_write().map_err(db_err)?;
         if lazy {
@@ -301,13 +400,10 @@ fn commit_batch(
                                 "cannot compact to future revision {to} (current {revision})"
                             )))
                         } else {
-                            let done = meta
-                                .get(META_COMPACTED)
-                                .map_err(db_err)?
-                                .map_or(0, |v| v.value());
-                            if to > done {
-                                log.retain_in(..to, |_, _| false).map_err(db_err)?;
+                            // The history below goes a little at a time (see `Purge`).
+                            if to > next.compacted {
                                 meta.insert(META_COMPACTED, to).map_err(db_err)?;
+                                next.compacted = to;
                             }
                             Ok(())
                         };
@@ -316,6 +412,7 @@ fn commit_batch(
                 }
             }
             meta.insert(META_REVISION, revision).map_err(db_err)?;
+            next.floor = next.some(&mut log, PURGE_WITH_WRITES)?;
         }
         wtxn.commit().map_err(db_err)?;
         Ok(())
@@ -331,6 +428,7 @@ fn commit_batch(
                 .then(|| Arc::new(published))
                 .into_iter()
                 .collect(),
+            next,
         )),
         Err(e) => Err((e, replies)),
     }
@@ -375,6 +473,18 @@ fn read_range(
     Ok(out)
 }
 
+/// A revision kept in the `meta` table, `default` when none is.
+fn meta_value(
+    meta: &impl ReadableTable<&'static str, i64>,
+    key: &str,
+    default: i64,
+) -> Result<i64> {
+    Ok(meta
+        .get(key)
+        .map_err(db_err)?
+        .map_or(default, |v| v.value()))
+}
+
 fn read_history(
     db: &Database,
     prefix: &str,
@@ -382,14 +492,8 @@ fn read_history(
 ) -> Result<(Revision, Vec<crate::Event>)> {
     let rtxn = db.begin_read().map_err(db_err)?;
     let meta = rtxn.open_table(META).map_err(db_err)?;
-    let compacted = meta
-        .get(META_COMPACTED)
-        .map_err(db_err)?
-        .map_or(0, |v| v.value());
-    let current = meta
-        .get(META_REVISION)
-        .map_err(db_err)?
-        .map_or(1, |v| v.value());
+    let compacted = meta_value(&meta, META_COMPACTED, 0)?;
+    let current = meta_value(&meta, META_REVISION, 1)?;
     let from = if from <= 0 { current + 1 } else { from };
     if from < compacted {
         return Err(StoreError::Compacted {
@@ -460,5 +564,67 @@ impl Store for EmbeddedStore {
             .send(Request::Compact(revision, tx))
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use futures::StreamExt;
+
+    fn first_logged(s: &EmbeddedStore) -> Option<Revision> {
+        let rtxn = s.shared.db.begin_read().unwrap();
+        let log = rtxn.open_table(LOG).unwrap();
+        log.first().unwrap().map(|(k, _)| k.value())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_removes_history_a_little_at_a_time_and_keeps_what_is_newer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let s = EmbeddedStore::open(&path).unwrap();
+        let n = 3 * PURGE_IDLE;
+        // Written 64 at a time: the writer commits them in groups.
+        let last = futures::stream::iter(0..n)
+            .map(|i| {
+                let txn = Txn::new().put(format!("/k/{}", i % 100), Bytes::from(vec![b'x'; 200]));
+                s.txn(txn)
+            })
+            .buffer_unordered(64)
+            .fold(0, |m, r| async move { m.max(r.unwrap().revision) })
+            .await;
+        assert_eq!(last, n + 1, "one revision per write");
+        assert!(first_logged(&s).unwrap() <= 2);
+        s.compact(last - 10).await.unwrap();
+        // Compacted at once: watches from before it fail...
+        assert!(matches!(
+            s.watch("/k/", last - 20).await,
+            Err(StoreError::Compacted { .. })
+        ));
+        // ...while the history itself goes in the background, a bounded amount
+        // per commit, and nothing at or after the compacted revision goes.
+        let mut floor = first_logged(&s).unwrap();
+        for _ in 0..500 {
+            if floor >= last - 10 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            floor = first_logged(&s).unwrap();
+        }
+        assert_eq!(floor, last - 10);
+        let mut w = s.watch("/k/", last - 10).await.unwrap();
+        let e = w.next().await.unwrap().unwrap();
+        assert_eq!(e.revision(), last - 10);
+        assert_eq!(s.get("/k/7").await.unwrap().unwrap().value.len(), 200);
+        drop(w);
+        drop(s);
+        // Reopened, the store knows where its history begins.
+        let s = EmbeddedStore::open(&path).unwrap();
+        assert_eq!(first_logged(&s), Some(last - 10));
+        assert!(matches!(
+            s.watch("/k/", last - 11).await,
+            Err(StoreError::Compacted { .. })
+        ));
     }
 }
