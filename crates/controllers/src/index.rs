@@ -75,10 +75,7 @@ pub struct PodMeta {
 impl PodMeta {
     /// The owner reference marked as controller.
     pub fn controller(&self) -> Option<&OwnerReference> {
-        self.owner_references
-            .as_ref()?
-            .iter()
-            .find(|o| o.controller == Some(true))
+        meridian_api::owners::controller_among(self.owner_references.as_deref()?)
     }
 }
 
