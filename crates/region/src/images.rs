@@ -203,7 +203,12 @@ impl ImageCache {
         Ok(names)
     }
 
-    /// One upstream fetch per key at a time; later callers share its result.
+    /// One upstream fetch per key at a time; later callers share its result. A
+    /// caller that
+    /// looked for a stored copy before a flight ended and asks after it has ended
+    /// starts a new flight, so `f` must look again for what an earlier flight
+    /// stored (ten agents pulling one image together once caused two upstream
+    /// fetches of its manifest).
     async fn once<F, Fut>(&self, key: String, f: F) -> Result<(Bytes, String), String>
     where
         F: FnOnce() -> Fut,
@@ -243,6 +248,11 @@ impl ImageCache {
             let digest = reference.to_owned();
             let got = self
                 .once(format!("m:{digest}"), || async {
+                    // A flight that ended while this one waited to start may have
+                    // stored it (see `once`).
+                    if let Some(m) = self.load_manifest(&digest) {
+                        return Ok(m);
+                    }
                     let m = self
                         .client
                         .manifest(&r, &digest)
@@ -289,7 +299,12 @@ impl ImageCache {
         let got = self
             .once(format!("t:{ns}/{repo}:{tag}"), || async {
                 // Revalidate what we have with a HEAD: unchanged tags cost no body.
-                let known = last_known
+                // Read again here: a flight that ended while this one waited to
+                // start may have written the tag (see `once`).
+                let known = std::fs::read_to_string(&tag_file)
+                    .ok()
+                    .or_else(|| last_known.clone());
+                let known = known
                     .as_deref()
                     .map(str::trim)
                     .and_then(|d| self.load_manifest(d).map(|m| (d.to_owned(), m)));
@@ -375,6 +390,11 @@ impl ImageCache {
         let d = digest.to_owned();
         let got = self
             .once(format!("b:{d}"), || async {
+                // A flight that ended while this one waited to start may have
+                // stored it (see `once`).
+                if self.blob_path(&d).exists() {
+                    return Ok((Bytes::new(), String::new()));
+                }
                 let bytes = self.client.blob(&r, &d).await.map_err(|e| match e {
                     OciError::NotFound(_) => format!("blob {d} not found"),
                     e => e.to_string(),
