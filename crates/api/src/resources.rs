@@ -486,6 +486,22 @@ pub static RESOURCES: &[Resource] = &[
     Resource {
         group: meridian::GROUP,
         version: meridian::VERSION,
+        kind: "BulkNodeStatus",
+        plural: "bulknodestatuses",
+        singular: "bulknodestatus",
+        scope: Scope::Cluster,
+        tenant_access: TenantAccess::None,
+        normalize: |v, _| Ok(v),
+        schema: |_| {
+            schemars::json_schema!({"type": "object",
+                "description": "Many node status updates in one request (the regions' periodic summaries): `items`, each a node's name and status, applied as a merge patch of its status.",
+                "x-kubernetes-preserve-unknown-fields": true})
+        },
+        ..COMMON
+    },
+    Resource {
+        group: meridian::GROUP,
+        version: meridian::VERSION,
         kind: "PlacementPolicy",
         plural: "placementpolicies",
         singular: "placementpolicy",

@@ -181,7 +181,7 @@ fn system_allows(role: SystemRole, verb: Verb, r: &Resource, sub: Option<&str>) 
         (_, "events") => read || verb == Verb::Create || verb == Verb::Patch,
         (SystemRole::Region, "nodes" | "leases") => true,
         (SystemRole::Region, "pods") => read || sub == Some("status") || verb == Verb::Delete,
-        (SystemRole::Region, "bulkpodstatuses") => verb == Verb::Create,
+        (SystemRole::Region, "bulkpodstatuses" | "bulknodestatuses") => verb == Verb::Create,
         (SystemRole::Region, "edgeclusters") => true,
         (SystemRole::Region, "imageprepulls") => read || sub == Some("status"),
         // One by one, for the pods on its nodes (never a list or watch of them all).

@@ -306,7 +306,11 @@ impl Hub {
                 transition_wall: jiff::Timestamp::now(),
                 node: crate::state::NodeRecord::from_node(&node),
                 usage: None,
-                next_summary: now + self.shared.cfg.summary_interval,
+                next_summary: crate::state::first_summary(
+                    name,
+                    now,
+                    self.shared.cfg.summary_interval,
+                ),
                 created: false,
                 written_annotations: None,
             });

@@ -166,6 +166,20 @@ pub struct NodeEntry {
     pub written_annotations: Option<BTreeMap<String, String>>,
 }
 
+/// When a node newly known here writes its first periodic summary: between half
+/// and one and a half intervals from now, at a point fixed by its name. Nodes that
+/// join together (a fleet's bring-up: 100,000 in a minute) would otherwise write
+/// their summaries together, every interval, in a wave the global API cannot take
+/// besides everything else; spread, they come at an even rate.
+pub fn first_summary(name: &str, now: Instant, interval: Duration) -> Instant {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    name.hash(&mut h);
+    // The top 53 bits of the hash as a fraction in [0, 1).
+    let frac = (h.finish() >> 11) as f64 / (1u64 << 53) as f64;
+    now + interval.mul_f64(0.5 + frac)
+}
+
 #[derive(Clone)]
 pub struct CachedPod {
     pub node: String,
@@ -396,6 +410,7 @@ impl Shared {
                 let last_seen = now
                     .checked_sub(Duration::from_millis(age_ms))
                     .unwrap_or(now);
+                let next_summary = first_summary(&name, now, self.cfg.summary_interval);
                 map.insert(
                     name,
                     NodeEntry {
@@ -407,7 +422,7 @@ impl Shared {
                         transition_wall: wall,
                         node: NodeRecord::from_node(&node),
                         usage: None,
-                        next_summary: now + self.cfg.summary_interval,
+                        next_summary,
                         created: true,
                         written_annotations: None,
                     },
@@ -613,6 +628,27 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_that_join_together_write_their_first_summaries_spread_over_an_interval() {
+        let (now, every) = (Instant::now(), Duration::from_secs(300));
+        let mut per_minute = [0usize; 5];
+        for i in 0..10_000 {
+            let name = format!("edge-{i}");
+            let at = first_summary(&name, now, every) - now;
+            assert!(at >= every / 2 && at < every * 3 / 2, "{name}: {at:?}");
+            assert_eq!(
+                first_summary(&name, now, every) - now,
+                at,
+                "fixed by the name"
+            );
+            per_minute[((at - every / 2).as_secs() / 60) as usize] += 1;
+        }
+        // An even spread: each minute of the five holds about a fifth of them.
+        for n in per_minute {
+            assert!((1_800..2_200).contains(&n), "{per_minute:?}");
+        }
+    }
 
     #[test]
     fn a_cached_pod_keeps_metadata_spec_and_whether_it_was_lost_but_not_the_status() {

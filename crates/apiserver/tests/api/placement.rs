@@ -450,3 +450,58 @@ async fn bulk_pod_statuses_patch_each_pods_status_and_report_each_one() {
     let b = pods.get("b").await.unwrap().status.unwrap();
     assert_eq!(b.phase.as_deref(), Some("Pending"));
 }
+
+#[tokio::test]
+async fn bulk_node_statuses_patch_each_nodes_status_and_report_each_one() {
+    use k8s_openapi::api::core::v1::Node;
+    use meridian_apiserver::auth::SystemRole;
+    let s = TestServer::start().await;
+    let nodes: Api<Node> = Api::all(s.admin());
+    for name in ["n1", "n2"] {
+        let n = json!({"metadata": {"name": name, "labels": {"meridian.io/city": "paris"}}});
+        nodes
+            .create(&PostParams::default(), &serde_json::from_value(n).unwrap())
+            .await
+            .unwrap();
+    }
+    let url = format!(
+        "{}/apis/meridian.io/v1alpha1/bulknodestatuses",
+        s.server.url
+    );
+    let post = |token: String, body: serde_json::Value| post_json(&s, &url, token, body);
+    let region = s.server.system_token(SystemRole::Region).await.unwrap();
+    let ready = json!({"conditions": [{"type": "Ready", "status": "True",
+        "lastHeartbeatTime": "2026-11-29T10:00:00Z", "reason": "RegionLease"}]});
+    let (code, r) = post(
+        region.clone(),
+        json!({"items": [
+            {"name": "n1", "status": ready},
+            {"name": "ghost", "status": ready},
+            {"name": "n2"},
+            {"namespace": "default", "name": "n2", "status": ready},
+        ]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{r}");
+    assert_eq!(r["kind"], "BulkNodeStatusResult", "{r}");
+    let st = outcomes(&r);
+    assert_eq!(st[0], ("Success", ""), "{r}");
+    assert_eq!(st[1], ("Failure", "NotFound"), "{r}");
+    assert_eq!(st[2], ("Failure", "BadRequest"), "{r}");
+    assert_eq!(st[3], ("Failure", "BadRequest"), "{r}");
+    // The good item is written into the status, labels untouched; the bad ones
+    // change nothing.
+    let n1 = nodes.get("n1").await.unwrap();
+    let c = &n1.status.unwrap().conditions.unwrap()[0];
+    assert_eq!((c.type_.as_str(), c.status.as_str()), ("Ready", "True"));
+    assert_eq!(n1.metadata.labels.unwrap()["meridian.io/city"], "paris");
+    let n2 = nodes.get("n2").await.unwrap();
+    assert!(n2.status.and_then(|s| s.conditions).is_none());
+    // Neither the scheduler nor a stranger may use it.
+    let one = json!({"items": [{"name": "n2", "status": ready}]});
+    let scheduler = s.server.system_token(SystemRole::Scheduler).await.unwrap();
+    let (code, _) = post(scheduler, one.clone()).await;
+    assert_eq!(code, 403);
+    let (code, _) = post("not-a-token".into(), one).await;
+    assert_eq!(code, 401);
+}
