@@ -420,11 +420,7 @@ async fn upload_statuses(
     let n = statuses.len();
     /// A pod's uid and (namespace, name, status).
     type Item = (String, (String, String, serde_json::Value));
-    let mut all = statuses.into_iter();
-    let batches = std::iter::from_fn(|| {
-        let batch: Vec<Item> = all.by_ref().take(STATUS_BATCH).collect();
-        (!batch.is_empty()).then_some(batch)
-    });
+    let batches = in_batches::<Item>(statuses, STATUS_BATCH);
     type Outcome = (String, (String, String, serde_json::Value), Uploaded);
     let results: Vec<Vec<Outcome>> = futures::stream::iter(batches)
         .map(|batch| {
@@ -730,6 +726,15 @@ async fn write_nodes(shared: &Arc<Shared>, names: HashSet<String>) {
     }
 }
 
+/// `items` in consecutive batches of at most `n` (the bulk uploads' requests).
+fn in_batches<T>(items: impl IntoIterator<Item = T>, n: usize) -> impl Iterator<Item = Vec<T>> {
+    let mut all = items.into_iter();
+    std::iter::from_fn(move || {
+        let batch: Vec<T> = all.by_ref().take(n).collect();
+        (!batch.is_empty()).then_some(batch)
+    })
+}
+
 /// Node statuses in one `bulknodestatuses` request, and how many such requests
 /// are in flight at once (as for pod statuses).
 const NODE_BATCH: usize = 200;
@@ -744,15 +749,8 @@ async fn write_summaries(
     shared: &Arc<Shared>,
     summaries: Vec<(String, Node, bool, bool, bool)>,
 ) -> Vec<(String, Wrote, Option<Annotations>)> {
-    let mut all = summaries.into_iter();
-    let batches = std::iter::from_fn(|| {
-        let batch: Vec<(String, Node)> = all
-            .by_ref()
-            .take(NODE_BATCH)
-            .map(|(name, node, ..)| (name, node))
-            .collect();
-        (!batch.is_empty()).then_some(batch)
-    });
+    let summaries = summaries.into_iter().map(|(name, node, ..)| (name, node));
+    let batches = in_batches::<(String, Node)>(summaries, NODE_BATCH);
     let done: Vec<Vec<(String, Wrote, Option<Annotations>)>> = futures::stream::iter(batches)
         .map(|batch| {
             let client = shared.client.clone();
