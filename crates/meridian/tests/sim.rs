@@ -114,6 +114,15 @@ fn a_one_percent_fleet_comes_up_runs_its_pods_survives_churn_and_region_loss() {
     let latency = phase(&report, "latency");
     assert_eq!(latency["details"]["pods"], 30);
     assert_eq!(latency["pod_startup"]["count"], 30, "{latency:#}");
+    // Its stages: create -> bound for each, and a timeline of every pod (created
+    // at, ms to bound, ms to Running), bound never after Running.
+    assert_eq!(latency["pod_scheduling"]["count"], 30, "{latency:#}");
+    let timeline = latency["details"]["timeline"].as_array().unwrap();
+    assert_eq!(timeline.len(), 30, "{latency:#}");
+    for row in timeline {
+        let (bound, running) = (row[1].as_f64().unwrap(), row[2].as_f64().unwrap());
+        assert!(0.0 <= bound && bound <= running, "{row}");
+    }
 
     let churn = phase(&report, "churn");
     assert!(churn["details"]["ops"]["create"].as_u64().unwrap() > 0);

@@ -156,6 +156,7 @@ async fn watch_pods(shared: Arc<Shared>) {
     let mut init: Option<HashSet<String>> = None;
     // An error met while draining a batch, handled first on the next turn.
     let mut pending = None;
+    let mut last_slow: Option<Instant> = None;
     loop {
         let next = match pending.take() {
             Some(r) => r,
@@ -198,6 +199,8 @@ async fn watch_pods(shared: Arc<Shared>) {
                 None => break,
             }
         }
+        let began = Instant::now();
+        let events = batch.len();
         let mut touched = HashSet::new();
         let mut puts = Vec::new();
         let mut deletes = Vec::new();
@@ -211,12 +214,34 @@ async fn watch_pods(shared: Arc<Shared>) {
                 &mut deletes,
             );
         }
+        let applied = began.elapsed();
         shared.persist_pods(puts, deletes).await;
+        let persisted = began.elapsed();
+        let nodes = touched.len();
         for node in touched {
             shared.push_desired(&node);
         }
+        // A pod bound meanwhile waits for this batch: say when one is slow.
+        let took = began.elapsed();
+        if took >= SLOW_BATCH && last_slow.is_none_or(|t| t.elapsed() >= SLOW_REPORT_EVERY) {
+            last_slow = Some(Instant::now());
+            tracing::warn!(
+                events,
+                nodes,
+                apply_ms = applied.as_millis(),
+                persist_ms = (persisted - applied).as_millis(),
+                push_ms = (took - persisted).as_millis(),
+                "a batch of pod watch events took {} ms",
+                took.as_millis()
+            );
+        }
     }
 }
+
+/// A watch batch slower than this is reported (at most every
+/// [`SLOW_REPORT_EVERY`]).
+const SLOW_BATCH: Duration = Duration::from_secs(1);
+const SLOW_REPORT_EVERY: Duration = Duration::from_secs(10);
 
 /// Most pod watch events applied (and persisted) together.
 const WATCH_BATCH: usize = 2_000;

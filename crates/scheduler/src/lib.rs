@@ -367,35 +367,41 @@ impl FleetView {
     /// every tick was most of the scheduler's own CPU.
     fn sync_nodes(&mut self, nodes: &Store<Node>, changed: Option<HashSet<String>>) -> bool {
         let mut updates = Vec::new();
-        match changed {
-            None => self.rebuild_due = true,
-            Some(names) => {
-                for name in names {
-                    if self.rebuild_due {
-                        break;
-                    }
-                    let Some(n) = nodes.get(&ObjectRef::new(&name)) else {
-                        // Gone.
-                        self.rebuild_due |= self.node_rv.contains_key(&name);
-                        continue;
-                    };
-                    let rv = n.metadata.resource_version.as_deref().unwrap_or_default();
-                    match self.node_rv.get(&name) {
-                        None => self.rebuild_due = true,
-                        Some(old) if old != rv => {
-                            let info = NodeInfo::from_node(&n);
-                            match self.fleet.node(&name) {
-                                Some(cur)
-                                    if cur.labels == info.labels && cur.taints == info.taints =>
-                                {
-                                    updates.push((info, rv.to_owned()))
-                                }
-                                _ => self.rebuild_due = true,
-                            }
+        // A relist (the watch fell behind or reconnected past the server's event
+        // window): look at every node, but only those that changed cost anything.
+        // A rebuild rebinds every pod (seconds at a million), so a relist that
+        // changed no node's labels or set of nodes must not cause one.
+        let names = changed.unwrap_or_else(|| {
+            let mut all: HashSet<String> = nodes
+                .state()
+                .iter()
+                .filter_map(|n| n.metadata.name.clone())
+                .collect();
+            all.extend(self.node_rv.keys().cloned());
+            all
+        });
+        for name in names {
+            if self.rebuild_due {
+                break;
+            }
+            let Some(n) = nodes.get(&ObjectRef::new(&name)) else {
+                // Gone.
+                self.rebuild_due |= self.node_rv.contains_key(&name);
+                continue;
+            };
+            let rv = n.metadata.resource_version.as_deref().unwrap_or_default();
+            match self.node_rv.get(&name) {
+                None => self.rebuild_due = true,
+                Some(old) if old != rv => {
+                    let info = NodeInfo::from_node(&n);
+                    match self.fleet.node(&name) {
+                        Some(cur) if cur.labels == info.labels && cur.taints == info.taints => {
+                            updates.push((info, rv.to_owned()))
                         }
-                        Some(_) => {}
+                        _ => self.rebuild_due = true,
                     }
                 }
+                Some(_) => {}
             }
         }
         // A rebuild reads every node (100,000 while a fleet joins: most of the
@@ -516,8 +522,10 @@ pub async fn run(client: kube::Client) {
     // Every live pod, as the policy report needs it.
     let mut facts: HashMap<String, PodFacts> = HashMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut slow = SlowTicks::default();
     loop {
         tick.tick().await;
+        let began = Instant::now();
         let mut changed = Some(HashSet::new());
         while let Ok(ev) = node_events.try_recv() {
             match (ev, changed.as_mut()) {
@@ -529,6 +537,7 @@ pub async fn run(client: kube::Client) {
             }
         }
         let fresh = view.sync_nodes(&nodes, changed);
+        let synced = began.elapsed();
         let pol = Policies::load(&policies, &mut compiled, &replicasets, &jobs);
         let request = |p: &Pod| {
             let mut r = PodRequest::from_pod(p);
@@ -602,6 +611,7 @@ pub async fn run(client: kube::Client) {
                 }
             }
         }
+        let drained = began.elapsed();
         // A binding that never showed up: release its place and try again.
         // (Oldest first: a tick looks at the expired ones only.)
         let now = Instant::now();
@@ -621,6 +631,8 @@ pub async fn run(client: kube::Client) {
         if !fresh {
             // Nodes came or went and the fleet is rebuilt at most every
             // REBUILD_EVERY: placing now would use a fleet known to be stale.
+            let d = began.elapsed();
+            slow.tick([synced, drained, d, d, d], 0, queue.len(), view.bound.len());
             continue;
         }
         let fleet = &mut view.fleet;
@@ -629,6 +641,8 @@ pub async fn run(client: kube::Client) {
             report_policies(&client, &pol, &facts, fleet).await;
         }
         if queue.is_empty() {
+            let d = began.elapsed();
+            slow.tick([synced, drained, d, d, d], 0, 0, view.bound.len());
             continue;
         }
         tracing::debug!(waiting = queue.len(), inflight = inflight.len(), "placing");
@@ -692,6 +706,8 @@ pub async fn run(client: kube::Client) {
             }
         }
         view.commit_placed();
+        let placed = began.elapsed();
+        let bound_n = binds.len();
         let client = &client;
         // Bindings refused (the pod is gone, changed, or being deleted): their
         // places are free again at once, and the pods are placed anew if the
@@ -702,11 +718,71 @@ pub async fn run(client: kube::Client) {
                 queue.put_back(f.template, f.waiting);
             }
         }
+        let sent = began.elapsed();
         futures::stream::iter(failures)
             .for_each_concurrent(16, |(w, msg)| async move {
                 report_unschedulable(client, &w, &msg).await;
             })
             .await;
+        slow.tick(
+            [synced, drained, placed, sent, began.elapsed()],
+            bound_n,
+            queue.len(),
+            view.bound.len(),
+        );
+    }
+}
+
+/// Ticks slower than this are reported (at most every [`SLOW_REPORT_EVERY`]):
+/// a pod waits for its tick, so a slow one shows in every pod's startup.
+const SLOW_TICK: Duration = Duration::from_secs(1);
+const SLOW_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Counts slow ticks and reports the slowest of each period, stage by stage.
+#[derive(Default)]
+struct SlowTicks {
+    count: u64,
+    /// The slowest since the last report: cumulative times at the end of
+    /// each stage (nodes synced, events drained, placed, bound, all), pods bound,
+    /// waiting, bound in all.
+    worst: Option<([Duration; 5], usize, usize, usize)>,
+    reported: Option<Instant>,
+}
+
+impl SlowTicks {
+    fn tick(&mut self, at: [Duration; 5], bound: usize, waiting: usize, holding: usize) {
+        if at[4] < SLOW_TICK {
+            return;
+        }
+        self.count += 1;
+        if self.worst.is_none_or(|w| w.0[4] < at[4]) {
+            self.worst = Some((at, bound, waiting, holding));
+        }
+        if self
+            .reported
+            .is_some_and(|t| t.elapsed() < SLOW_REPORT_EVERY)
+        {
+            return;
+        }
+        if let Some((at, bound, waiting, holding)) = self.worst.take() {
+            let ms = |d: Duration| d.as_millis();
+            tracing::warn!(
+                slow_ticks = self.count,
+                worst_ms = ms(at[4]),
+                sync_nodes_ms = ms(at[0]),
+                pod_events_ms = ms(at[1] - at[0]),
+                place_ms = ms(at[2] - at[1]),
+                bind_ms = ms(at[3] - at[2]),
+                report_ms = ms(at[4] - at[3]),
+                bound,
+                waiting,
+                holding,
+                "scheduler ticks slower than {}s",
+                SLOW_TICK.as_secs()
+            );
+        }
+        self.count = 0;
+        self.reported = Some(Instant::now());
     }
 }
 
@@ -939,5 +1015,88 @@ async fn report_policies(
                 tracing::debug!(policy = %key.1, "status: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::reflector::store::Writer;
+
+    fn node(name: &str, rv: &str, city: &str) -> Node {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "resourceVersion": rv,
+                "labels": {"topology.meridian.io/city": city}},
+            "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+                "conditions": [{"type": "Ready", "status": "True"}]},
+        }))
+        .expect("a valid node")
+    }
+
+    fn pod_request() -> PodRequest {
+        PodRequest {
+            requests: engine::Resources {
+                cpu_milli: 1000,
+                pods: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_relist_that_changed_no_node_keeps_the_fleet_and_a_changed_label_rebuilds_it() {
+        let mut w: Writer<Node> = Default::default();
+        let store = w.as_reader();
+        for (name, rv) in [("a", "1"), ("b", "2"), ("c", "3")] {
+            w.apply_watcher_event(&watcher::Event::Apply(node(name, rv, "paris")));
+        }
+        let mut view = FleetView::default();
+        let names = ["a", "b", "c"].map(String::from).into();
+        assert!(view.sync_nodes(&store, Some(names)));
+        assert_eq!(view.rebuilds, 1);
+        view.bound("pod-1", "a", pod_request);
+
+        // A relist showing the same nodes: nothing to rebuild, the bound pod kept.
+        assert!(view.sync_nodes(&store, None));
+        assert_eq!(view.rebuilds, 1, "an unchanged relist rebuilt the fleet");
+        let used = |v: &FleetView| v.fleet.node("a").map(|n| n.used);
+        assert_eq!(used(&view), Some(pod_request().requests));
+
+        // Readiness changed (same labels): applied in place.
+        let mut b = node("b", "4", "paris");
+        if let Some(c) = b
+            .status
+            .as_mut()
+            .and_then(|s| s.conditions.as_mut())
+            .and_then(|c| c.first_mut())
+        {
+            c.status = "False".into();
+        }
+        w.apply_watcher_event(&watcher::Event::Apply(b));
+        assert!(view.sync_nodes(&store, None));
+        assert_eq!(view.rebuilds, 1);
+        assert_eq!(view.fleet.node("b").map(|n| n.ready), Some(false));
+
+        // A label changed: the fleet is rebuilt, and what is bound stays bound.
+        w.apply_watcher_event(&watcher::Event::Apply(node("c", "5", "lyon")));
+        view.rebuilt = None;
+        assert!(view.sync_nodes(&store, None));
+        assert_eq!(view.rebuilds, 2);
+        assert_eq!(used(&view), Some(pod_request().requests));
+        assert_eq!(
+            view.fleet
+                .node("c")
+                .and_then(|n| n.labels.get("topology.meridian.io/city").cloned())
+                .as_deref(),
+            Some("lyon")
+        );
+
+        // A node gone: rebuilt without it.
+        w.apply_watcher_event(&watcher::Event::Delete(node("b", "4", "paris")));
+        view.rebuilt = None;
+        assert!(view.sync_nodes(&store, None));
+        assert_eq!(view.rebuilds, 3);
+        assert!(view.fleet.node("b").is_none());
     }
 }

@@ -266,7 +266,14 @@ pub struct Phase {
     pub name: String,
     pub seconds: f64,
     pub pod_startup: Option<Quantiles>,
+    /// Create -> bound: the scheduler's share of `pod_startup`.
+    #[serde(default)]
+    pub pod_scheduling: Option<Quantiles>,
     pub watch_lag: Option<Quantiles>,
+    /// Relists of the simulator's own pod watch begun in the phase, seconds each
+    /// took: pods that went Running during one are seen (and timed) late.
+    #[serde(default)]
+    pub observer_relists: Vec<f64>,
     pub api: Vec<ApiLatency>,
     pub processes: Vec<ProcessUsage>,
     /// Scenario-specific measurements.
@@ -342,8 +349,14 @@ impl Report {
                     q.p50_ms, q.p90_ms, q.p99_ms, q.count
                 );
             }
+            if let Some(q) = &p.pod_scheduling {
+                let _ = write!(s, "  (scheduling p99 {:.0} ms)", q.p99_ms);
+            }
             if let Some(q) = &p.watch_lag {
                 let _ = write!(s, "  watch lag p99 {:.0} ms", q.p99_ms);
+            }
+            if !p.observer_relists.is_empty() {
+                let _ = write!(s, "  {} relists of the pod watch", p.observer_relists.len());
             }
             let _ = writeln!(s);
         }

@@ -106,6 +106,11 @@ pub const SIM_LABEL: &str = "meridian.io/sim";
 struct PodRec {
     /// When the watch first showed it not yet running (startup latency starts).
     pending_since: Option<Instant>,
+    /// The same instant, kept after Running (for the scheduling stage and the
+    /// timeline).
+    created: Option<Instant>,
+    /// When the watch first showed it bound.
+    bound_at: Option<Instant>,
     running: bool,
     bound: bool,
     lost: bool,
@@ -136,7 +141,13 @@ pub struct State {
     /// Node of every pod (by uid) still existing, for the loss checks.
     pub pod_nodes: HashMap<String, String>,
     startup: Option<Histogram<u64>>,
+    /// Create -> bound, the scheduler's share of startup.
+    scheduling: Option<Histogram<u64>>,
     lag: Option<Histogram<u64>>,
+    /// Latency pods as they went Running: (created, bound, running).
+    pub timeline: Vec<(Instant, Option<Instant>, Instant)>,
+    /// Relists of the pod watch: when each began and how long it took.
+    pub relists: Vec<(Instant, Option<Duration>)>,
     /// Probes in a row whose change the watch showed within [`CALM_LAG`].
     pub calm_probes: usize,
     /// Pods seen bound to a node the watch of Nodes has never shown.
@@ -203,6 +214,12 @@ impl State {
         let (was_bound, was_running, was_lost) = (rec.bound, rec.running, rec.lost);
         if new && !running && !initial && phase.is_none_or(|p| p == "Pending") {
             rec.pending_since = Some(now);
+            rec.created = Some(now);
+        }
+        let mut scheduled = None;
+        if node.is_some() && !was_bound && rec.bound_at.is_none() {
+            rec.bound_at = Some(now);
+            scheduled = rec.created.map(|t| now.duration_since(t));
         }
         let mut sample = None;
         if running
@@ -210,6 +227,9 @@ impl State {
             && let Some(t) = rec.pending_since.take()
         {
             sample = Some(now.duration_since(t));
+            if kind == 3 {
+                self.timeline.push((t, rec.bound_at, now));
+            }
         }
         rec.running = running;
         rec.bound = node.is_some();
@@ -229,6 +249,10 @@ impl State {
         }
         if let Some(d) = sample {
             let h = self.startup.get_or_insert_with(hist);
+            let _ = h.record(d.as_micros().max(1) as u64);
+        }
+        if let Some(d) = scheduled {
+            let h = self.scheduling.get_or_insert_with(hist);
             let _ = h.record(d.as_micros().max(1) as u64);
         }
         if let Some(c) = self.counts(kind) {
@@ -278,11 +302,14 @@ impl State {
         }
     }
 
-    /// Startup latencies and watch lags recorded since the last call.
-    pub fn take_samples(&mut self) -> (Option<Quantiles>, Option<Quantiles>) {
-        let s = self.startup.take().and_then(|h| quantiles(&h));
-        let l = self.lag.take().and_then(|h| quantiles(&h));
-        (s, l)
+    /// Startup latencies, their scheduling stage and watch lags recorded since
+    /// the last call.
+    pub fn take_samples(&mut self) -> Samples {
+        Samples {
+            startup: self.startup.take().and_then(|h| quantiles(&h)),
+            scheduling: self.scheduling.take().and_then(|h| quantiles(&h)),
+            lag: self.lag.take().and_then(|h| quantiles(&h)),
+        }
     }
 
     /// Pods of a kind (1 density, 2 churn) not marked lost and not finished.
@@ -300,6 +327,13 @@ impl State {
             .filter(|n| nodes.contains(n.as_str()))
             .count()
     }
+}
+
+/// What [`State::take_samples`] hands over.
+pub struct Samples {
+    pub startup: Option<Quantiles>,
+    pub scheduling: Option<Quantiles>,
+    pub lag: Option<Quantiles>,
 }
 
 /// Adjusts `count` when a pod's flag changed.
@@ -361,7 +395,19 @@ impl Observer {
                     Ok(watcher::Event::Apply(p)) => st.pod(p, false),
                     Ok(watcher::Event::InitApply(p)) => st.pod(p, true),
                     Ok(watcher::Event::Delete(p)) => st.pod_gone(p),
-                    Ok(_) => {}
+                    // A relist shows pods that went Running meanwhile late: say so,
+                    // as their startup samples include it.
+                    Ok(watcher::Event::Init) => {
+                        if !st.pods.is_empty() {
+                            eprintln!("  (the simulator's pod watch relists)");
+                        }
+                        st.relists.push((Instant::now(), None));
+                    }
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some((at, took)) = st.relists.last_mut() {
+                            *took = Some(at.elapsed());
+                        }
+                    }
                     Err(e) => tracing::debug!("pod watch: {e}"),
                 }
             }

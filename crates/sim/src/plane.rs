@@ -30,7 +30,12 @@ fn spawn(bin: &Path, name: &str, args: &[String], log: &Path) -> Result<Proc> {
     let out = std::fs::File::create(log).map_err(io(format!("creating {}", log.display())))?;
     let child = Command::new(bin)
         .args(args)
-        .env("RUST_LOG", "warn")
+        // Warnings only, unless MERIDIAN_SIM_LOG asks for more (a tracing filter,
+        // e.g. `warn,meridian_scheduler=debug`).
+        .env(
+            "RUST_LOG",
+            std::env::var("MERIDIAN_SIM_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::null())
         .stderr(out)
         .spawn()

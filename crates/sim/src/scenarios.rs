@@ -152,12 +152,23 @@ impl Run {
     async fn end(&mut self, name: &str, b: Begun, details: serde_json::Value) -> Result<()> {
         let seconds = secs(b.at.elapsed());
         let after = metrics::scrape(&self.http, &self.plane.url).await?;
-        let (pod_startup, watch_lag) = self.obs.lock().take_samples();
+        let (samples, observer_relists) = {
+            let mut st = self.obs.lock();
+            let relists = st
+                .relists
+                .iter()
+                .filter(|(at, _)| *at >= b.at)
+                .map(|(_, took)| took.map_or(-1.0, secs))
+                .collect();
+            (st.take_samples(), relists)
+        };
         let phase = Phase {
             name: name.into(),
             seconds,
-            pod_startup,
-            watch_lag,
+            pod_startup: samples.startup,
+            pod_scheduling: samples.scheduling,
+            watch_lag: samples.lag,
+            observer_relists,
             api: metrics::delta(&b.metrics, &after),
             processes: self.usage.phase(),
             details,
@@ -462,8 +473,26 @@ impl Run {
                 |s| format!("{} of {pods_n} latency pods Running", s.latency.2),
             )
             .await?;
+        // When each latency pod was created (s into the phase), and how long it
+        // took to be bound and to be Running (ms): shows whether slow ones cluster.
+        let timeline: Vec<[f64; 3]> = {
+            let st = self.obs.lock();
+            let ms = |d: Duration| (d.as_secs_f64() * 1000.0).round();
+            st.timeline
+                .iter()
+                .filter(|(created, _, _)| *created >= b.at)
+                .map(|&(created, bound, running)| {
+                    [
+                        secs(created - b.at),
+                        bound.map_or(-1.0, |t| ms(t - created)),
+                        ms(running - created),
+                    ]
+                })
+                .collect()
+        };
         let details = json!({"pods": pods_n, "per_second": PER_SECOND,
-            "all_running_s": secs(running), "settle_s": settle_s, "settled": settled});
+            "all_running_s": secs(running), "settle_s": settle_s, "settled": settled,
+            "timeline": timeline});
         self.end("latency", b, details).await
     }
 
