@@ -25,3 +25,8 @@ pub use resources::{Resource, Scope, TenantAccess};
 /// Pod status reason a region sets on pods of a node lost for longer than their
 /// grace: marked for rescheduling (an eviction).
 pub const NODE_LOST_REASON: &str = "NodeLost";
+
+/// Objects per page when a component lists (or relists) every pod: a relist of a
+/// million pods at kube's default of 500 a page was 2,000 requests and half a
+/// minute in which the scheduler saw no new pod.
+pub const POD_LIST_PAGE: u32 = 5000;

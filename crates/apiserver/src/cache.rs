@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -225,7 +225,8 @@ impl Snapshot {
 
 struct State {
     snapshot: Snapshot,
-    ring: VecDeque<Arc<CacheEvent>>,
+    /// Recent events and when each was applied.
+    ring: VecDeque<(Instant, Arc<CacheEvent>)>,
     /// Every event after this revision is in `ring` (older ones are gone: 410).
     window_start: Revision,
 }
@@ -244,11 +245,17 @@ pub enum CacheError {
     Store(#[from] StoreError),
 }
 
+/// The most the ring grows beyond its capacity to keep `ring_min_age` of events.
+const RING_STRETCH: usize = 4;
+
 pub struct Cache {
     state: RwLock<State>,
     events: broadcast::Sender<Arc<CacheEvent>>,
     revision: watch::Sender<Revision>,
     ring_capacity: usize,
+    /// Events younger than this stay in the ring beyond `ring_capacity` (up to
+    /// [`RING_STRETCH`] times it).
+    ring_min_age: Duration,
     /// Snapshots of paginated lists still being read, newest last: every page of
     /// a list comes from the revision of its first page, as in Kubernetes.
     pinned: std::sync::Mutex<VecDeque<Pin>>,
@@ -509,6 +516,7 @@ impl Cache {
     pub async fn start(
         store: DynStore,
         ring_capacity: usize,
+        ring_min_age: Duration,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, CacheError> {
         let (snapshot, from) = Self::load(&store).await?;
@@ -522,6 +530,7 @@ impl Cache {
             events: broadcast::channel(64 * 1024).0,
             revision: watch::channel(revision).0,
             ring_capacity,
+            ring_min_age,
             pinned: Default::default(),
         });
         let me = cache.clone();
@@ -670,9 +679,21 @@ impl Cache {
         };
         let cache_event = Arc::new(cache_event);
         st.snapshot.revision = revision;
-        st.ring.push_back(cache_event.clone());
-        while st.ring.len() > self.ring_capacity {
-            if let Some(old) = st.ring.pop_front() {
+        let now = Instant::now();
+        st.ring.push_back((now, cache_event.clone()));
+        // At least `ring_capacity` events, and every event of the last
+        // `ring_min_age` up to RING_STRETCH times that: when a million pods are
+        // created, 100,000 events are half a minute, and a watcher that fell
+        // further behind (a loaded consumer) had to relist everything, which put
+        // it further behind still.
+        while st.ring.len() > self.ring_capacity
+            && (st.ring.len() > self.ring_capacity.saturating_mul(RING_STRETCH)
+                || st
+                    .ring
+                    .front()
+                    .is_some_and(|(at, _)| now.duration_since(*at) > self.ring_min_age))
+        {
+            if let Some((_, old)) = st.ring.pop_front() {
                 st.window_start = old.revision;
             }
         }
@@ -770,8 +791,8 @@ impl Cache {
                 });
             }
             Some(rv) => {
-                let start = st.ring.partition_point(|e| e.revision <= rv);
-                st.ring.iter().skip(start).cloned().collect()
+                let start = st.ring.partition_point(|(_, e)| e.revision <= rv);
+                st.ring.iter().skip(start).map(|(_, e)| e.clone()).collect()
             }
         };
         Ok(Subscription {

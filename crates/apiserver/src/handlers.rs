@@ -35,6 +35,10 @@ pub struct Ctx<'a> {
     pub target: Target,
     pub query: HashMap<String, String>,
     pub headers: HeaderMap,
+    /// A status write that also takes the object's annotations from the request:
+    /// a region's node summary in `bulknodestatuses` (usage annotation and status
+    /// in one write, not a patch of each).
+    pub(crate) status_with_annotations: bool,
 }
 
 impl<'a> Ctx<'a> {
@@ -58,6 +62,7 @@ impl<'a> Ctx<'a> {
             },
             query: HashMap::new(),
             headers,
+            status_with_annotations: false,
         }
     }
 
@@ -235,6 +240,7 @@ pub async fn dispatch(State(state): State<Arc<AppState>>, req: Request) -> Respo
             target,
             query: query.clone(),
             headers: parts.headers.clone(),
+            status_with_annotations: false,
         };
         match cx.target.subresource.as_deref() {
             Some("exec") => {
@@ -1253,6 +1259,16 @@ async fn write_update(
         Some("status") => {
             let mut next = old.clone();
             next["status"] = new.get("status").cloned().unwrap_or(Value::Null);
+            if cx.status_with_annotations {
+                match new["metadata"].get("annotations") {
+                    Some(a) => next["metadata"]["annotations"] = a.clone(),
+                    None => {
+                        if let Some(m) = next["metadata"].as_object_mut() {
+                            m.remove("annotations");
+                        }
+                    }
+                }
+            }
             next
         }
         Some("finalize") => {
@@ -2418,11 +2434,37 @@ async fn bulk_statuses(cx: &Ctx<'_>, body: Bytes, plural: &str) -> Result<Respon
             let text = |f: &str| it[f].as_str().filter(|v| !v.is_empty()).map(str::to_owned);
             let (ns, name) = (text("namespace"), text("name"));
             let ns_ok = ns.is_some() == namespaced;
+            // Nodes' items may carry annotations to merge (a summary's usage),
+            // written with the status.
+            let annotations = match it.get_mut("annotations").map(Value::take) {
+                None | Some(Value::Null) => None,
+                Some(Value::Object(a))
+                    if target == "nodes" && a.values().all(|v| v.is_string() || v.is_null()) =>
+                {
+                    Some(Value::Object(a))
+                }
+                Some(_) if target == "nodes" => {
+                    return Err(ApiError::bad_request(
+                        "annotations: an object of strings (null removes one) is required",
+                    ));
+                }
+                Some(_) => {
+                    return Err(ApiError::bad_request(
+                        "annotations: only node statuses carry annotations",
+                    ));
+                }
+            };
             match (ns, name, it.get_mut("status").map(Value::take)) {
                 (ns, Some(name), Some(status)) if ns_ok && status.is_object() => {
-                    let item = cx.item(res, ns, Some(name), Some("status"), headers);
-                    let body =
-                        serde_json::to_vec(&json!({ "status": status })).map_err(internal)?;
+                    let mut item = cx.item(res, ns, Some(name), Some("status"), headers);
+                    let body = match annotations {
+                        Some(a) => {
+                            item.status_with_annotations = true;
+                            json!({"metadata": {"annotations": a}, "status": status})
+                        }
+                        None => json!({ "status": status }),
+                    };
+                    let body = serde_json::to_vec(&body).map_err(internal)?;
                     patch(&item, Bytes::from(body), Some("status"))
                         .await
                         .map(drop)

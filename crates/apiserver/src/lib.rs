@@ -73,6 +73,9 @@ pub struct ServerConfig {
     pub bookmark_interval: Duration,
     /// How many recent events the watch cache keeps for resuming watches.
     pub watch_history: usize,
+    /// Events younger than this are kept too (up to four times `watch_history`),
+    /// so a watcher that fell that far behind resumes instead of relisting.
+    pub watch_history_min_age: Duration,
     /// The largest request body accepted.
     pub max_body_bytes: usize,
     /// How much store history to keep (compaction runs every `compaction_interval`).
@@ -89,6 +92,7 @@ impl ServerConfig {
             hosts: Vec::new(),
             bookmark_interval: Duration::from_secs(15),
             watch_history: 100_000,
+            watch_history_min_age: Duration::from_secs(60),
             max_body_bytes: 3 * 1024 * 1024,
             compaction_interval: Duration::from_secs(300),
             clock: meridian_risk::Clock::system(),
@@ -135,7 +139,13 @@ impl Server {
         )
         .await?;
         let shutdown = CancellationToken::new();
-        let cache = Cache::start(store.clone(), config.watch_history, shutdown.clone()).await?;
+        let cache = Cache::start(
+            store.clone(),
+            config.watch_history,
+            config.watch_history_min_age,
+            shutdown.clone(),
+        )
+        .await?;
         let state = Arc::new(AppState {
             store: store.clone(),
             cache,

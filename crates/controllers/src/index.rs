@@ -258,14 +258,17 @@ impl PodIndex {
         let api: Api<PodWatch> = Api::all(client.clone());
         let i = index.clone();
         tokio::spawn(
-            watcher(api, watcher::Config::default())
-                .default_backoff()
-                .for_each(move |ev| {
-                    if let Ok(ev) = ev {
-                        i.apply(ev);
-                    }
-                    futures::future::ready(())
-                }),
+            watcher(
+                api,
+                watcher::Config::default().page_size(meridian_api::POD_LIST_PAGE),
+            )
+            .default_backoff()
+            .for_each(move |ev| {
+                if let Ok(ev) = ev {
+                    i.apply(ev);
+                }
+                futures::future::ready(())
+            }),
         );
         index
     }

@@ -152,7 +152,13 @@ fn is_ours(shared: &Shared, node: &str) -> bool {
 async fn watch_pods(shared: Arc<Shared>) {
     let api: Api<Pod> = Api::all(shared.client.clone());
     let own = format!("{}={}", crate::REGION_LABEL, shared.cfg.name);
-    let mut stream = watcher(api.clone(), watcher::Config::default().fields(&own)).boxed();
+    let mut stream = watcher(
+        api.clone(),
+        watcher::Config::default()
+            .fields(&own)
+            .page_size(meridian_api::POD_LIST_PAGE),
+    )
+    .boxed();
     let mut init: Option<HashSet<String>> = None;
     // An error met while draining a batch, handled first on the next turn.
     let mut pending = None;
@@ -172,7 +178,9 @@ async fn watch_pods(shared: Arc<Shared>) {
                     "the global API cannot select pods by region ({}); watching every bound pod",
                     s.message
                 );
-                let every = watcher::Config::default().fields("spec.nodeName!=");
+                let every = watcher::Config::default()
+                    .fields("spec.nodeName!=")
+                    .page_size(meridian_api::POD_LIST_PAGE);
                 stream = watcher(api.clone(), every).boxed();
                 continue;
             }
@@ -687,11 +695,11 @@ async fn write_nodes(shared: &Arc<Shared>, names: HashSet<String>) {
             })
             .collect()
     };
-    // A plain summary (the Node exists here, nothing but its status to write)
-    // goes up in bulk; registrations, adoptions and changed annotations one by one.
+    // A summary (the Node exists here: its status, and its annotations when they
+    // changed) goes up in bulk; registrations and adoptions one by one.
     let (summaries, work): (Vec<_>, Vec<_>) = work
         .into_iter()
-        .partition(|(_, _, created, verify, annotate)| *created && !*verify && !*annotate);
+        .partition(|(_, _, created, verify, _)| *created && !*verify);
     let mut results = write_summaries(shared, summaries).await;
     let single: Vec<(String, Wrote, Option<Annotations>)> = futures::stream::iter(work)
         .map(|(name, node, created, verify, annotate)| {
@@ -765,46 +773,59 @@ fn in_batches<T>(items: impl IntoIterator<Item = T>, n: usize) -> impl Iterator<
 const NODE_BATCH: usize = 200;
 const NODE_REQUESTS: usize = 2;
 
-/// Writes the status of Nodes that exist and whose annotations have not changed,
-/// `NODE_BATCH` to a `bulknodestatuses` request (one patch per node, each a
-/// request and a whole Node in its answer, was the largest write load of the
-/// global API at 100,000 nodes). A server without the endpoint gets one patch
-/// per node, as before it.
+/// Writes the status of Nodes that exist, with their annotations where they
+/// changed, `NODE_BATCH` to a `bulknodestatuses` request (one patch per node,
+/// each a request and a whole Node in its answer, was the largest write load of
+/// the global API at 100,000 nodes; a node's first summary, the first with its
+/// usage, was two). A server without the endpoint gets single patches, as before
+/// it.
 async fn write_summaries(
     shared: &Arc<Shared>,
     summaries: Vec<(String, Node, bool, bool, bool)>,
 ) -> Vec<(String, Wrote, Option<Annotations>)> {
-    let summaries = summaries.into_iter().map(|(name, node, ..)| (name, node));
-    let batches = in_batches::<(String, Node)>(summaries, NODE_BATCH);
+    let summaries = summaries
+        .into_iter()
+        .map(|(name, node, _, _, annotate)| (name, node, annotate));
+    let batches = in_batches::<(String, Node, bool)>(summaries, NODE_BATCH);
     let done: Vec<Vec<(String, Wrote, Option<Annotations>)>> = futures::stream::iter(batches)
         .map(|batch| {
             let client = shared.client.clone();
             async move {
                 let items: Vec<serde_json::Value> = batch
                     .iter()
-                    .map(|(name, node)| json!({"name": name, "status": node.status}))
+                    .map(|(name, node, annotate)| {
+                        let mut it = json!({"name": name, "status": node.status});
+                        if *annotate {
+                            it["annotations"] = json!(node.metadata.annotations);
+                        }
+                        it
+                    })
                     .collect();
                 let answer = match bulk_statuses(&client, "bulknodestatuses", &items).await {
                     Err(kube::Error::Api(s)) if matches!(s.code, 404 | 405) => {
                         let api: Api<Node> = Api::all(client);
                         let mut each = Vec::with_capacity(batch.len());
-                        for (name, node) in &batch {
-                            each.push(write_node(&api, name, node, true, false).await.0);
+                        for (name, node, annotate) in batch {
+                            let (wrote, annotated) =
+                                write_node(&api, &name, &node, true, annotate).await;
+                            let annotations =
+                                annotated.then(|| node.metadata.annotations.unwrap_or_default());
+                            each.push((name, wrote, annotations));
                         }
-                        return batch
-                            .into_iter()
-                            .zip(each)
-                            .map(|((name, _), w)| (name, w, None))
-                            .collect();
+                        return each;
                     }
                     other => other,
                 };
                 batch
                     .into_iter()
                     .enumerate()
-                    .map(|(i, (name, _))| {
+                    .map(|(i, (name, node, annotate))| {
                         let wrote = match &answer {
                             Ok(a) if a.get(i).is_some_and(|it| it["status"] == "Success") => {
+                                if annotate {
+                                    let written = node.metadata.annotations.unwrap_or_default();
+                                    return (name, Wrote::Written, Some(written));
+                                }
                                 Wrote::Written
                             }
                             Ok(a) => {

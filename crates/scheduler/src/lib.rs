@@ -155,28 +155,31 @@ fn watch_pods(client: &kube::Client) -> tokio::sync::mpsc::UnboundedReceiver<Pod
     let api: Api<Pod> = Api::all(client.clone());
     let mut templates = Templates::default();
     tokio::spawn(
-        watcher(api, watcher::Config::default())
-            .default_backoff()
-            .for_each(move |ev| {
-                let ev = match ev {
-                    Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                        Some(PodEvent::Apply(templates.seen(p)))
-                    }
-                    Ok(watcher::Event::Delete(p)) => {
-                        Some(PodEvent::Delete(p.metadata.uid.unwrap_or_default()))
-                    }
-                    Ok(watcher::Event::Init) => {
-                        templates.clear();
-                        Some(PodEvent::Init)
-                    }
-                    Ok(watcher::Event::InitDone) => Some(PodEvent::InitDone),
-                    Err(_) => None,
-                };
-                if let Some(ev) = ev {
-                    let _ = tx.send(ev);
+        watcher(
+            api,
+            watcher::Config::default().page_size(meridian_api::POD_LIST_PAGE),
+        )
+        .default_backoff()
+        .for_each(move |ev| {
+            let ev = match ev {
+                Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                    Some(PodEvent::Apply(templates.seen(p)))
                 }
-                futures::future::ready(())
-            }),
+                Ok(watcher::Event::Delete(p)) => {
+                    Some(PodEvent::Delete(p.metadata.uid.unwrap_or_default()))
+                }
+                Ok(watcher::Event::Init) => {
+                    templates.clear();
+                    Some(PodEvent::Init)
+                }
+                Ok(watcher::Event::InitDone) => Some(PodEvent::InitDone),
+                Err(_) => None,
+            };
+            if let Some(ev) = ev {
+                let _ = tx.send(ev);
+            }
+            futures::future::ready(())
+        }),
     );
     rx
 }

@@ -389,7 +389,11 @@ impl Observer {
         tasks.push(tokio::spawn(async move {
             let cfg = watcher::Config::default().page_size(5000);
             let mut w = watcher(pods, cfg).boxed();
+            let mut last_error = None;
             while let Some(ev) = w.next().await {
+                if let Err(e) = &ev {
+                    last_error = Some(e.to_string());
+                }
                 let mut st = s.lock().unwrap_or_else(|p| p.into_inner());
                 match ev {
                     Ok(watcher::Event::Apply(p)) => st.pod(p, false),
@@ -399,7 +403,10 @@ impl Observer {
                     // as their startup samples include it.
                     Ok(watcher::Event::Init) => {
                         if !st.pods.is_empty() {
-                            eprintln!("  (the simulator's pod watch relists)");
+                            eprintln!(
+                                "  (the simulator's pod watch relists after: {})",
+                                last_error.take().unwrap_or_else(|| "no error".into())
+                            );
                         }
                         st.relists.push((Instant::now(), None));
                     }

@@ -497,6 +497,65 @@ async fn bulk_node_statuses_patch_each_nodes_status_and_report_each_one() {
     assert_eq!(n1.metadata.labels.unwrap()["meridian.io/city"], "paris");
     let n2 = nodes.get("n2").await.unwrap();
     assert!(n2.status.and_then(|s| s.conditions).is_none());
+    // A summary may carry annotations: merged in the same write as its status
+    // (null removes one); anything but an object of strings, or annotations on
+    // a pod status, is refused and changes nothing.
+    let (code, r) = post(
+        region.clone(),
+        json!({"items": [
+            {"name": "n2", "status": ready, "annotations": {"meridian.io/usage": "cpu=100m"}},
+            {"name": "n1", "status": ready, "annotations": {"meridian.io/usage": 5}},
+            {"name": "n1", "status": ready, "annotations": ["meridian.io/usage"]},
+        ]}),
+    )
+    .await;
+    assert_eq!(code, 200, "{r}");
+    let st = outcomes(&r);
+    assert_eq!(st[0], ("Success", ""), "{r}");
+    assert_eq!(st[1], ("Failure", "BadRequest"), "{r}");
+    assert_eq!(st[2], ("Failure", "BadRequest"), "{r}");
+    let n2 = nodes.get("n2").await.unwrap();
+    let rv = n2.metadata.resource_version.clone();
+    assert_eq!(
+        n2.metadata.annotations.as_ref().unwrap()["meridian.io/usage"],
+        "cpu=100m"
+    );
+    assert_eq!(
+        n2.metadata.labels.as_ref().unwrap()["meridian.io/city"],
+        "paris"
+    );
+    assert!(n2.status.and_then(|s| s.conditions).is_some());
+    let n1 = nodes.get("n1").await.unwrap();
+    assert!(n1.metadata.annotations.unwrap_or_default().is_empty());
+    let (code, r) = post(
+        region.clone(),
+        json!({"items": [
+            {"name": "n2", "status": ready, "annotations": {"meridian.io/usage": null, "other": "x"}},
+        ]}),
+    )
+    .await;
+    assert_eq!((code, outcomes(&r)[0]), (200, ("Success", "")), "{r}");
+    let n2 = nodes.get("n2").await.unwrap();
+    assert_ne!(n2.metadata.resource_version, rv);
+    let a = n2.metadata.annotations.unwrap();
+    assert_eq!(
+        (a.get("meridian.io/usage"), a["other"].as_str()),
+        (None, "x")
+    );
+    let pods_url = format!("{}/apis/meridian.io/v1alpha1/bulkpodstatuses", s.server.url);
+    let (code, r) = post_json(
+        &s,
+        &pods_url,
+        region.clone(),
+        json!({"items": [{"namespace": "default", "name": "p", "status": {"phase": "Running"},
+            "annotations": {"a": "b"}}]}),
+    )
+    .await;
+    assert_eq!(
+        (code, outcomes(&r)[0]),
+        (200, ("Failure", "BadRequest")),
+        "{r}"
+    );
     // Neither the scheduler nor a stranger may use it.
     let one = json!({"items": [{"name": "n2", "status": ready}]});
     let scheduler = s.server.system_token(SystemRole::Scheduler).await.unwrap();

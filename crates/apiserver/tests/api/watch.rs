@@ -31,6 +31,19 @@ pub async fn next(
     }
 }
 
+/// A watch from `rv` starts with a 410 ERROR event: too old to resume.
+async fn expect_expired(pods: &Api<Pod>, rv: &str) {
+    let mut s = pods
+        .watch(&WatchParams::default(), rv)
+        .await
+        .unwrap()
+        .boxed();
+    match next(&mut s).await {
+        WatchEvent::Error(e) => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
+        other => panic!("expected a 410 ERROR event, got {other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_delivers_added_modified_deleted_and_resumes() {
     let t = TestServer::start().await;
@@ -98,7 +111,11 @@ async fn label_selector_watch_sees_objects_leave_the_selection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bookmarks_arrive_and_too_old_versions_get_410() {
-    let t = TestServer::start_with(|c| c.watch_history = 5).await;
+    let t = TestServer::start_with(|c| {
+        c.watch_history = 5;
+        c.watch_history_min_age = std::time::Duration::ZERO;
+    })
+    .await;
     let pods: Api<Pod> = Api::namespaced(t.admin(), "default");
     let first = pods
         .create(&PostParams::default(), &pod("p0", json!({})))
@@ -110,15 +127,7 @@ async fn bookmarks_arrive_and_too_old_versions_get_410() {
             .await
             .unwrap();
     }
-    let mut s = pods
-        .watch(&WatchParams::default(), &old_rv)
-        .await
-        .unwrap()
-        .boxed();
-    match next(&mut s).await {
-        WatchEvent::Error(e) => assert_eq!((e.code, e.reason.as_str()), (410, "Expired")),
-        other => panic!("expected a 410 ERROR event, got {other:?}"),
-    }
+    expect_expired(&pods, &old_rv).await;
     let current = pods
         .list(&Default::default())
         .await
@@ -135,6 +144,41 @@ async fn bookmarks_arrive_and_too_old_versions_get_410() {
         WatchEvent::Bookmark(b) => assert_eq!(b.metadata.resource_version, current),
         other => panic!("expected a BOOKMARK, got {other:?}"),
     }
+}
+
+/// Events younger than the minimum age stay beyond the history's count (up to
+/// four times it): a watcher that fell behind by more events than that resumes
+/// instead of relisting; beyond four times, it gets 410 all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recent_events_stay_beyond_the_history_count_up_to_four_times_it() {
+    let t = TestServer::start_with(|c| {
+        c.watch_history = 5;
+        c.watch_history_min_age = Duration::from_secs(600);
+    })
+    .await;
+    let pods: Api<Pod> = Api::namespaced(t.admin(), "default");
+    let mut rvs = Vec::new();
+    for i in 0..25 {
+        let p = pods
+            .create(&PostParams::default(), &pod(&format!("p{i}"), json!({})))
+            .await
+            .unwrap();
+        rvs.push(p.metadata.resource_version.unwrap());
+    }
+    // 15 events behind: three times the count, resumed in order.
+    let mut s = pods
+        .watch(&WatchParams::default(), &rvs[9])
+        .await
+        .unwrap()
+        .boxed();
+    for i in 10..25 {
+        match next(&mut s).await {
+            WatchEvent::Added(p) => assert_eq!(p.metadata.name, Some(format!("p{i}"))),
+            other => panic!("expected p{i} added, got {other:?}"),
+        }
+    }
+    // 24 behind: more than four times the count.
+    expect_expired(&pods, &rvs[0]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -281,9 +281,12 @@ async fn a_node_summary_writes_its_annotations_only_when_they_changed() {
         patches,
         "unchanged annotations are not written again"
     );
-    // A change of usage is written with the next summary.
+    // A change of usage is written with the next summary, in the same bulk
+    // request as the status (not a patch of its own).
+    let statuses = requests(&w, "create", "bulknodestatuses").await;
     beating.abort();
     let _beating = beat(tx, 250);
     wait_usage(&nodes, "steady-1", 250).await;
-    assert!(requests(&w, "patch", "nodes").await > patches);
+    assert!(requests(&w, "create", "bulknodestatuses").await > statuses);
+    assert_eq!(requests(&w, "patch", "nodes").await, patches);
 }
