@@ -348,22 +348,77 @@ fn rec_delta(was: bool, is: bool, count: &mut usize) {
 #[derive(Clone)]
 pub struct Observer {
     state: Arc<Mutex<State>>,
-    tasks: Arc<Vec<tokio::task::JoinHandle<()>>>,
+    /// Ends the observer's thread (sent when the last clone is dropped).
+    stop: Arc<Mutex<Option<tokio::sync::oneshot::Sender<()>>>>,
 }
 
 impl Drop for Observer {
     fn drop(&mut self) {
-        if Arc::strong_count(&self.tasks) == 1 {
-            for t in self.tasks.iter() {
-                t.abort();
-            }
+        if Arc::strong_count(&self.stop) == 1
+            && let Some(stop) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take()
+        {
+            let _ = stop.send(());
         }
     }
 }
 
 impl Observer {
-    pub async fn start(admin: &kube::Client) -> Result<Observer> {
+    /// Starts the watches on a thread and runtime of their own, with a client of
+    /// their own: on the simulator's runtime, among 100,000 hollow nodes' tasks,
+    /// the pod watch got a turn too seldom and fell minutes behind a million pods'
+    /// events, so everything it measured came late.
+    pub async fn start(url: &str, ca_pem: &str, token: &str) -> Result<Observer> {
         let state = Arc::new(Mutex::new(State::default()));
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<()>>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (url, ca_pem, token) = (url.to_owned(), ca_pem.to_owned(), token.to_owned());
+        let s = state.clone();
+        std::thread::Builder::new()
+            .name("sim-observer".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(SimError::Invalid(format!(
+                            "the observer's runtime: {e}"
+                        ))));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let admin = match client(&url, &ca_pem, &token).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let tasks = Self::watch(&admin, s);
+                    let _ = ready_tx.send(Ok(()));
+                    let _ = stop_rx.await;
+                    for t in tasks {
+                        t.abort();
+                    }
+                });
+            })
+            .map_err(|source| SimError::Spawn {
+                what: "the observer's thread".into(),
+                source,
+            })?;
+        ready_rx
+            .await
+            .map_err(|_| SimError::Invalid("the observer's thread ended".into()))??;
+        Ok(Observer {
+            state,
+            stop: Arc::new(Mutex::new(Some(stop_tx))),
+        })
+    }
+
+    /// Spawns the node and pod watches and the probe on the current runtime.
+    fn watch(admin: &kube::Client, state: Arc<Mutex<State>>) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = Vec::new();
         let nodes: Api<NodeLite> = Api::all(admin.clone());
         let s = state.clone();
@@ -419,11 +474,8 @@ impl Observer {
                 }
             }
         }));
-        tasks.push(tokio::spawn(probe(admin.clone(), state.clone())));
-        Ok(Observer {
-            state,
-            tasks: Arc::new(tasks),
-        })
+        tasks.push(tokio::spawn(probe(admin.clone(), state)));
+        tasks
     }
 
     pub fn lock(&self) -> MutexGuard<'_, State> {

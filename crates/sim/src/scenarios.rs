@@ -89,7 +89,7 @@ pub async fn run(cfg: SimConfig) -> Result<Report> {
     }
     procs.push(("sim (hollow)".to_owned(), std::process::id()));
     let usage = Usage::new(&procs);
-    let obs = Observer::start(&plane.admin).await?;
+    let obs = Observer::start(&plane.url, &plane.ca_pem, &plane.admin_token).await?;
     let metrics0 = metrics::scrape(&http, &plane.url).await?;
     let mut run = Run {
         cfg,
