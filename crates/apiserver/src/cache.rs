@@ -243,6 +243,31 @@ pub enum CacheError {
     NotYet(Revision),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("starting the watch cache's thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Runs the future `make` gives on a new thread named `name`, on a
+/// current-thread runtime of its own: a loop that must keep up under load gets
+/// the kernel's share of the CPU instead of a turn among a loaded runtime's tasks.
+pub fn on_own_thread<F, Fut>(name: &str, make: F) -> std::io::Result<()>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let what = name.to_owned();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(make()),
+                Err(e) => tracing::error!(error = %e, "{what}: no runtime for its thread"),
+            }
+        })
+        .map(drop)
 }
 
 /// The most the ring grows beyond its capacity to keep `ring_min_age` of events.
@@ -534,7 +559,23 @@ impl Cache {
             pinned: Default::default(),
         });
         let me = cache.clone();
-        tokio::spawn(async move { me.follow(store, from, shutdown).await });
+        // The follower has a thread of its own: as one task among a loaded
+        // server's thousands it got too few turns to keep up with a million pods'
+        // events (every watch, the scheduler's too, was ~45 s behind during
+        // density and then relisted). It ends with the server, or with the
+        // runtime that started it (a task there holds `alive`).
+        let (alive, runtime_gone) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _alive = alive;
+            std::future::pending::<()>().await
+        });
+        on_own_thread("watch-cache", move || async move {
+            tokio::select! {
+                _ = me.follow(store, from, shutdown) => {}
+                _ = runtime_gone => {}
+            }
+        })
+        .map_err(CacheError::Thread)?;
         Ok(cache)
     }
 

@@ -121,6 +121,7 @@ impl From<CacheError> for ApiError {
             CacheError::TooOld { .. } => ApiError::gone(e.to_string()),
             CacheError::NotYet(_) => ApiError::new(Reason::Timeout, e.to_string()),
             CacheError::Store(s) => internal(s),
+            CacheError::Thread(_) => internal(e),
         }
     }
 }

@@ -195,7 +195,7 @@ impl Server {
     /// A token for a platform component, created on first use and kept in the data dir.
     pub async fn system_token(&self, role: SystemRole) -> Result<String, ServerError> {
         let file = format!("{}.token", Identity::System(role).user().replace(':', "-"));
-        bootstrap_token(
+        let token = bootstrap_token(
             &self.state.store,
             &self.state.config.data_dir,
             &file,
@@ -206,7 +206,14 @@ impl Server {
                 created: now(),
             },
         )
-        .await
+        .await?;
+        // Requests are authenticated from the watch cache: usable once it has it.
+        let revision = self.state.store.current_revision().await?;
+        self.state
+            .cache
+            .wait_for(revision, Duration::from_secs(5))
+            .await?;
+        Ok(token)
     }
 
     /// Stops accepting requests, ends watches, and waits (up to `grace`) for requests

@@ -148,25 +148,36 @@ pub async fn serve(cx: &Ctx<'_>) -> Result<Response, ApiError> {
     let interval = state.config.bookmark_interval;
     tokio::spawn(async move {
         state.metrics.watchers.inc();
-        let mut live = sub.live;
-        let mut progress = after.unwrap_or(sub.snapshot.revision);
+        let crate::cache::Subscription {
+            snapshot,
+            mut history,
+            mut live,
+        } = sub;
+        let mut progress = after.unwrap_or(snapshot.revision);
         // Live events up to here are already covered by the snapshot and history.
         // (Several events can share one revision: a transaction writing several
         // objects; all of them are sent.)
         let mut covered = progress;
+        let mut snapshot = Some(snapshot);
         let send = |b: Bytes| tx.send(Ok(b));
         let run = async {
-            if after.is_none() {
-                for o in sub.snapshot.range(&watcher.prefix, None) {
+            // The snapshot and the history are let go once replayed: held for the
+            // watch's life (30 minutes), each watch kept the versions of every
+            // object as they were when it began (a copy of the tree's nodes and
+            // every since-changed object: with a million pods, gigabytes).
+            if let Some(snap) = snapshot.take()
+                && after.is_none()
+            {
+                for o in snap.range(&watcher.prefix, None) {
                     if watcher.filter.matches(o) && send(watcher.line("ADDED", o)).await.is_err() {
                         return;
                     }
                 }
             }
-            for e in &sub.history {
+            for e in std::mem::take(&mut history) {
                 progress = e.revision;
                 covered = e.revision;
-                if let Some(line) = watcher.event(e)
+                if let Some(line) = watcher.event(&e)
                     && send(line).await.is_err()
                 {
                     return;

@@ -373,41 +373,25 @@ impl Observer {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (url, ca_pem, token) = (url.to_owned(), ca_pem.to_owned(), token.to_owned());
         let s = state.clone();
-        std::thread::Builder::new()
-            .name("sim-observer".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(SimError::Invalid(format!(
-                            "the observer's runtime: {e}"
-                        ))));
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let admin = match client(&url, &ca_pem, &token).await {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let tasks = Self::watch(&admin, s);
-                    let _ = ready_tx.send(Ok(()));
-                    let _ = stop_rx.await;
-                    for t in tasks {
-                        t.abort();
-                    }
-                });
-            })
-            .map_err(|source| SimError::Spawn {
-                what: "the observer's thread".into(),
-                source,
-            })?;
+        meridian_apiserver::cache::on_own_thread("sim-observer", move || async move {
+            let admin = match client(&url, &ca_pem, &token).await {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let tasks = Self::watch(&admin, s);
+            let _ = ready_tx.send(Ok(()));
+            let _ = stop_rx.await;
+            for t in tasks {
+                t.abort();
+            }
+        })
+        .map_err(|source| SimError::Spawn {
+            what: "the observer's thread".into(),
+            source,
+        })?;
         ready_rx
             .await
             .map_err(|_| SimError::Invalid("the observer's thread ended".into()))??;
