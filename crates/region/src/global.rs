@@ -822,10 +822,6 @@ async fn write_summaries(
                     .map(|(i, (name, node, annotate))| {
                         let wrote = match &answer {
                             Ok(a) if a.get(i).is_some_and(|it| it["status"] == "Success") => {
-                                if annotate {
-                                    let written = node.metadata.annotations.unwrap_or_default();
-                                    return (name, Wrote::Written, Some(written));
-                                }
                                 Wrote::Written
                             }
                             Ok(a) => {
@@ -843,7 +839,13 @@ async fn write_summaries(
                                 Wrote::Failed
                             }
                         };
-                        (name, wrote, None)
+                        // The annotations went with the status: written if it was.
+                        let written = annotate && wrote == Wrote::Written;
+                        (
+                            name,
+                            wrote,
+                            written.then(|| node.metadata.annotations.unwrap_or_default()),
+                        )
                     })
                     .collect()
             }
